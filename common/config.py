@@ -1,0 +1,117 @@
+"""The run configuration, validated before round 1.
+
+Flower hands every app a flat `run_config` (defaults in `pyproject.toml` `[tool.flwr.app.config]`, overridden
+with `flwr run . --run-config "k=v ..."`). `parse_run_config` validates it once; a bad value raises
+`ConfigError` naming the key, the value and the allowed range.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from common.losses import LossWeights
+from common.model import ModelConfig
+from common.train import TrainConfig
+
+
+class ConfigError(ValueError):
+    """Invalid run or node configuration; the message names every offending key."""
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+class RunConfig(BaseModel):
+    model_config = ConfigDict(alias_generator=_kebab, populate_by_name=True, extra="forbid", frozen=True)
+
+    # federation
+    method: str = Field("fedavg", min_length=1)
+    num_server_rounds: int = Field(20, ge=1, le=10_000)
+    fraction_train: float = Field(1.0, gt=0.0, le=1.0)
+    fraction_evaluate: float = Field(1.0, ge=0.0, le=1.0)
+    min_nodes: int = Field(2, ge=1)
+    round_timeout: float = Field(3600.0, gt=0.0)
+    partitioner: Literal["iid"] = "iid"
+    seed: int = Field(0, ge=0)
+    # local training
+    local_epochs: int = Field(2, ge=1, le=1000)
+    batch_size: int = Field(128, ge=2, le=65_536)
+    lr: float = Field(1e-3, gt=0.0, le=10.0)
+    weight_decay: float = Field(1e-4, ge=0.0, le=1.0)
+    proximal_mu: float = Field(0.0, ge=0.0)
+    # model and loss
+    embed_dim: int = Field(256, ge=8, le=8192)
+    adapter_dim: int = Field(64, ge=1, le=8192)
+    hash_bits: Literal[16, 32, 64, 128] = 64
+    temperature: float = Field(0.07, gt=0.0, le=1.0)
+    learn_temperature: bool = True
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    hash_weight: float = Field(0.5, ge=0.0)
+    quant_weight: float = Field(0.1, ge=0.0)
+    hash_temperature: float = Field(0.1, gt=0.0, le=1.0)
+    # data, backbone, outputs
+    backbone: str = Field("effnet-lite0+minilm", min_length=1)
+    device: str = "auto"
+    data_dir: str = ""
+    cache_dir: str = ""
+    out_dir: str = "runs"
+    run_name: str = Field("", pattern=r"^[A-Za-z0-9._-]*$")
+    max_train_images: int = Field(0, ge=0)
+    max_eval_images: int = Field(0, ge=0)
+    encode_batch_size: int = Field(32, ge=1, le=4096)
+
+    def model_cfg(self, img_dim: int, txt_dim: int) -> ModelConfig:
+        return ModelConfig(img_dim=img_dim, txt_dim=txt_dim, embed_dim=self.embed_dim, adapter_dim=self.adapter_dim,
+                           hash_bits=self.hash_bits, temperature=self.temperature,
+                           learn_temperature=self.learn_temperature, dropout=self.dropout)
+
+    def train_cfg(self) -> TrainConfig:
+        return TrainConfig(epochs=self.local_epochs, batch_size=self.batch_size, lr=self.lr,
+                           weight_decay=self.weight_decay, proximal_mu=self.proximal_mu,
+                           weights=LossWeights(self.hash_weight, self.quant_weight, self.hash_temperature))
+
+    def as_flat_dict(self) -> dict[str, Any]:
+        return self.model_dump(by_alias=True)
+
+
+def _format_errors(exc: ValidationError, source: str) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(root)"
+        shown = f" (got {err['input']!r})" if err["type"] != "missing" else ""
+        lines.append(f"{source} key '{key}': {err['msg']}{shown}")
+    return "invalid " + source + ":\n  " + "\n  ".join(lines)
+
+
+def parse_run_config(raw: Mapping[str, Any]) -> RunConfig:
+    """Validate a flat run config (kebab-case keys); unknown keys are errors too."""
+    try:
+        return RunConfig.model_validate(dict(raw))
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, "run config")) from None
+
+
+class NodeConfig(BaseModel):
+    """What a node says about itself: its partition and, in deployment, its own data, cache and device."""
+
+    model_config = ConfigDict(alias_generator=_kebab, populate_by_name=True, extra="ignore", frozen=True)
+
+    partition_id: int = Field(0, ge=0)
+    num_partitions: int = Field(1, ge=1)
+    data_dir: str = ""
+    cache_dir: str = ""
+    device: str = ""
+
+
+def parse_node_config(raw: Mapping[str, Any]) -> NodeConfig:
+    try:
+        node = NodeConfig.model_validate(dict(raw))
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, "node config")) from None
+    if node.partition_id >= node.num_partitions:
+        raise ConfigError(f"node config key 'partition-id': {node.partition_id} is not below "
+                          f"'num-partitions' {node.num_partitions}")
+    return node

@@ -1,0 +1,1 @@
+"""Datasets, derived labels and partitioners."""

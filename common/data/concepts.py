@@ -1,0 +1,98 @@
+"""DERIVED concept labels for Flickr8k (Flickr8k has no official labels).
+
+A fixed vocabulary of 32 visual concepts, each a set of caption words. An image carries a concept when at
+least `MIN_CAPTIONS` (2) of its 5 captions mention one of the concept's words (whole-word, lower-case match);
+requiring two captions filters one-off mentions. Captions inherit the labels of their image. These labels feed
+label-based hashing metrics (MAP with "shares at least one label" relevance) and label-based partitions; they are
+*derived from captions*, not ground truth, and every report that uses them says so.
+
+`python -m common.data.concepts --data-dir DIR` prints the label counts per split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections.abc import Sequence
+
+import numpy as np
+
+MIN_CAPTIONS = 2
+
+CONCEPTS: dict[str, frozenset[str]] = {
+    name: frozenset(words.split())
+    for name, words in {
+        "dog": "dog dogs puppy puppies",
+        "horse": "horse horses pony",
+        "bird": "bird birds",
+        "man": "man men guy guys gentleman",
+        "woman": "woman women lady ladies",
+        "boy": "boy boys",
+        "girl": "girl girls",
+        "child": "child children kid kids toddler baby",
+        "group": "group crowd team audience",
+        "water": "water pool lake river ocean sea wave waves splash splashes splashing stream fountain",
+        "beach": "beach sand sandy shore",
+        "snow": "snow snowy ski skier skiing snowboard snowboarder snowboarding",
+        "grass": "grass grassy lawn field yard",
+        "mountain": "mountain mountains hill hills cliff rock rocks rocky",
+        "street": "street road sidewalk city crosswalk building buildings",
+        "trees": "tree trees woods forest",
+        "bike": "bike bikes bicycle bicycles cyclist biker bmx",
+        "ball": "ball balls",
+        "sport": "soccer football basketball baseball tennis rugby hockey volleyball",
+        "skateboard": "skateboard skateboarder skateboarding skater skate",
+        "vehicle": "car cars truck vehicle motorcycle motorbike",
+        "swim": "swim swims swimming swimmer",
+        "jump": "jump jumps jumping leap leaps leaping midair",
+        "run": "run runs running race racing chasing chases",
+        "climb": "climb climbs climbing climber",
+        "sit": "sit sits sitting seated bench",
+        "ride": "ride rides riding rider",
+        "headwear": "hat hats helmet helmets cap",
+        "red": "red",
+        "blue": "blue",
+        "black": "black",
+        "white": "white",
+    }.items()
+}
+CONCEPT_NAMES: tuple[str, ...] = tuple(CONCEPTS)
+_WORD = re.compile(r"[a-z]+")
+
+
+def caption_concepts(caption: str) -> np.ndarray:
+    """Multi-hot (n_concepts,) of the concepts one caption mentions."""
+    words = set(_WORD.findall(caption.lower()))
+    return np.array([bool(words & CONCEPTS[c]) for c in CONCEPT_NAMES], dtype=np.uint8)
+
+
+def image_labels(captions_per_image: Sequence[Sequence[str]]) -> np.ndarray:
+    """Derived multi-hot labels (n_images, n_concepts): concepts named by >= MIN_CAPTIONS captions."""
+    out = np.zeros((len(captions_per_image), len(CONCEPT_NAMES)), dtype=np.uint8)
+    for i, caps in enumerate(captions_per_image):
+        votes = sum((caption_concepts(c).astype(np.int32) for c in caps), np.zeros(len(CONCEPT_NAMES), np.int32))
+        out[i] = votes >= MIN_CAPTIONS
+    return out
+
+
+def label_report(labels: np.ndarray) -> str:
+    """A table of per-concept image counts, plus how many images have no label at all."""
+    counts = labels.sum(axis=0)
+    rows = [f"{name:<11}{int(n):>6}" for name, n in zip(CONCEPT_NAMES, counts)]
+    none = int((labels.sum(axis=1) == 0).sum())
+    return "\n".join(rows + [f"{'(no label)':<11}{none:>6}", f"{'images':<11}{len(labels):>6}"])
+
+
+def main() -> None:
+    from common.data.flickr8k import SPLITS, load_split  # local import: keeps this module dependency-free
+
+    parser = argparse.ArgumentParser(description="Counts of the DERIVED Flickr8k concept labels per split.")
+    parser.add_argument("--data-dir", default="", help="Flickr8k folder (default: $FEDXMR_DATA_DIR)")
+    args = parser.parse_args()
+    for split in SPLITS:
+        data = load_split(args.data_dir, split)
+        print(f"== {split} (derived labels, >= {MIN_CAPTIONS} of 5 captions)\n{label_report(data.labels)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,25 @@
+"""Evaluate a model on a split's cached features: continuous Recall@K, Hamming Recall@K and hashing MAP."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from common.metrics import hamming_recalls, hash_maps, retrieval_recalls
+from common.model import XmrModel
+
+
+def evaluate_retrieval(model: XmrModel, img: np.ndarray, txt: np.ndarray, caption_image: np.ndarray,
+                       labels: np.ndarray | None = None) -> dict[str, float]:
+    """All retrieval metrics of one split.
+
+    Keys: i2t_r{1,5,10}, t2i_r{1,5,10}, rsum (cosine ranking); hash_* the same on Hamming ranking of the sign
+    codes (ties count against the query); with `labels` (DERIVED concept labels; a caption has its image's labels)
+    also hash_map_i2t/t2i (MAP@all) and hash_mapr_i2t/t2i (MAP@R).
+    """
+    img_emb, img_code = model.encode("img", img)
+    txt_emb, txt_code = model.encode("txt", txt)
+    out = retrieval_recalls(img_emb @ txt_emb.T, caption_image)
+    out |= hamming_recalls(img_code, txt_code, caption_image, prefix="hash_")
+    if labels is not None:
+        out |= hash_maps(img_code, txt_code, labels, labels[caption_image], prefix="hash_")
+    return out

@@ -1,0 +1,141 @@
+"""Per-node cache of frozen-backbone features.
+
+A node encodes each of its items once; every later message reads only the cache. The cache is a folder per
+(dataset, split, modality, encoder key), where the encoder key names the weights and the preprocessing:
+`<cache-dir>/<dataset>/<split>/<modality>/<encoder key>/chunk-*.npz`. Each chunk holds `ids` and `feats` for
+a batch of items and is written atomically (temporary file, fsync, rename), so a killed run leaves at worst a
+stray `*.tmp` that is ignored, never a corrupt chunk. Items are keyed by id, so shards of different partitions
+(or a centralized run after a federated one) reuse what is already encoded. A chunk that cannot be read is
+renamed `*.corrupt` (kept for inspection) and its items are encoded again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+import uuid
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+CACHE_DIR_ENV = "FEDXMR_CACHE_DIR"
+_SAFE = re.compile(r"[^A-Za-z0-9@._+-]")
+
+
+def resolve_cache_dir(value: str | os.PathLike | None) -> Path:
+    """An explicit folder, else $FEDXMR_CACHE_DIR, else ~/.cache/fedxmr."""
+    raw = str(value or os.environ.get(CACHE_DIR_ENV, "") or Path.home() / ".cache" / "fedxmr")
+    return Path(raw).expanduser().resolve()
+
+
+class FeatureStore:
+    """Features of one (dataset, split, modality, encoder) on this node's disk."""
+
+    def __init__(self, cache_dir: Path, dataset: str, split: str, modality: str, encoder_key: str) -> None:
+        self.dir = Path(cache_dir) / dataset / split / modality / _SAFE.sub("_", encoder_key)
+
+    def _chunks(self) -> list[Path]:
+        return sorted(self.dir.glob("chunk-*.npz")) if self.dir.is_dir() else []
+
+    def _index(self) -> dict[str, tuple[Path, int]]:
+        """id -> (chunk, row), reading only the `ids` member of each chunk."""
+        index: dict[str, tuple[Path, int]] = {}
+        for chunk in self._chunks():
+            try:
+                with np.load(chunk, allow_pickle=False) as z:
+                    ids = z["ids"]
+            except (OSError, ValueError, KeyError) as exc:
+                bad = chunk.with_suffix(".corrupt")
+                log.warning("feature cache chunk %s is unreadable (%s); moved to %s, its items will be re-encoded",
+                            chunk, exc, bad)
+                os.replace(chunk, bad)
+                continue
+            for row, item in enumerate(ids.tolist()):
+                index.setdefault(item, (chunk, row))
+        return index
+
+    def missing(self, ids: Sequence[str]) -> list[str]:
+        index = self._index()
+        return [i for i in ids if i not in index]
+
+    def _write_chunk(self, ids: Sequence[str], feats: np.ndarray) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        final = self.dir / f"chunk-{uuid.uuid4().hex}.npz"
+        tmp = final.with_name(final.name + ".tmp")
+        with open(tmp, "wb") as fh:
+            np.savez(fh, ids=np.asarray(ids, dtype=str), feats=np.asarray(feats, dtype=np.float32))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+
+    def encode_missing(self, ids: Sequence[str], items: Sequence, encode: Callable[[Sequence], np.ndarray],
+                       batch_size: int = 32, chunk_size: int = 512, desc: str = "encode") -> int:
+        """Encode the items whose ids are not cached yet, in batches; return how many were encoded.
+
+        A chunk is written every `chunk_size` items, so an interrupted run keeps what it finished.
+        """
+        index = self._index()
+        todo = [(i, it) for i, it in zip(ids, items) if i not in index]
+        if not todo:
+            return 0
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(todo), desc=f"{desc} ({self.dir.parent.name})", unit="item", file=sys.stderr,
+                   mininterval=5.0)
+        for start in range(0, len(todo), chunk_size):
+            part = todo[start:start + chunk_size]
+            feats = []
+            for b in range(0, len(part), batch_size):
+                batch = [it for _, it in part[b:b + batch_size]]
+                feats.append(np.asarray(encode(batch), dtype=np.float32))
+                bar.update(len(batch))
+            self._write_chunk([i for i, _ in part], np.concatenate(feats))
+        bar.close()
+        return len(todo)
+
+    def load(self, ids: Sequence[str]) -> np.ndarray:
+        """Features of `ids` in that order; a missing id is an error that names it."""
+        index = self._index()
+        missing = [i for i in ids if i not in index]
+        if missing:
+            raise KeyError(f"{len(missing)} items not in feature cache {self.dir}, e.g. {missing[:3]}")
+        by_chunk: dict[Path, list[tuple[int, int]]] = {}
+        for pos, item in enumerate(ids):
+            chunk, row = index[item]
+            by_chunk.setdefault(chunk, []).append((pos, row))
+        out: np.ndarray | None = None
+        for chunk, pairs in by_chunk.items():
+            with np.load(chunk, allow_pickle=False) as z:
+                feats = z["feats"]
+            if out is None:
+                out = np.empty((len(ids), feats.shape[1]), dtype=np.float32)
+            pos, rows = map(np.asarray, zip(*pairs))
+            out[pos] = feats[rows]
+        return out if out is not None else np.empty((0, 0), dtype=np.float32)
+
+
+def split_features(data, backbone, cache_dir: Path, modalities: Sequence[str] = ("img", "txt"),
+                   batch_size: int = 32, dataset: str = "flickr8k") -> dict[str, np.ndarray]:
+    """Features of a split (or a client's shard of it) per modality, encoding only what the cache lacks.
+
+    `data` is a `common.data.flickr8k.RetrievalSplit`, `backbone` a `common.backbones.Backbone`. A modality not
+    in `modalities` is neither read, encoded nor cached.
+    """
+    out: dict[str, np.ndarray] = {}
+    if "img" in modalities:
+        store = FeatureStore(cache_dir, dataset, data.name, "img", backbone.img_key)
+        if store.missing(data.images):
+            enc = backbone.image_encoder()
+            store.encode_missing(data.images, data.image_paths(), enc.encode, batch_size, desc="images")
+        out["img"] = store.load(data.images)
+    if "txt" in modalities:
+        store = FeatureStore(cache_dir, dataset, data.name, "txt", backbone.txt_key)
+        if store.missing(data.caption_ids):
+            enc = backbone.text_encoder()
+            store.encode_missing(data.caption_ids, data.captions, enc.encode, batch_size * 4, desc="captions")
+        out["txt"] = store.load(data.caption_ids)
+    return out

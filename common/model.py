@@ -1,0 +1,121 @@
+"""The trainable part of fedxmr: per-modality towers and hash heads on top of frozen features.
+
+Tower = LayerNorm(frozen feature) -> Linear to the shared dimension -> residual bottleneck adapter
+(x + up(GELU(down(x))), `up` zero-initialised so the adapter starts as identity) -> L2 normalisation.
+Hash head = Linear(shared dim -> bits); tanh while training, sign at retrieval.
+Only these parameters (and the temperature) exist in the model, so everything in its state dict travels.
+Parameter names start with the modality (`img.` / `txt.`), so aggregation can work per modality.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MODALITIES: tuple[str, ...] = ("img", "txt")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    img_dim: int
+    txt_dim: int
+    embed_dim: int = 256
+    adapter_dim: int = 64
+    hash_bits: int = 64
+    temperature: float = 0.07
+    learn_temperature: bool = True
+    dropout: float = 0.1
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Adapter(nn.Module):
+    """Residual bottleneck; zero-initialised up-projection makes it the identity at start."""
+
+    def __init__(self, dim: int, bottleneck: int, dropout: float) -> None:
+        super().__init__()
+        self.down = nn.Linear(dim, bottleneck)
+        self.up = nn.Linear(bottleneck, dim)
+        self.drop = nn.Dropout(dropout)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.up(self.drop(F.gelu(self.down(x))))
+
+
+class Tower(nn.Module):
+    """Frozen feature -> shared, L2-normalised embedding space, plus a hash head."""
+
+    def __init__(self, in_dim: int, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(in_dim)
+        self.proj = nn.Linear(in_dim, cfg.embed_dim)
+        self.adapter = Adapter(cfg.embed_dim, cfg.adapter_dim, cfg.dropout)
+        self.hash = nn.Linear(cfg.embed_dim, cfg.hash_bits)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.adapter(self.proj(self.norm(x))), dim=-1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(embedding, relaxed code in (-1, 1))."""
+        emb = self.embed(x)
+        return emb, torch.tanh(self.hash(emb))
+
+
+class XmrModel(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.img = Tower(cfg.img_dim, cfg)
+        self.txt = Tower(cfg.txt_dim, cfg)
+        # shape (1,), not a 0-d scalar: Flower's Array round-trips 0-d tensors as shape (1,)
+        self.logit_scale = nn.Parameter(torch.full((1,), math.log(1.0 / cfg.temperature)),
+                                        requires_grad=cfg.learn_temperature)
+
+    def tower(self, modality: str) -> Tower:
+        if modality not in MODALITIES:
+            raise ValueError(f"unknown modality {modality!r}; expected one of {MODALITIES}")
+        return self.img if modality == "img" else self.txt
+
+    def scale(self) -> torch.Tensor:
+        """Inverse temperature, capped at 100 as in CLIP so training stays stable."""
+        return self.logit_scale.exp().clamp(max=100.0)
+
+    @torch.no_grad()
+    def encode(self, modality: str, feats: np.ndarray, batch_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+        """Embeddings and ±1 hash codes (sign, with 0 -> +1) for retrieval, in eval mode."""
+        was_training = self.training
+        self.eval()
+        tower = self.tower(modality)
+        device = next(self.parameters()).device
+        embs, codes = [], []
+        for start in range(0, len(feats), batch_size):
+            x = torch.as_tensor(feats[start:start + batch_size], dtype=torch.float32, device=device)
+            emb, relaxed = tower(x)
+            embs.append(emb.cpu().numpy())
+            codes.append(np.where(relaxed.cpu().numpy() >= 0, 1, -1).astype(np.int8))
+        self.train(was_training)
+        return np.concatenate(embs), np.concatenate(codes)
+
+
+def state_to_numpy(model: nn.Module) -> dict[str, np.ndarray]:
+    return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
+
+
+def load_numpy_state(model: nn.Module, state: dict[str, np.ndarray]) -> None:
+    """Load arrays into the model; a missing, extra or mis-shaped key is an error that names it."""
+    own = model.state_dict()
+    missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or extra:
+        raise KeyError(f"model state mismatch: missing {missing[:5]}, unexpected {extra[:5]}")
+    for key, value in state.items():
+        if tuple(value.shape) != tuple(own[key].shape):
+            raise ValueError(f"model state key {key!r}: shape {tuple(value.shape)}, expected {tuple(own[key].shape)}")
+    model.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in state.items()})

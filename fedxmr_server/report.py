@@ -1,0 +1,96 @@
+"""Run outputs under `<out-dir>/<run-id>/`: config.json (resolved config), metrics.jsonl (one line per round),
+weights.safetensors (the trainable weights of the best-dev round: the reported model), strategy-state.npz (the
+strategy's full state after the last round), convergence.png, summary.md (also printed) and final.json."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common.config import RunConfig
+
+_TABLE_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
+
+
+class RunRecorder:
+    def __init__(self, cfg: RunConfig, info: dict[str, Any]) -> None:
+        run_id = cfg.run_name or time.strftime("%Y%m%d-%H%M%S") + f"-{cfg.method}"
+        self.dir = Path(cfg.out_dir).expanduser().resolve() / run_id
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.cfg = cfg
+        self.start = time.time()
+        self.rounds: list[dict[str, Any]] = []
+        (self.dir / "config.json").write_text(json.dumps({"run": cfg.as_flat_dict(), **info}, indent=2))
+        (self.dir / "metrics.jsonl").write_text("")
+
+    def log_round(self, record: dict[str, Any]) -> None:
+        record = {"round": record.pop("round"), "elapsed-s": round(time.time() - self.start, 2), **record}
+        self.rounds.append(record)
+        with open(self.dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    def save_weights(self, arrays: dict[str, np.ndarray]) -> Path:
+        from safetensors.numpy import save_file
+
+        path = self.dir / "weights.safetensors"
+        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(path))
+        return path
+
+    def plot(self) -> Path:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rounds = [r["round"] for r in self.rounds]
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+        ax1.plot(rounds, [r["dev"]["rsum"] for r in self.rounds], "o-", label="continuous")
+        ax1.plot(rounds, [r["dev"]["hash_rsum"] for r in self.rounds], "s-",
+                 label=f"{self.cfg.hash_bits}-bit Hamming")
+        ax1.set(xlabel="round", ylabel="dev rsum", title="Dev retrieval (rsum of 6 recalls)")
+        ax1.legend()
+        trained = [r for r in self.rounds if r.get("train", {}).get("aggregate")]
+        ax2.plot([r["round"] for r in trained], [r["train"]["aggregate"].get("train-loss", np.nan) for r in trained],
+                 "o-")
+        ax2.set(xlabel="round", ylabel="mean client train loss", title="Training loss")
+        fig.suptitle(f"{self.dir.name}: {self.cfg.method}")
+        fig.tight_layout()
+        path = self.dir / "convergence.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return path
+
+    def summary(self, best_round: int, dev: dict[str, float], test: dict[str, float], extra: dict[str, Any]) -> str:
+        bits = self.cfg.hash_bits
+        head = "| split | ranking | " + " | ".join(k.replace("_", " ") for k in _TABLE_KEYS) + " |"
+        lines = [head, "|" + "---|" * (len(_TABLE_KEYS) + 2)]
+        for split, m in (("dev", dev), ("test", test)):
+            for label, prefix in (("continuous", ""), (f"{bits}-bit Hamming", "hash_")):
+                lines.append(f"| {split} | {label} | " + " | ".join(f"{m[prefix + k]:.1f}" for k in _TABLE_KEYS) + " |")
+        maps = [f"| {split} | " + " | ".join(f"{m['hash_' + k]:.3f}" for k in ("map_i2t", "map_t2i", "mapr_i2t",
+                                                                             "mapr_t2i")) + " |"
+                for split, m in (("dev", dev), ("test", test))]
+        text = "\n".join([
+            f"# {self.dir.name}",
+            "",
+            f"method {self.cfg.method}, backbone {self.cfg.backbone}, {extra.get('clients', '?')} clients, "
+            f"{self.cfg.num_server_rounds} rounds, wall {time.time() - self.start:.0f} s; "
+            f"test evaluated once, at the best dev round ({best_round}, by dev {'rsum'}).",
+            "",
+            *lines,
+            "",
+            f"{bits}-bit Hamming-ranking MAP over DERIVED concept labels (relevant = shares >= 1 label):",
+            "",
+            "| split | MAP@all i2t | MAP@all t2i | MAP@R i2t | MAP@R t2i |",
+            "|---|---|---|---|---|",
+            *maps,
+            "",
+        ])
+        (self.dir / "summary.md").write_text(text)
+        (self.dir / "final.json").write_text(json.dumps(
+            {"best-round": best_round, "dev": dev, "test": test, **extra}, indent=2))
+        return text

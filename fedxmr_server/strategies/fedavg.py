@@ -1,0 +1,7 @@
+"""FedAvg (McMahan et al. 2017): example-weighted mean of the clients' trainable arrays."""
+
+from fedxmr_server.strategies.base import XmrStrategy
+
+
+class FedAvgXmr(XmrStrategy):
+    name = "fedavg"

@@ -1,0 +1,1 @@
+"""Command-line helpers around the Flower CLI (not part of the Flower app)."""

@@ -1,0 +1,131 @@
+"""Run fedxmr in Flower's local simulation (`flwr run .`) and fail loudly when the run fails.
+
+What it adds around `flwr run . --stream`: a private FLWR_HOME and free ports (runs never meet a stale managed
+SuperLink), Flower's runtime dependency installation, telemetry and update check switched off, the run's final
+status read from `flwr ls --format json` (`flwr run` exits 0 even when the run fails), and the managed SuperLink
+(with everything it started) stopped afterwards, also on error or Ctrl-C.
+
+    python -m scripts.simulate --clients 10 --run-config "num-server-rounds=20 data-dir='/abs/flickr8k'"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PROJECT = Path(__file__).resolve().parents[1]
+
+
+def flower_env(flwr_home: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(FLWR_HOME=str(flwr_home), FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
+               FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               PYTHONUNBUFFERED="1")
+    bin_dir = str(Path(sys.executable).parent)  # flower-superlink / flower-superexec are found on PATH
+    env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _children() -> dict[int, list[int]]:
+    tree: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            tree.setdefault(ppid, []).append(int(entry.name))
+    return tree
+
+
+def processes_matching(text: str) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if text in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                    out.append(int(entry.name))
+            except OSError:
+                continue
+    return out
+
+
+def kill_tree(roots: list[int], grace: float = 10.0) -> None:
+    """SIGTERM every process under `roots` (depth-first), then SIGKILL what is left after `grace` seconds."""
+    tree, pids, stack = _children(), [], list(roots)
+    while stack:
+        pid = stack.pop()
+        pids.append(pid)
+        stack.extend(tree.get(pid, []))
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + grace
+        while time.time() < deadline and any(Path(f"/proc/{p}").exists() for p in pids):
+            time.sleep(0.2)
+
+
+def run_status(env: dict[str, str]) -> dict:
+    out = subprocess.run(["flwr", "ls", "--format", "json"], cwd=PROJECT, env=env, capture_output=True, text=True,
+                         timeout=120)
+    try:
+        runs = json.loads(out.stdout).get("runs", [])
+    except json.JSONDecodeError:
+        return {"status": "unknown", "status-details": out.stdout[-2000:] + out.stderr[-2000:]}
+    return runs[-1] if runs else {"status": "unknown", "status-details": "flwr ls listed no run"}
+
+
+def simulate(clients: int, run_config: str, cpus_per_client: int = 2, timeout: float = 7200,
+             flwr_home: Path | None = None) -> dict:
+    """Run one simulation; return the run's `flwr ls` entry (status 'finished:completed' on success)."""
+    home = Path(flwr_home or tempfile.mkdtemp(prefix="fedxmr-flwr-"))
+    env = flower_env(home)
+    env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(free_port())
+    env["FLWR_LOCAL_CONTROL_API_PORT"] = str(free_port())
+    fed = f"num-supernodes={clients} client-resources-num-cpus={cpus_per_client}"
+    cmd = ["flwr", "run", ".", "--stream", "--federation-config", fed]
+    if run_config:
+        cmd += ["--run-config", run_config]
+    try:
+        subprocess.run(cmd, cwd=PROJECT, env=env, timeout=timeout, check=False)
+        return run_status(env)
+    finally:
+        kill_tree(processes_matching(str(home / "local-superlink")))
+        if flwr_home is None:
+            shutil.rmtree(home, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", type=int, default=10, help="simulated SuperNodes (default 10)")
+    parser.add_argument("--cpus-per-client", type=int, default=2, help="Ray CPUs per ClientApp (default 2)")
+    parser.add_argument("--run-config", default="", help='overrides, e.g. "num-server-rounds=5 lr=0.001"')
+    parser.add_argument("--timeout", type=float, default=7200, help="seconds before the run is abandoned")
+    args = parser.parse_args()
+    status = simulate(args.clients, args.run_config, args.cpus_per_client, args.timeout)
+    print(f"run {status.get('run-id', '?')}: {status.get('status')}", flush=True)
+    if status.get("status") != "finished:completed":
+        print(status.get("status-details", ""), file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
