@@ -37,10 +37,10 @@ class RunConfig(BaseModel):
     partitioner: Literal["iid"] = "iid"
     seed: int = Field(0, ge=0)
     # local training
-    local_epochs: int = Field(2, ge=1, le=1000)
-    batch_size: int = Field(128, ge=2, le=65_536)
+    local_epochs: int = Field(5, ge=1, le=1000)
+    batch_size: int = Field(64, ge=2, le=65_536)
     lr: float = Field(1e-3, gt=0.0, le=10.0)
-    weight_decay: float = Field(1e-4, ge=0.0, le=1.0)
+    weight_decay: float = Field(0.01, ge=0.0, le=1.0)
     proximal_mu: float = Field(0.0, ge=0.0)
     # model and loss
     embed_dim: int = Field(256, ge=8, le=8192)
@@ -48,7 +48,7 @@ class RunConfig(BaseModel):
     hash_bits: Literal[16, 32, 64, 128] = 64
     temperature: float = Field(0.07, gt=0.0, le=1.0)
     learn_temperature: bool = True
-    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    dropout: float = Field(0.3, ge=0.0, lt=1.0)
     hash_weight: float = Field(0.5, ge=0.0)
     quant_weight: float = Field(0.1, ge=0.0)
     hash_temperature: float = Field(0.1, gt=0.0, le=1.0)

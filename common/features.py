@@ -16,6 +16,7 @@ import os
 import re
 import sys
 import uuid
+import zipfile
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -24,12 +25,23 @@ import numpy as np
 log = logging.getLogger(__name__)
 CACHE_DIR_ENV = "FEDXMR_CACHE_DIR"
 _SAFE = re.compile(r"[^A-Za-z0-9@._+-]")
+_UNREADABLE = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)
 
 
 def resolve_cache_dir(value: str | os.PathLike | None) -> Path:
     """An explicit folder, else $FEDXMR_CACHE_DIR, else ~/.cache/fedxmr."""
     raw = str(value or os.environ.get(CACHE_DIR_ENV, "") or Path.home() / ".cache" / "fedxmr")
     return Path(raw).expanduser().resolve()
+
+
+def _quarantine(chunk: Path, exc: BaseException) -> None:
+    bad = chunk.with_suffix(".corrupt")
+    log.warning("feature cache chunk %s is unreadable (%s); moved to %s, its items will be re-encoded", chunk, exc, bad)
+    os.replace(chunk, bad)
+
+
+class CorruptChunk(RuntimeError):
+    """A chunk's features could not be read; it was quarantined, so encoding again repairs the cache."""
 
 
 class FeatureStore:
@@ -48,11 +60,8 @@ class FeatureStore:
             try:
                 with np.load(chunk, allow_pickle=False) as z:
                     ids = z["ids"]
-            except (OSError, ValueError, KeyError) as exc:
-                bad = chunk.with_suffix(".corrupt")
-                log.warning("feature cache chunk %s is unreadable (%s); moved to %s, its items will be re-encoded",
-                            chunk, exc, bad)
-                os.replace(chunk, bad)
+            except _UNREADABLE as exc:
+                _quarantine(chunk, exc)
                 continue
             for row, item in enumerate(ids.tolist()):
                 index.setdefault(item, (chunk, row))
@@ -78,6 +87,8 @@ class FeatureStore:
 
         A chunk is written every `chunk_size` items, so an interrupted run keeps what it finished.
         """
+        if len(ids) != len(items):
+            raise ValueError(f"{len(ids)} ids but {len(items)} items to encode")
         index = self._index()
         todo = [(i, it) for i, it in zip(ids, items) if i not in index]
         if not todo:
@@ -109,8 +120,12 @@ class FeatureStore:
             by_chunk.setdefault(chunk, []).append((pos, row))
         out: np.ndarray | None = None
         for chunk, pairs in by_chunk.items():
-            with np.load(chunk, allow_pickle=False) as z:
-                feats = z["feats"]
+            try:
+                with np.load(chunk, allow_pickle=False) as z:
+                    feats = z["feats"]
+            except _UNREADABLE as exc:
+                _quarantine(chunk, exc)
+                raise CorruptChunk(f"feature cache chunk {chunk} was unreadable and has been quarantined") from exc
             if out is None:
                 out = np.empty((len(ids), feats.shape[1]), dtype=np.float32)
             pos, rows = map(np.asarray, zip(*pairs))
@@ -125,17 +140,22 @@ def split_features(data, backbone, cache_dir: Path, modalities: Sequence[str] = 
     `data` is a `common.data.flickr8k.RetrievalSplit`, `backbone` a `common.backbones.Backbone`. A modality not
     in `modalities` is neither read, encoded nor cached.
     """
+    jobs = {
+        "img": (backbone.img_key, data.images, data.image_paths, backbone.image_encoder, batch_size, "images"),
+        "txt": (backbone.txt_key, data.caption_ids, lambda: data.captions, backbone.text_encoder, batch_size * 4,
+                "captions"),
+    }
     out: dict[str, np.ndarray] = {}
-    if "img" in modalities:
-        store = FeatureStore(cache_dir, dataset, data.name, "img", backbone.img_key)
-        if store.missing(data.images):
-            enc = backbone.image_encoder()
-            store.encode_missing(data.images, data.image_paths(), enc.encode, batch_size, desc="images")
-        out["img"] = store.load(data.images)
-    if "txt" in modalities:
-        store = FeatureStore(cache_dir, dataset, data.name, "txt", backbone.txt_key)
-        if store.missing(data.caption_ids):
-            enc = backbone.text_encoder()
-            store.encode_missing(data.caption_ids, data.captions, enc.encode, batch_size * 4, desc="captions")
-        out["txt"] = store.load(data.caption_ids)
+    for modality in modalities:
+        key, ids, items, encoder, batch, desc = jobs[modality]
+        store = FeatureStore(cache_dir, dataset, data.name, modality, key)
+        for attempt in (1, 2):  # a chunk found corrupt while loading is quarantined; encoding again repairs it
+            if store.missing(ids):
+                store.encode_missing(ids, items(), encoder().encode, batch, desc=desc)
+            try:
+                out[modality] = store.load(ids)
+                break
+            except CorruptChunk:
+                if attempt == 2:
+                    raise
     return out

@@ -29,7 +29,7 @@ class ModelConfig:
     hash_bits: int = 64
     temperature: float = 0.07
     learn_temperature: bool = True
-    dropout: float = 0.1
+    dropout: float = 0.3
 
     def to_dict(self) -> dict:
         return asdict(self)

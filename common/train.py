@@ -13,10 +13,10 @@ from common.model import XmrModel
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 2
-    batch_size: int = 128
+    epochs: int = 5
+    batch_size: int = 64
     lr: float = 1e-3
-    weight_decay: float = 1e-4
+    weight_decay: float = 0.01
     proximal_mu: float = 0.0  # FedProx term weight; 0 disables it
     weights: LossWeights = LossWeights()
 

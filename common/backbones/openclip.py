@@ -46,7 +46,8 @@ def _weights_id(pretrained: str | None) -> str:
 
 
 @cache
-def _load(model: str, pretrained: str | None, device: str):
+def _load(model: str, pretrained: str | None, device: str, weights_id: str):
+    """Build once per process; `weights_id` is in the cache key so an overwritten checkpoint is loaded again."""
     oc = _open_clip()
     if model not in oc.list_models():
         raise BackboneError(f"open_clip has no model config {model!r} (see open_clip.list_models())")
@@ -63,8 +64,8 @@ def _load(model: str, pretrained: str | None, device: str):
 
 
 class _OpenClipImage:
-    def __init__(self, model: str, pretrained: str | None, device: str, key: str, dim: int) -> None:
-        self.net, self.preprocess, _ = _load(model, pretrained, device)
+    def __init__(self, model: str, pretrained: str | None, device: str, weights: str, key: str, dim: int) -> None:
+        self.net, self.preprocess, _ = _load(model, pretrained, device, weights)
         self.device, self.key, self.dim = device, key, dim
 
     @torch.no_grad()
@@ -83,8 +84,8 @@ class _OpenClipImage:
 
 
 class _OpenClipText:
-    def __init__(self, model: str, pretrained: str | None, device: str, key: str, dim: int) -> None:
-        self.net, _, self.tokenizer = _load(model, pretrained, device)
+    def __init__(self, model: str, pretrained: str | None, device: str, weights: str, key: str, dim: int) -> None:
+        self.net, _, self.tokenizer = _load(model, pretrained, device, weights)
         self.device, self.key, self.dim = device, key, dim
 
     @torch.no_grad()
@@ -108,6 +109,6 @@ def openclip_backbone(model: str, pretrained: str | None, device: str) -> Backbo
         txt_dim=dim,
         img_key=img_key,
         txt_key=txt_key,
-        _image=lambda: _OpenClipImage(model, pretrained, device, img_key, dim),
-        _text=lambda: _OpenClipText(model, pretrained, device, txt_key, dim),
+        _image=lambda: _OpenClipImage(model, pretrained, device, weights, img_key, dim),
+        _text=lambda: _OpenClipText(model, pretrained, device, weights, txt_key, dim),
     )

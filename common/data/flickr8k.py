@@ -113,6 +113,8 @@ def load_split(data_dir: str | os.PathLike | None, split: str, max_images: int =
 def subset(data: RetrievalSplit, image_indices: np.ndarray) -> RetrievalSplit:
     """The images at `image_indices` with all their captions (a client's shard)."""
     image_indices = np.asarray(image_indices, dtype=np.int64)
+    if len(np.unique(image_indices)) != len(image_indices):
+        raise ValueError("subset(): image indices must be unique")
     remap = np.full(len(data.images), -1, dtype=np.int64)
     remap[image_indices] = np.arange(len(image_indices))
     keep = np.flatnonzero(remap[data.caption_image] >= 0)

@@ -1,0 +1,95 @@
+"""Strategies on constructed replies: weighting, robustness to failing clients, config, state round-trip."""
+
+from __future__ import annotations
+
+from unittest.mock import Mock
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+
+from common.config import ConfigError, parse_run_config
+from fedxmr_server.strategies import STRATEGIES, build_strategy
+from fedxmr_server.strategies.state import StrategyState
+
+GLOBAL = {"img.w": np.zeros((2, 3), np.float32), "txt.b": np.zeros(3, np.float32)}
+
+
+def reply(node: int, value: float, n: int, arrays: dict | None = None, error: str | None = None) -> Message:
+    """A Mock reply as in Flower's own strategy tests: content, metadata.src_node_id and has_error()."""
+    msg = Mock(spec=Message)
+    msg.metadata = Mock(src_node_id=node)
+    msg.has_error = Mock(return_value=error is not None)
+    msg.error = Error(code=0, reason=error) if error else None
+    arrays = arrays if arrays is not None else {k: np.full_like(v, value) for k, v in GLOBAL.items()}
+    msg.content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+                              "metrics": MetricRecord({"num-examples": n, "train-loss": value})})
+    return msg
+
+
+def fedavg():
+    strategy = build_strategy(parse_run_config({"method": "fedavg"}))
+    strategy.state.arrays = {k: v.copy() for k, v in GLOBAL.items()}
+    return strategy
+
+
+def test_fedavg_is_the_example_weighted_mean() -> None:
+    arrays, metrics = fedavg().aggregate_train(1, [reply(1, 1.0, 10), reply(2, 4.0, 30)])
+    expected = (1.0 * 10 + 4.0 * 30) / 40
+    np.testing.assert_allclose(arrays["img.w"].numpy(), np.full((2, 3), expected))
+    assert metrics["train-loss"] == pytest.approx(expected)
+    assert metrics["num-examples"] == 40
+
+
+@pytest.mark.parametrize("bad", [
+    reply(3, 0.0, 10, error="ClientApp crashed: out of memory"),
+    reply(3, np.nan, 10),
+    reply(3, 5.0, 10, arrays={"img.w": np.ones((2, 3), np.float32)}),  # missing key
+    reply(3, 5.0, 10, arrays={"img.w": np.ones((3, 3), np.float32), "txt.b": np.ones(3, np.float32)}),
+    reply(3, 5.0, 0),
+])
+def test_a_failing_client_is_left_out_and_the_round_goes_on(bad: Message, caplog: pytest.LogCaptureFixture) -> None:
+    strategy = fedavg()
+    arrays, _ = strategy.aggregate_train(1, [reply(1, 1.0, 10), bad, reply(2, 3.0, 10)])
+    np.testing.assert_allclose(arrays["txt.b"].numpy(), np.full(3, 2.0))
+    assert strategy.last_train["usable"] == 2 and strategy.last_train["replies"] == 3
+    assert [c["node-id"] for c in strategy.last_train["clients"]] == [1, 2]
+
+
+def test_no_usable_reply_keeps_the_model() -> None:
+    strategy = fedavg()
+    assert strategy.aggregate_train(1, [reply(1, 0.0, 5, error="boom")]) == (None, None)
+    np.testing.assert_array_equal(strategy.state.arrays["img.w"], GLOBAL["img.w"])
+
+
+def test_fedprox_sends_mu_and_needs_a_positive_one() -> None:
+    with pytest.raises(ConfigError, match="proximal-mu"):
+        build_strategy(parse_run_config({"method": "fedprox"}))
+    strategy = build_strategy(parse_run_config({"method": "fedprox", "proximal-mu": 0.01}))
+    grid = Mock()
+    grid.get_node_ids.return_value = [11, 12]
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = 1
+    msgs = list(strategy.configure_train(3, ArrayRecord({k: Array(v) for k, v in GLOBAL.items()}),
+                                         ConfigRecord(), grid))
+    assert sorted(m.metadata.dst_node_id for m in msgs) == [11, 12]
+    assert all(m.content["config"]["proximal-mu"] == 0.01 and m.content["config"]["server-round"] == 3
+               for m in msgs)
+
+
+def test_unknown_method_lists_the_registry() -> None:
+    with pytest.raises(ConfigError) as err:
+        build_strategy(parse_run_config({"method": "fedsomething"}))
+    assert "'method'" in str(err.value) and all(name in str(err.value) for name in STRATEGIES)
+
+
+def test_state_round_trips_through_bytes_and_disk(tmp_path) -> None:
+    state = StrategyState(round=7, arrays={"a.w": np.arange(6, dtype=np.float32).reshape(2, 3)},
+                          buffers={"protos": np.eye(3)}, meta={"clients": [{"node-id": 1, "weight": 0.5}]})
+    state.save(tmp_path / "state.npz")
+    back = StrategyState.load(tmp_path / "state.npz")
+    assert back.round == 7 and back.meta == state.meta
+    np.testing.assert_array_equal(back.arrays["a.w"], state.arrays["a.w"])
+    np.testing.assert_array_equal(back.buffers["protos"], state.buffers["protos"])
+    assert not list(tmp_path.glob("*.tmp"))
