@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from typing import Any, Literal, Mapping
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from common.data.federation import parse_mix
+from common.data.partition import PARTITIONERS
 from common.losses import LossWeights
 from common.model import ModelConfig
 from common.train import TrainConfig
@@ -34,7 +36,10 @@ class RunConfig(BaseModel):
     fraction_evaluate: float = Field(1.0, ge=0.0, le=1.0)
     min_nodes: int = Field(2, ge=1)
     round_timeout: float = Field(3600.0, gt=0.0)
-    partitioner: Literal["iid"] = "iid"
+    partitioner: Literal[PARTITIONERS] = "iid"  # type: ignore[valid-type]
+    partition_beta: float = Field(0.5, gt=0.0, le=1000.0)
+    partition_ways: int = Field(2, ge=1)
+    modality_mix: str = "1,0,0"  # fractions of paired, image-only, text-only clients
     seed: int = Field(0, ge=0)
     # local training
     local_epochs: int = Field(5, ge=1, le=1000)
@@ -42,6 +47,8 @@ class RunConfig(BaseModel):
     lr: float = Field(1e-3, gt=0.0, le=10.0)
     weight_decay: float = Field(0.01, ge=0.0, le=1.0)
     proximal_mu: float = Field(0.0, ge=0.0)
+    personal_adapters: bool = False
+    personal_epochs: int = Field(2, ge=1, le=1000)
     # model and loss
     embed_dim: int = Field(256, ge=8, le=8192)
     adapter_dim: int = Field(64, ge=1, le=8192)
@@ -63,10 +70,19 @@ class RunConfig(BaseModel):
     max_eval_images: int = Field(0, ge=0)
     encode_batch_size: int = Field(32, ge=1, le=4096)
 
-    def model_cfg(self, img_dim: int, txt_dim: int) -> ModelConfig:
+    @field_validator("modality_mix")
+    @classmethod
+    def _valid_mix(cls, value: str) -> str:
+        parse_mix(value)
+        return value
+
+    def mix(self) -> tuple[float, float, float]:
+        return parse_mix(self.modality_mix)
+
+    def model_cfg(self, img_dim: int, txt_dim: int, personal: bool = False) -> ModelConfig:
         return ModelConfig(img_dim=img_dim, txt_dim=txt_dim, embed_dim=self.embed_dim, adapter_dim=self.adapter_dim,
                            hash_bits=self.hash_bits, temperature=self.temperature,
-                           learn_temperature=self.learn_temperature, dropout=self.dropout)
+                           learn_temperature=self.learn_temperature, dropout=self.dropout, personal=personal)
 
     def train_cfg(self) -> TrainConfig:
         return TrainConfig(epochs=self.local_epochs, batch_size=self.batch_size, lr=self.lr,

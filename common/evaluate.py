@@ -23,3 +23,18 @@ def evaluate_retrieval(model: XmrModel, img: np.ndarray, txt: np.ndarray, captio
     if labels is not None:
         out |= hash_maps(img_code, txt_code, labels, labels[caption_image], prefix="hash_")
     return out
+
+
+def client_summary(clients: list[dict], types: dict[int, str]) -> dict[str, float]:
+    """Per-client scores summarised overall and by client type: mean, worst (min) and std over clients, for the
+    global model (`global-score`) and, where present, global + personal adapters (`personal-score`)."""
+    out: dict[str, float] = {}
+    groups = {"all": clients} | {t: [c for c in clients if types.get(int(c["client-type"])) == t]
+                                 for t in types.values()}
+    for group, members in groups.items():
+        for variant in ("global", "personal"):
+            scores = np.array([c[f"{variant}-score"] for c in members if f"{variant}-score" in c])
+            if len(scores):
+                out |= {f"{group}-{variant}-mean": float(scores.mean()), f"{group}-{variant}-worst": float(scores.min()),
+                        f"{group}-{variant}-std": float(scores.std()), f"{group}-{variant}-clients": float(len(scores))}
+    return out

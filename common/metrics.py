@@ -111,6 +111,17 @@ def recall_at_k_t2i(sim: np.ndarray, caption_image: np.ndarray, ks: Ks = (1, 5, 
     return _recalls(ranks, _check_ks(ks), "t2i")
 
 
+def query_recalls(scores: np.ndarray, query_ids: np.ndarray, db_ids: np.ndarray, name: str,
+                  ks: Ks = (1, 5, 10)) -> dict[str, float]:
+    """R@K (percent, keys ``{name}_r{k}``) for any queries against a gallery: item d is a hit for query q when
+    ``query_ids[q] == db_ids[d]``; ties count against the query. Used for a client's own queries against the
+    shared test gallery."""
+    scores = np.asarray(scores)
+    if scores.ndim != 2 or scores.shape != (len(query_ids), len(db_ids)):
+        raise ValueError(f"scores has shape {scores.shape}, expected ({len(query_ids)}, {len(db_ids)})")
+    return _recalls(_pessimistic_ranks(scores, np.asarray(query_ids), np.asarray(db_ids)), _check_ks(ks), name)
+
+
 def retrieval_recalls(sim: np.ndarray, caption_image: np.ndarray, ks: Ks = (1, 5, 10),
                       prefix: str = "") -> dict[str, float]:
     """Both directions plus ``rsum`` (sum of all R@K), each key prefixed with ``prefix``."""

@@ -3,8 +3,10 @@
 Tower = LayerNorm(frozen feature) -> Linear to the shared dimension -> residual bottleneck adapter
 (x + up(GELU(down(x))), `up` zero-initialised so the adapter starts as identity) -> L2 normalisation.
 Hash head = Linear(shared dim -> bits); tanh while training, sign at retrieval.
-Only these parameters (and the temperature) exist in the model, so everything in its state dict travels.
-Parameter names start with the modality (`img.` / `txt.`), so aggregation can work per modality.
+Optional personal adapters (`cfg.personal`): one more zero-initialised residual adapter per tower, applied after
+the shared one only when asked (`personal=True`); they never leave the node (`upload_keys` leaves them out).
+Parameter names start with the modality (`img.` / `txt.`), so aggregation can work per modality; the temperature
+(`logit_scale`) belongs to the image-text pair and is trained only by paired clients.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class ModelConfig:
     temperature: float = 0.07
     learn_temperature: bool = True
     dropout: float = 0.3
+    personal: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -58,14 +61,20 @@ class Tower(nn.Module):
         self.norm = nn.LayerNorm(in_dim)
         self.proj = nn.Linear(in_dim, cfg.embed_dim)
         self.adapter = Adapter(cfg.embed_dim, cfg.adapter_dim, cfg.dropout)
+        self.personal = Adapter(cfg.embed_dim, cfg.adapter_dim, cfg.dropout) if cfg.personal else None
         self.hash = nn.Linear(cfg.embed_dim, cfg.hash_bits)
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.adapter(self.proj(self.norm(x))), dim=-1)
+    def embed(self, x: torch.Tensor, personal: bool = False) -> torch.Tensor:
+        h = self.adapter(self.proj(self.norm(x)))
+        if personal:
+            if self.personal is None:
+                raise ValueError("this model has no personal adapters (ModelConfig.personal is False)")
+            h = self.personal(h)
+        return F.normalize(h, dim=-1)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, personal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(embedding, relaxed code in (-1, 1))."""
-        emb = self.embed(x)
+        emb = self.embed(x, personal)
         return emb, torch.tanh(self.hash(emb))
 
 
@@ -89,7 +98,8 @@ class XmrModel(nn.Module):
         return self.logit_scale.exp().clamp(max=100.0)
 
     @torch.no_grad()
-    def encode(self, modality: str, feats: np.ndarray, batch_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    def encode(self, modality: str, feats: np.ndarray, batch_size: int = 4096,
+               personal: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Embeddings and ±1 hash codes (sign, with 0 -> +1) for retrieval, in eval mode."""
         was_training = self.training
         self.eval()
@@ -98,24 +108,36 @@ class XmrModel(nn.Module):
         embs, codes = [], []
         for start in range(0, len(feats), batch_size):
             x = torch.as_tensor(feats[start:start + batch_size], dtype=torch.float32, device=device)
-            emb, relaxed = tower(x)
+            emb, relaxed = tower(x, personal)
             embs.append(emb.cpu().numpy())
             codes.append(np.where(relaxed.cpu().numpy() >= 0, 1, -1).astype(np.int8))
         self.train(was_training)
         return np.concatenate(embs), np.concatenate(codes)
 
 
+def is_personal(key: str) -> bool:
+    return ".personal." in key
+
+
+def upload_keys(keys, modalities: tuple[str, ...]) -> list[str]:
+    """The shared keys a client holding `modalities` trains and sends: its towers, and the temperature if paired."""
+    pair = set(MODALITIES) <= set(modalities)
+    return [k for k in keys if not is_personal(k) and (k.split(".", 1)[0] in modalities or (pair and "." not in k))]
+
+
 def state_to_numpy(model: nn.Module) -> dict[str, np.ndarray]:
     return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
 
 
-def load_numpy_state(model: nn.Module, state: dict[str, np.ndarray]) -> None:
-    """Load arrays into the model; a missing, extra or mis-shaped key is an error that names it."""
+def load_numpy_state(model: nn.Module, state: dict[str, np.ndarray], partial: bool = False) -> None:
+    """Load arrays into the model; a mis-shaped or unknown key is an error that names it, and so is a missing one
+    unless `partial` (e.g. global arrays into a model that also has personal adapters)."""
     own = model.state_dict()
-    missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    missing = [] if partial else sorted(set(own) - set(state))
+    extra = sorted(set(state) - set(own))
     if missing or extra:
         raise KeyError(f"model state mismatch: missing {missing[:5]}, unexpected {extra[:5]}")
     for key, value in state.items():
         if tuple(value.shape) != tuple(own[key].shape):
             raise ValueError(f"model state key {key!r}: shape {tuple(value.shape)}, expected {tuple(own[key].shape)}")
-    model.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in state.items()})
+    model.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in state.items()}, strict=not partial)

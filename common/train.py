@@ -1,14 +1,26 @@
-"""Local training on cached features: the same loop serves every client and the centralized baseline."""
+"""Local training on cached features: the same loops serve every client type and the centralized baseline.
+
+- paired clients: image-caption InfoNCE (+ hashing terms), `train_paired`;
+- unimodal clients, `train_unimodal`: text-only clients contrast two captions of the same scene; image-only
+  clients contrast two dropout views of the same image (SimCSE-style) — the only signal they have without pairs;
+- personal adapters: the same losses with `personal=True`, optimising only the personal adapters (the shared
+  towers stay fixed), so the uploaded shared update is the same with or without personalisation.
+A fresh AdamW per call: the ClientApp keeps no optimizer state between rounds.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from common.losses import LossWeights, retrieval_loss
-from common.model import XmrModel
+from common.model import XmrModel, is_personal, upload_keys
+
+INPUT_DROPOUT = 0.1  # extra feature dropout that makes the two views of an image differ
 
 
 @dataclass(frozen=True)
@@ -21,41 +33,34 @@ class TrainConfig:
     weights: LossWeights = LossWeights()
 
 
-def train_paired(model: XmrModel, img: np.ndarray, txt: np.ndarray, caption_image: np.ndarray, cfg: TrainConfig,
-                 rng: np.random.Generator) -> dict[str, float]:
-    """Train on image-caption pairs for `cfg.epochs` passes over the images.
+def trainable(model: XmrModel, modalities: tuple[str, ...], personal: bool) -> list[torch.nn.Parameter]:
+    """Shared parameters of `modalities` (+ temperature if paired), or only their personal adapters."""
+    named = dict(model.named_parameters())
+    if personal:
+        keys = [k for k in named if is_personal(k) and k.split(".", 1)[0] in modalities]
+    else:
+        keys = upload_keys(named, modalities)
+    return [named[k] for k in keys if named[k].requires_grad]
 
-    Each pass visits every image once, paired with one of its captions drawn at random, so a batch never holds
-    two captions of one image (which would be false negatives for InfoNCE). A fresh AdamW per call: the ClientApp
-    keeps no optimizer state between rounds.
-    """
-    if len(img) < 2:
-        raise ValueError(f"need at least 2 images to train with in-batch negatives, got {len(img)}")
-    device = next(model.parameters()).device
-    img_t = torch.as_tensor(img, dtype=torch.float32, device=device)
-    txt_t = torch.as_tensor(txt, dtype=torch.float32, device=device)
-    captions_of = [np.flatnonzero(caption_image == i) for i in range(len(img))]
-    if any(len(c) == 0 for c in captions_of):
-        raise ValueError("every image of the shard needs at least one caption")
-    anchor = [p.detach().clone() for p in model.parameters()] if cfg.proximal_mu > 0 else None
-    params = [p for p in model.parameters() if p.requires_grad]
+
+def _optimise(model: XmrModel, params: list[torch.nn.Parameter], n_items: int, cfg: TrainConfig,
+              rng: np.random.Generator, batch_loss: Callable[[np.ndarray], tuple[torch.Tensor, dict]]) -> dict:
+    if n_items < 2:
+        raise ValueError(f"need at least 2 training items for in-batch negatives, got {n_items}")
+    anchor = [p.detach().clone() for p in params] if cfg.proximal_mu > 0 else None
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     model.train()
     totals: dict[str, float] = {}
     steps = 0
     for _ in range(cfg.epochs):
-        order = rng.permutation(len(img))
-        for start in range(0, len(order), cfg.batch_size):
+        order = rng.permutation(n_items)
+        for start in range(0, n_items, cfg.batch_size):
             idx = order[start:start + cfg.batch_size]
             if len(idx) < 2:
                 continue
-            cap = np.array([rng.choice(captions_of[i]) for i in idx])
-            img_emb, img_code = model.img(img_t[idx])
-            txt_emb, txt_code = model.txt(txt_t[cap])
-            loss, parts = retrieval_loss(img_emb, txt_emb, img_code, txt_code, model.scale(), cfg.weights)
+            loss, parts = batch_loss(idx)
             if anchor is not None:
-                prox = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
-                loss = loss + 0.5 * cfg.proximal_mu * prox
+                loss = loss + 0.5 * cfg.proximal_mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite training loss at step {steps}")
             opt.zero_grad(set_to_none=True)
@@ -65,3 +70,59 @@ def train_paired(model: XmrModel, img: np.ndarray, txt: np.ndarray, caption_imag
             for key, value in {"loss": loss.item(), **parts}.items():
                 totals[key] = totals.get(key, 0.0) + value
     return {k: v / max(steps, 1) for k, v in totals.items()} | {"steps": float(steps)}
+
+
+def _captions_of(caption_image: np.ndarray, n_images: int) -> list[np.ndarray]:
+    groups = [np.flatnonzero(caption_image == i) for i in range(n_images)]
+    if any(len(g) == 0 for g in groups):
+        raise ValueError("every image of the shard needs at least one caption")
+    return groups
+
+
+def train_paired(model: XmrModel, img: np.ndarray, txt: np.ndarray, caption_image: np.ndarray, cfg: TrainConfig,
+                 rng: np.random.Generator, personal: bool = False) -> dict[str, float]:
+    """Image-caption pairs, `cfg.epochs` passes over the images; each pass pairs every image with one of its
+    captions at random, so a batch never holds two captions of one image (false negatives for InfoNCE)."""
+    device = next(model.parameters()).device
+    img_t = torch.as_tensor(img, dtype=torch.float32, device=device)
+    txt_t = torch.as_tensor(txt, dtype=torch.float32, device=device)
+    groups = _captions_of(caption_image, len(img))
+
+    def batch_loss(idx: np.ndarray) -> tuple[torch.Tensor, dict]:
+        cap = np.array([rng.choice(groups[i]) for i in idx])
+        img_emb, img_code = model.img(img_t[idx], personal)
+        txt_emb, txt_code = model.txt(txt_t[cap], personal)
+        return retrieval_loss(img_emb, txt_emb, img_code, txt_code, model.scale(), cfg.weights)
+
+    return _optimise(model, trainable(model, ("img", "txt"), personal), len(img), cfg, rng, batch_loss)
+
+
+def train_unimodal(model: XmrModel, modality: str, feats: np.ndarray, cfg: TrainConfig, rng: np.random.Generator,
+                   caption_image: np.ndarray | None = None, personal: bool = False) -> dict[str, float]:
+    """One modality only. Text: two different captions of a scene are a positive pair (`caption_image` groups
+    them). Images: two dropout views of one image are a positive pair."""
+    device = next(model.parameters()).device
+    x = torch.as_tensor(feats, dtype=torch.float32, device=device)
+    tower = model.tower(modality)
+    if modality == "txt":
+        if caption_image is None:
+            raise ValueError("text-only training needs caption_image to know which captions share a scene")
+        groups = [g for g in _captions_of(caption_image, int(caption_image.max()) + 1) if len(g) >= 2]
+        n_items = len(groups)
+
+        def views(idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+            pairs = np.array([rng.choice(groups[i], size=2, replace=False) for i in idx])
+            return x[pairs[:, 0]], x[pairs[:, 1]]
+    else:
+        n_items = len(feats)
+
+        def views(idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+            return F.dropout(x[idx], INPUT_DROPOUT), F.dropout(x[idx], INPUT_DROPOUT)
+
+    def batch_loss(idx: np.ndarray) -> tuple[torch.Tensor, dict]:
+        a, b = views(idx)
+        a_emb, a_code = tower(a, personal)
+        b_emb, b_code = tower(b, personal)
+        return retrieval_loss(a_emb, b_emb, a_code, b_code, model.scale().detach(), cfg.weights)
+
+    return _optimise(model, trainable(model, (modality,), personal), n_items, cfg, rng, batch_loss)

@@ -36,6 +36,7 @@ def main(grid: Grid, context: Context) -> None:
     recorder = RunRecorder(cfg, {"model": model.cfg.to_dict(), "flwr": flwr.__version__, "torch": torch.__version__,
                                  "trainable-params": int(sum(v.size for v in initial.values()))})
     evaluator = ServerEvaluator(cfg, backbone)
+    strategy.gallery_fn = lambda arrays: evaluator.gallery(from_array_record(arrays))
     log(INFO, "fedxmr: run dir %s", recorder.dir)
     round_start = [time.time()]
 
@@ -56,7 +57,9 @@ def main(grid: Grid, context: Context) -> None:
     recorder.save_weights(evaluator.best_arrays)
     strategy.state.save(recorder.dir / "strategy-state.npz")
     recorder.plot()
+    recorder.plot_clients(strategy.last_evaluate.get("clients", []))
     clients = max((r["train"].get("replies", 0) for r in recorder.rounds if r.get("train")), default=0)
-    text = recorder.summary(evaluator.best_round, evaluator.best_dev, test, {"clients": clients})
+    text = recorder.summary(evaluator.best_round, evaluator.best_dev, test,
+                            {"clients": clients, "per-client": strategy.last_evaluate})
     print(text, flush=True)
     log(INFO, "fedxmr: outputs in %s", recorder.dir)

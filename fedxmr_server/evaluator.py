@@ -45,11 +45,22 @@ class ServerEvaluator:
             self._splits[name] = _Split(data, feats)
         return self._splits[name]
 
-    def score(self, arrays: dict[str, np.ndarray], split: str) -> dict[str, float]:
+    def _model(self, arrays: dict[str, np.ndarray]) -> XmrModel:
         model = XmrModel(self.cfg.model_cfg(self.backbone.img_dim, self.backbone.txt_dim))
         load_numpy_state(model, arrays)
+        return model
+
+    def score(self, arrays: dict[str, np.ndarray], split: str) -> dict[str, float]:
         s = self._split(split)
-        return evaluate_retrieval(model, s.feats["img"], s.feats["txt"], s.data.caption_image, s.data.labels)
+        return evaluate_retrieval(self._model(arrays), s.feats["img"], s.feats["txt"], s.data.caption_image,
+                                  s.data.labels)
+
+    def gallery(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The shared test gallery embedded by the global model, for per-client evaluation on the nodes (reported
+        per client; never used for model selection)."""
+        s, model = self._split("test"), self._model(arrays)
+        return {"img-emb": model.encode("img", s.feats["img"])[0], "txt-emb": model.encode("txt", s.feats["txt"])[0],
+                "caption-image": s.data.caption_image}
 
     def dev_round(self, server_round: int, arrays: dict[str, np.ndarray]) -> dict[str, float]:
         """Score on dev and remember the model if it is the best so far (ties keep the earlier round)."""

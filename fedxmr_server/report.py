@@ -1,6 +1,7 @@
 """Run outputs under `<out-dir>/<run-id>/`: config.json (resolved config), metrics.jsonl (one line per round),
 weights.safetensors (the trainable weights of the best-dev round: the reported model), strategy-state.npz (the
-strategy's full state after the last round), convergence.png, summary.md (also printed) and final.json."""
+strategy's full state after the last round), convergence.png, clients.png (per-client scores, final round),
+summary.md (also printed) and final.json."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from common.config import RunConfig
+from common.data.federation import CLIENT_TYPES
 
 _TABLE_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
 
@@ -64,6 +66,30 @@ class RunRecorder:
         plt.close(fig)
         return path
 
+    def plot_clients(self, clients: list[dict[str, Any]]) -> Path | None:
+        """Bars per client (final round): global model vs global + personal adapters, grouped by client type."""
+        if not clients:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        types = list(CLIENT_TYPES)
+        x = np.arange(len(clients))
+        fig, ax = plt.subplots(figsize=(max(6, len(clients) * 0.7), 4))
+        ax.bar(x - 0.2, [c["global-score"] for c in clients], 0.4, label="global")
+        if all("personal-score" in c for c in clients):
+            ax.bar(x + 0.2, [c["personal-score"] for c in clients], 0.4, label="global + personal")
+        ax.set_xticks(x, [f"{int(c['partition-id'])}\n{types[int(c['client-type'])]}" for c in clients], fontsize=7)
+        ax.set(ylabel="mean R@1/5/10 over own queries (%)", title=f"{self.dir.name}: per-client test (final round)")
+        ax.legend()
+        fig.tight_layout()
+        path = self.dir / "clients.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return path
+
     def summary(self, best_round: int, dev: dict[str, float], test: dict[str, float], extra: dict[str, Any]) -> str:
         bits = self.cfg.hash_bits
         head = "| split | ranking | " + " | ".join(k.replace("_", " ") for k in _TABLE_KEYS) + " |"
@@ -89,8 +115,27 @@ class RunRecorder:
             "|---|---|---|---|---|",
             *maps,
             "",
+            *_client_lines(extra.get("per-client", {}).get("summary", {})),
         ])
         (self.dir / "summary.md").write_text(text)
         (self.dir / "final.json").write_text(json.dumps(
             {"best-round": best_round, "dev": dev, "test": test, **extra}, indent=2))
         return text
+
+
+def _client_lines(summary: dict[str, float]) -> list[str]:
+    """Per-client test scores (final round) by client type: mean / worst / std over clients."""
+    if not summary:
+        return []
+    lines = ["Per-client test score (mean R@1/5/10 of each client's own queries against the shared test gallery, "
+             "final round):", "", "| clients | n | global mean | worst | std | +personal mean | worst | std |",
+             "|---|---|---|---|---|---|---|---|"]
+    for group in ("all", *CLIENT_TYPES):
+        if f"{group}-global-mean" not in summary:
+            continue
+        row = [group, f"{summary[f'{group}-global-clients']:.0f}"]
+        for variant in ("global", "personal"):
+            row += [f"{summary[f'{group}-{variant}-{s}']:.1f}" if f"{group}-{variant}-mean" in summary else "-"
+                    for s in ("mean", "worst", "std")]
+        lines.append("| " + " | ".join(row) + " |")
+    return lines + [""]

@@ -190,3 +190,14 @@ def test_load_rgb(tmp_path: Path, flickr8k_images: list[Path]) -> None:
         load_rgb(bad, 224)
     with pytest.raises(BackboneError, match="missing.jpg"):
         load_rgb(tmp_path / "missing.jpg", 224)
+
+
+def test_open_clip_imports_in_a_fresh_process() -> None:
+    """ClientApp subprocesses and Ray workers are fresh interpreters: importing the app package must be enough."""
+    import subprocess
+    import sys
+
+    code = "import fedxmr_client, open_clip; print(len(open_clip.list_models()) > 0)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0 and out.stdout.strip() == "True", out.stderr[-2000:]

@@ -6,11 +6,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
 from common.config import ConfigError, parse_run_config
 from common.model import XmrModel, state_to_numpy
 from fedxmr_client.app import app
+from fedxmr_client.node import load_shard
 
 BACKBONE = "openclip:fedxmr-tiny"
 
@@ -35,14 +36,29 @@ def _global_arrays(run_config: dict) -> tuple[ArrayRecord, dict[str, np.ndarray]
     return ArrayRecord(model.state_dict()), state_to_numpy(model)
 
 
-def _context(run_config: dict, pid: int = 0) -> Context:
-    return Context(run_id=1, node_id=1, node_config={"partition-id": pid, "num-partitions": 2}, state=RecordDict(),
+def _context(run_config: dict, pid: int = 0, num: int = 2) -> Context:
+    return Context(run_id=1, node_id=1, node_config={"partition-id": pid, "num-partitions": num}, state=RecordDict(),
                    run_config=run_config)
 
 
-def _message(arrays: ArrayRecord, kind: str, server_round: int = 1) -> Message:
-    return Message(content=RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": server_round})}),
-                   dst_node_id=1, message_type=kind)
+def _message(arrays: ArrayRecord, kind: str, server_round: int = 1, gallery: ArrayRecord | None = None) -> Message:
+    content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": server_round})})
+    if gallery is not None:
+        content["gallery"] = gallery
+    return Message(content=content, dst_node_id=1, message_type=kind)
+
+
+def _gallery(run_config: dict, n_images: int = 20) -> ArrayRecord:
+    """A stand-in test gallery (the server sends the real one): random unit embeddings, 5 captions per image."""
+    rng = np.random.default_rng(0)
+    dim = parse_run_config(run_config).embed_dim
+
+    def unit(n: int) -> np.ndarray:
+        x = rng.normal(size=(n, dim)).astype(np.float32)
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    return ArrayRecord({"img-emb": Array(unit(n_images)), "txt-emb": Array(unit(5 * n_images)),
+                        "caption-image": Array(np.repeat(np.arange(n_images), 5))})
 
 
 def test_train_returns_updated_arrays_and_metrics(run_config: dict) -> None:
@@ -58,7 +74,7 @@ def test_train_returns_updated_arrays_and_metrics(run_config: dict) -> None:
     assert metrics["partition-id"] == 0
     assert metrics["upload-bytes"] == sum(v.nbytes for v in before.values())
     assert np.isfinite(metrics["train-loss"]) and metrics["train-steps"] >= 2
-    assert len(ctx.state) == 0, "the ClientApp must keep no state between messages"
+    assert len(ctx.state) == 0, "without personal adapters the ClientApp keeps no state at all"
 
 
 def test_train_is_deterministic_per_partition_and_round(run_config: dict) -> None:
@@ -71,13 +87,55 @@ def test_train_is_deterministic_per_partition_and_round(run_config: dict) -> Non
     assert not np.array_equal(first.content["arrays"][key].numpy(), other.content["arrays"][key].numpy())
 
 
-def test_evaluate_reports_local_metrics(run_config: dict) -> None:
+def test_evaluate_scores_own_queries_against_the_gallery(run_config: dict) -> None:
+    run_config = {**run_config, "max-eval-images": 20}
     arrays, _ = _global_arrays(run_config)
-    reply = app(_message(arrays, MessageType.EVALUATE), _context(run_config, pid=1))
+    reply = app(_message(arrays, MessageType.EVALUATE, gallery=_gallery(run_config)), _context(run_config, pid=1))
     assert not reply.has_error(), reply.error
     metrics = reply.content["metrics"]
-    assert metrics["num-examples"] == 20
-    assert 0.0 <= metrics["local-rsum"] <= 600.0 and 0.0 <= metrics["local-hash-rsum"] <= 600.0
+    assert metrics["num-examples"] == 10 and metrics["client-type"] == 0  # 20 test images, 2 partitions, paired
+    recalls = [metrics[f"global-{d}_r{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10)]
+    assert all(0.0 <= r <= 100.0 for r in recalls) and recalls == sorted(recalls[:3]) + sorted(recalls[3:])
+    assert metrics["global-score"] == pytest.approx(np.mean(recalls))
+    assert "personal-score" not in metrics
+
+
+def test_unimodal_clients_load_and_send_only_their_modality(run_config: dict) -> None:
+    """With mix 0,0.5,0.5 over 2 clients one is image-only and one text-only: assert on what each loads."""
+    run_config = {**run_config, "modality-mix": "0,0.5,0.5", "max-eval-images": 20}
+    arrays, before = _global_arrays(run_config)
+    seen = set()
+    for pid in (0, 1):
+        shard = load_shard(_context(run_config, pid), "train")
+        seen.add(shard.client_type)
+        (held,) = shard.modalities
+        assert set(shard.feats) == {held}
+        if held == "img":
+            assert shard.data.captions == () and shard.data.caption_ids == () and shard.data.labels.size == 0
+        reply = app(_message(arrays, MessageType.TRAIN), _context(run_config, pid))
+        assert not reply.has_error(), reply.error
+        sent = set(reply.content["arrays"].keys())
+        assert sent == {k for k in before if k.startswith(held + ".")}, sent
+        assert reply.content["metrics"][f"has-{held}"] == 1
+        ev = app(_message(arrays, MessageType.EVALUATE, gallery=_gallery(run_config)), _context(run_config, pid))
+        direction = "i2t" if held == "img" else "t2i"
+        assert {k for k in ev.content["metrics"].keys() if k.startswith("global-")} == \
+            {f"global-{direction}_r{k}" for k in (1, 5, 10)} | {"global-score"}
+    assert seen == {"image-only", "text-only"}
+
+
+def test_personal_adapters_stay_on_the_node(run_config: dict) -> None:
+    run_config = {**run_config, "personal-adapters": True, "personal-epochs": 1, "max-eval-images": 20}
+    arrays, before = _global_arrays(run_config)
+    ctx = _context(run_config)
+    reply = app(_message(arrays, MessageType.TRAIN), ctx)
+    assert not reply.has_error(), reply.error
+    assert set(reply.content["arrays"].keys()) == set(before), "personal adapters must not be uploaded"
+    personal = ctx.state["personal-adapters"]
+    assert personal and all(".personal." in k for k in personal.keys())
+    assert any(np.abs(a.numpy()).sum() > 0 for k, a in personal.items() if "up" in k), "personal adapters untrained"
+    ev = app(_message(arrays, MessageType.EVALUATE, gallery=_gallery(run_config)), ctx)
+    assert "personal-score" in ev.content["metrics"] and "global-score" in ev.content["metrics"]
 
 
 def test_bad_run_config_fails_naming_the_key(run_config: dict) -> None:

@@ -233,3 +233,51 @@ def test_subset_real_partition(real_splits: dict[str, RetrievalSplit]) -> None:
     for cid, owner in zip(sub.caption_ids, sub.caption_image):
         assert cid.split("#")[0] == sub.images[owner]
     assert np.array_equal(sub.labels, data.labels[idx])
+
+
+@pytest.mark.parametrize("name", ["iid", "dirichlet", "nway", "quantity"])
+@pytest.mark.parametrize("seed", [0, 3])
+def test_every_partitioner_covers_each_item_exactly_once(name: str, seed: int) -> None:
+    from common.data.partition import partition
+
+    rng = np.random.default_rng(42)
+    labels = (rng.random((400, 6)) < 0.25).astype(np.uint8)
+    parts = partition(name, 400, 7, seed, labels=labels, beta=0.3, ways=2)
+    assert len(parts) == 7 and min(len(p) for p in parts) >= 2
+    assert np.array_equal(np.sort(np.concatenate(parts)), np.arange(400))
+    again = partition(name, 400, 7, seed, labels=labels, beta=0.3, ways=2)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again))
+
+
+def test_dirichlet_skews_classes_and_nway_limits_them() -> None:
+    """Small beta concentrates each class on few clients; nway with 1 way gives most clients few classes."""
+    from common.data.partition import dominant_class, partition
+
+    rng = np.random.default_rng(1)
+    labels = np.eye(5, dtype=np.uint8)[rng.integers(0, 5, 1000)]
+    classes = dominant_class(labels)
+
+    def top_share(parts):  # mean over clients of the share of their most common class
+        return np.mean([np.bincount(classes[p], minlength=6).max() / len(p) for p in parts])
+
+    iid = partition("iid", 1000, 10, 0)
+    assert top_share(partition("dirichlet", 1000, 10, 0, labels=labels, beta=0.1)) > top_share(iid) + 0.3
+    nway = partition("nway", 1000, 10, 0, labels=labels, ways=1)
+    assert all(len(np.unique(classes[p])) == 1 for p in nway)
+
+
+def test_dominant_class_is_the_rarest_label() -> None:
+    from common.data.partition import dominant_class
+
+    labels = np.array([[1, 1, 0], [1, 0, 0], [1, 0, 1], [0, 0, 0]], dtype=np.uint8)  # counts 3, 1, 1
+    assert dominant_class(labels).tolist() == [1, 0, 2, 3]
+
+
+@pytest.mark.parametrize(("n", "mix", "expected"), [(10, (0.5, 0.25, 0.25), (5, 3, 2)), (4, (1, 0, 0), (4, 0, 0)),
+                                                    (3, (0, 0.5, 0.5), (0, 2, 1))])
+def test_client_types_follow_the_mix(n: int, mix: tuple, expected: tuple) -> None:
+    from common.data.federation import CLIENT_TYPES, client_types
+
+    types = client_types(n, mix, seed=0)
+    assert tuple(types.count(t) for t in CLIENT_TYPES) == expected
+    assert types == client_types(n, mix, seed=0)

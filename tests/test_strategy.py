@@ -44,7 +44,8 @@ def test_fedavg_is_the_example_weighted_mean() -> None:
 @pytest.mark.parametrize("bad", [
     reply(3, 0.0, 10, error="ClientApp crashed: out of memory"),
     reply(3, np.nan, 10),
-    reply(3, 5.0, 10, arrays={"img.w": np.ones((2, 3), np.float32)}),  # missing key
+    reply(3, 5.0, 10, arrays={"img.w": np.ones((2, 3), np.float32), "img.extra": np.ones(2, np.float32)}),
+    reply(3, 5.0, 10, arrays={}),
     reply(3, 5.0, 10, arrays={"img.w": np.ones((3, 3), np.float32), "txt.b": np.ones(3, np.float32)}),
     reply(3, 5.0, 0),
 ])
@@ -54,6 +55,19 @@ def test_a_failing_client_is_left_out_and_the_round_goes_on(bad: Message, caplog
     np.testing.assert_allclose(arrays["txt.b"].numpy(), np.full(3, 2.0))
     assert strategy.last_train["usable"] == 2 and strategy.last_train["replies"] == 3
     assert [c["node-id"] for c in strategy.last_train["clients"]] == [1, 2]
+
+
+def test_each_modality_is_renormalised_over_the_clients_that_trained_it() -> None:
+    """Paired (n=10) sends both towers, image-only (n=30) only img.*, text-only (n=60) only txt.*."""
+    strategy = fedavg()
+    strategy.state.arrays["pair.t"] = np.full(1, 7.0, np.float32)  # a key nobody sends keeps its value
+    paired = reply(1, 1.0, 10)
+    image_only = reply(2, 3.0, 30, arrays={"img.w": np.full((2, 3), 3.0, np.float32)})
+    text_only = reply(3, 5.0, 60, arrays={"txt.b": np.full(3, 5.0, np.float32)})
+    arrays, _ = strategy.aggregate_train(1, [paired, image_only, text_only])
+    np.testing.assert_allclose(arrays["img.w"].numpy(), (1.0 * 10 + 3.0 * 30) / 40)
+    np.testing.assert_allclose(arrays["txt.b"].numpy(), (1.0 * 10 + 5.0 * 60) / 70)
+    np.testing.assert_array_equal(arrays["pair.t"].numpy(), [7.0])
 
 
 def test_no_usable_reply_keeps_the_model() -> None:

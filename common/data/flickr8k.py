@@ -76,8 +76,12 @@ def _read_captions(root: Path) -> dict[str, list[tuple[str, str]]]:
     return {img: [(cid, cap) for _, cid, cap in sorted(rows)] for img, rows in by_image.items()}
 
 
-def load_split(data_dir: str | os.PathLike | None, split: str, max_images: int = 0) -> RetrievalSplit:
-    """Load a standard split; `max_images > 0` keeps the first N images of the split file (small test subsets)."""
+def load_split(data_dir: str | os.PathLike | None, split: str, max_images: int = 0,
+               check_images: bool = True) -> RetrievalSplit:
+    """Load a standard split; `max_images > 0` keeps the first N images of the split file (small test subsets).
+
+    `check_images=False` skips checking that the image files exist (a text-only node never touches them).
+    """
     if split not in _SPLIT_FILES:
         raise DatasetError(f"unknown split {split!r}; expected one of {SPLITS}")
     root = resolve_data_dir(data_dir)
@@ -92,7 +96,7 @@ def load_split(data_dir: str | os.PathLike | None, split: str, max_images: int =
     for i, name in enumerate(names):
         if name not in captions:
             raise DatasetError(f"{split_file}: image {name!r} has no caption in {_TOKEN_FILE}")
-        if not (root / "images" / name).is_file():
+        if check_images and not (root / "images" / name).is_file():
             raise DatasetError(f"{split_file}: image file {root / 'images' / name} does not exist")
         for cid, cap in captions[name]:
             caption_ids.append(cid)

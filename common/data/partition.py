@@ -1,18 +1,146 @@
-"""Partitioners: which images of the train split a client holds. Seeded and deterministic, so that simulation
-and deployment (where each node computes only its own part) agree."""
+"""Partitioners: which items of a pool each client holds. Seeded and deterministic (every node recomputes the
+same split), and each one covers every item exactly once.
+
+- `iid`: a seeded shuffle cut into near-equal parts.
+- `dirichlet` (β): per class, client shares ~ Dir(β) (smaller β = more skew), as in NIID-Bench. Flickr8k has no
+  classes, so the class of an image is its *dominant DERIVED concept*: the rarest concept among its labels (the
+  most specific one); images without any label form one extra class.
+- `nway`: each client holds `ways` classes (pathological non-IID); every class goes to at least one client and is
+  split equally among the clients holding it.
+- `quantity`: IID content, client sizes ~ Dir(β) (quantity skew).
+All but `iid` keep at least `min_size` items per client (redrawn up to 100 times, else an error).
+
+`python -m common.data.partition --partitioner dirichlet --beta 0.1 --num-partitions 10` prints a summary.
+"""
 
 from __future__ import annotations
 
+import argparse
+
 import numpy as np
+
+PARTITIONERS: tuple[str, ...] = ("iid", "dirichlet", "nway", "quantity")
+_MAX_TRIES = 100
 
 
 def iid_partition(num_items: int, num_partitions: int, partition_id: int, seed: int) -> np.ndarray:
-    """Indices of partition `partition_id`: a seeded shuffle cut into `num_partitions` near-equal parts."""
-    if num_partitions < 1:
-        raise ValueError(f"num-partitions must be >= 1, got {num_partitions}")
+    """Indices of partition `partition_id` of an IID split."""
+    return partition("iid", num_items, num_partitions, seed)[_check_id(partition_id, num_partitions)]
+
+
+def _check_id(partition_id: int, num_partitions: int) -> int:
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id must be in [0, {num_partitions - 1}], got {partition_id}")
-    if num_items < num_partitions:
-        raise ValueError(f"cannot split {num_items} items into {num_partitions} non-empty partitions")
-    order = np.random.default_rng(seed).permutation(num_items)
-    return np.sort(np.array_split(order, num_partitions)[partition_id])
+    return partition_id
+
+
+def dominant_class(labels: np.ndarray) -> np.ndarray:
+    """Class id per item: its rarest present label (ties: lowest index); items with no label get class n_labels."""
+    labels = np.asarray(labels, dtype=bool)
+    counts = labels.sum(axis=0).astype(np.float64)
+    rarity = np.where(labels, counts[None, :], np.inf)
+    cls = rarity.argmin(axis=1)
+    cls[~labels.any(axis=1)] = labels.shape[1]
+    return cls
+
+
+def _by_class(classes: np.ndarray, shares_per_class, rng: np.random.Generator, k: int) -> list[np.ndarray]:
+    parts: list[list[int]] = [[] for _ in range(k)]
+    for c in np.unique(classes):
+        idx = rng.permutation(np.flatnonzero(classes == c))
+        cuts = (np.cumsum(shares_per_class(c)) * len(idx)).astype(int)[:-1]
+        for client, chunk in enumerate(np.split(idx, cuts)):
+            parts[client].extend(chunk.tolist())
+    return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
+
+
+def partition(name: str, num_items: int, num_partitions: int, seed: int, labels: np.ndarray | None = None,
+              beta: float = 0.5, ways: int = 2, min_size: int = 2) -> list[np.ndarray]:
+    """All partitions (sorted index arrays) of `num_items` items; `labels` (n, n_labels) for label-based ones."""
+    k = num_partitions
+    if k < 1:
+        raise ValueError(f"num-partitions must be >= 1, got {k}")
+    need = 1 if name == "iid" else max(min_size, 1)
+    if num_items < k * need:
+        raise ValueError(f"cannot split {num_items} items into {k} partitions of at least {need} items")
+    rng = np.random.default_rng(seed)
+    if name == "iid":
+        return [np.sort(p) for p in np.array_split(rng.permutation(num_items), k)]
+    if name not in PARTITIONERS:
+        raise ValueError(f"unknown partitioner {name!r}; expected one of {PARTITIONERS}")
+    if name in ("dirichlet", "quantity") and not beta > 0:
+        raise ValueError(f"partition beta must be > 0, got {beta}")
+    if name in ("dirichlet", "nway"):
+        if labels is None or len(labels) != num_items:
+            raise ValueError(f"partitioner {name!r} needs one label row per item")
+        classes = dominant_class(labels)
+    for _ in range(_MAX_TRIES):
+        if name == "quantity":
+            sizes = np.maximum((rng.dirichlet(np.full(k, beta)) * num_items).astype(int), 0)
+            sizes[-1] = num_items - sizes[:-1].sum()
+            parts = [np.sort(p) for p in np.split(rng.permutation(num_items), np.cumsum(sizes)[:-1])]
+        elif name == "dirichlet":
+            shares = {c: rng.dirichlet(np.full(k, beta)) for c in np.unique(classes)}
+            parts = _by_class(classes, shares.__getitem__, rng, k)
+        else:
+            parts = _by_class(classes, _nway_shares(np.unique(classes), k, ways, rng), rng, k)
+        if min(len(p) for p in parts) >= min_size:
+            return parts
+    raise ValueError(f"partitioner {name!r} could not give every one of {k} clients >= {min_size} items "
+                     f"in {_MAX_TRIES} draws; raise beta/ways or lower num-partitions")
+
+
+def _nway_shares(class_ids: np.ndarray, k: int, ways: int, rng: np.random.Generator):
+    """Client shares per class: `ways` classes per client, cycling over a shuffled class list so all are held."""
+    if ways < 1:
+        raise ValueError(f"partition ways must be >= 1, got {ways}")
+    order = rng.permutation(class_ids)
+    holders: dict[int, list[int]] = {int(c): [] for c in class_ids}
+    for client in range(k):
+        for j in range(ways):
+            holders[int(order[(client * ways + j) % len(order)])].append(client)
+    for c, who in holders.items():  # more classes than k*ways: give the rest to random clients
+        if not who:
+            who.append(int(rng.integers(k)))
+
+    def shares(c: int) -> np.ndarray:
+        s = np.zeros(k)
+        for client in holders[int(c)]:
+            s[client] += 1.0
+        return s / s.sum()
+
+    return shares
+
+
+def summary(parts: list[np.ndarray], labels: np.ndarray, names: tuple[str, ...]) -> str:
+    """Per client: item count and the histogram of (derived) labels, most frequent first."""
+    lines = []
+    for i, p in enumerate(parts):
+        hist = labels[p].sum(axis=0).astype(np.int64)
+        top = ", ".join(f"{names[j]} {int(hist[j])}" for j in np.argsort(-hist)[:6] if hist[j] > 0)
+        lines.append(f"client {i:>3}: {len(p):>5} items | {top}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    from common.data.concepts import CONCEPT_NAMES
+    from common.data.flickr8k import load_split
+
+    parser = argparse.ArgumentParser(description="Summary of a partition of a Flickr8k split (DERIVED labels).")
+    parser.add_argument("--data-dir", default="")
+    parser.add_argument("--split", default="train")
+    parser.add_argument("--partitioner", default="dirichlet", choices=PARTITIONERS)
+    parser.add_argument("--num-partitions", type=int, default=10)
+    parser.add_argument("--beta", type=float, default=0.1)
+    parser.add_argument("--ways", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    data = load_split(args.data_dir, args.split)
+    parts = partition(args.partitioner, len(data.images), args.num_partitions, args.seed, data.labels,
+                      beta=args.beta, ways=args.ways)
+    print(f"{args.partitioner} over {len(data.images)} {args.split} images (labels are DERIVED from captions)")
+    print(summary(parts, data.labels, CONCEPT_NAMES))
+
+
+if __name__ == "__main__":
+    main()

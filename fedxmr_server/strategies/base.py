@@ -3,22 +3,29 @@
 Hooks for subclasses (one strategy per file):
 - `train_config(server_round)`: extra keys for the train ConfigRecord (e.g. FedProx's `proximal-mu`);
 - `client_weights(replies)`: one aggregation weight per usable reply (default: number of examples).
-A reply is usable when it has no error, its arrays match the global model's keys and shapes, and every value is
-finite; anything else is logged with the node id and left out, so one failing client never kills a round.
+Clients send only the arrays they trained (an image-only client only `img.*`), so every key is averaged over the
+clients that sent it, weights renormalised per key: a text-only client never dilutes the image tower, and a key
+nobody trained keeps its value. A reply is usable when it has no error, sends a non-empty subset of the global
+keys with matching shapes, and every value is finite; anything else is logged with the node id and left out, so
+one failing client never kills a round.
+Evaluation: each node gets the shared test gallery embedded by the global model (`gallery_fn`), only the
+modalities it can query against, and its per-client scores are summarised by client type.
 """
 
 from __future__ import annotations
 
 from logging import INFO, WARNING
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from common.config import RunConfig
+from common.data.federation import CLIENT_TYPES
+from common.evaluate import client_summary
 from fedxmr_server.strategies.state import StrategyState
 
 
@@ -43,6 +50,7 @@ class XmrStrategy(FedAvg):
         self.state = StrategyState()
         self.last_train: dict[str, Any] = {}
         self.last_evaluate: dict[str, Any] = {}
+        self.gallery_fn: Callable[[ArrayRecord], dict[str, np.ndarray]] | None = None
 
     # ---- hooks -------------------------------------------------------------------------------------------------
     def train_config(self, server_round: int) -> dict[str, Any]:
@@ -81,9 +89,10 @@ class XmrStrategy(FedAvg):
         if not isinstance(n, (int, float)) or not n > 0:
             return f"metric 'num-examples' must be a positive number, got {n!r}"
         arrays = content["arrays"]
-        if self.state.arrays and set(arrays.keys()) != set(self.state.arrays):
-            diff = sorted(set(arrays.keys()) ^ set(self.state.arrays))
-            return f"array keys differ from the global model: {diff[:4]}"
+        if not len(arrays):
+            return "reply carries no arrays"
+        if self.state.arrays and not set(arrays.keys()) <= set(self.state.arrays):
+            return f"arrays not in the global model: {sorted(set(arrays.keys()) - set(self.state.arrays))[:4]}"
         for key, arr in arrays.items():
             value = arr.numpy()
             if self.state.arrays and value.shape != self.state.arrays[key].shape:
@@ -106,13 +115,13 @@ class XmrStrategy(FedAvg):
             return None, None
         weights = weights / weights.sum()
         client_arrays = [from_array_record(m.content["arrays"]) for m in ok]
-        self.state.arrays = {
-            key: np.sum([w * a[key].astype(np.float64) for w, a in zip(weights, client_arrays)], axis=0)
-            .astype(client_arrays[0][key].dtype)
-            for key in client_arrays[0]
-        }
+        self.state.arrays = {key: self._average(key, old, weights, client_arrays)
+                             for key, old in self.state.arrays.items()}
         self.state.round = server_round
         metrics = [dict(m.content["metrics"]) for m in ok]
+        known = self.state.meta.setdefault("modalities", {})
+        for m, mm in zip(ok, metrics):
+            known[str(m.metadata.src_node_id)] = [mod for mod in ("img", "txt") if mm.get(f"has-{mod}", 1)]
         self.last_train["clients"] = [
             {"node-id": m.metadata.src_node_id, "weight": float(w), **mm} for m, w, mm in zip(ok, weights, metrics)
         ]
@@ -122,8 +131,41 @@ class XmrStrategy(FedAvg):
         self.last_train["aggregate"] = agg
         return to_array_record(self.state.arrays), MetricRecord(agg)
 
+    @staticmethod
+    def _average(key: str, old: np.ndarray, weights: np.ndarray, client_arrays: list[dict]) -> np.ndarray:
+        """Weighted mean over the clients that sent `key`, weights renormalised over them; else the old value."""
+        held = [(w, a[key]) for w, a in zip(weights, client_arrays) if key in a]
+        total = sum(w for w, _ in held)
+        if not held or total <= 0:
+            return old
+        return np.sum([w / total * v.astype(np.float64) for w, v in held], axis=0).astype(old.dtype)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        messages = list(super().configure_evaluate(server_round, arrays, config, grid))
+        if not messages or self.gallery_fn is None:
+            return messages
+        gallery = self.gallery_fn(arrays)
+        known = self.state.meta.get("modalities", {})
+        out = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            mods = known.get(str(node), ["img", "txt"])
+            keys = ["caption-image"] + ["txt-emb"] * ("img" in mods) + ["img-emb"] * ("txt" in mods)
+            content = RecordDict({"arrays": arrays, "config": config,
+                                  "gallery": to_array_record({k: gallery[k] for k in keys})})
+            out.append(Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=node))
+        return out
+
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        replies = [m for m in replies if not m.has_error()]
-        result = super().aggregate_evaluate(server_round, replies) if replies else None
-        self.last_evaluate = dict(result) if result is not None else {}
-        return result
+        clients = []
+        for msg in replies:
+            if msg.has_error() or "metrics" not in msg.content.metric_records:
+                log(WARNING, "node %s: no evaluation this round (%s)", msg.metadata.src_node_id,
+                    msg.error.reason if msg.has_error() else "reply without metrics")
+                continue
+            clients.append({"node-id": msg.metadata.src_node_id, **dict(msg.content["metrics"])})
+        clients.sort(key=lambda c: c.get("partition-id", -1))
+        summary = client_summary(clients, {i: t for i, t in enumerate(CLIENT_TYPES)}) if clients else {}
+        self.last_evaluate = {"clients": clients, "summary": summary}
+        return MetricRecord(summary) if summary else None
