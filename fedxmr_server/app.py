@@ -13,6 +13,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
+from threadpoolctl import threadpool_limits
 
 from common.backbones import build_backbone
 from common.config import parse_run_config
@@ -27,6 +28,15 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    # In simulation the ServerApp runs in a thread while Flower's main thread forks Ray's processes. OpenBLAS's
+    # at-fork handler waits for its worker threads; if those are busy with a numpy matmul of ours, the fork never
+    # returns (seen: py-spy showed `blas_thread_shutdown_` in the main thread, our `_hamming` matmul in this one,
+    # and the run failed with "No heartbeat received"). One BLAS thread has no workers to wait for.
+    with threadpool_limits(limits=1, user_api="blas"):
+        _run(grid, context)
+
+
+def _run(grid: Grid, context: Context) -> None:
     cfg = parse_run_config(context.run_config)  # fails before round 1, naming the bad key
     strategy = build_strategy(cfg)
     backbone = build_backbone(cfg.backbone, cfg.device)
