@@ -91,6 +91,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     model, has_personal = model_for(shard, msg.content["arrays"], context)
     metrics: dict[str, float] = {"num-examples": len(shard.data.images), "partition-id": shard.partition_id,
                                  "client-type": TYPE_CODES[shard.client_type]}
+    if not len(shard.data.images):  # a very skewed partition can leave a client without test items
+        return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
     metrics |= {f"global-{k}": v for k, v in _scores(model, shard, msg.content["gallery"], False).items()}
     if shard.cfg.personal_adapters and has_personal:
         metrics |= {f"personal-{k}": v for k, v in _scores(model, shard, msg.content["gallery"], True).items()}

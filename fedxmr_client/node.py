@@ -17,12 +17,11 @@ from common.backbones import Backbone, build_backbone, resolve_device
 from common.config import RunConfig, parse_node_config, parse_run_config
 from common.data.federation import CLIENT_TYPES, client_types, node_split
 from common.data.flickr8k import RetrievalSplit, load_split
-from common.data.partition import partition
+from common.data.partition import dominant_class, follow_partition, partition
 from common.features import resolve_cache_dir, split_features
 from common.model import XmrModel, is_personal, load_numpy_state
 
 PERSONAL_STATE = "personal-adapters"
-_SPLIT_SEED = {"train": 0, "test": 1}  # the test pool is partitioned with its own stream
 
 
 @dataclass(frozen=True)
@@ -60,10 +59,14 @@ def load_shard(context: Context, split: str = "train") -> NodeShard:
     modalities = CLIENT_TYPES[client_type]
     device = node.device or cfg.device
     backbone = build_backbone(cfg.backbone, device)
-    max_images = cfg.max_train_images if split == "train" else cfg.max_eval_images
-    pool = load_split(node.data_dir or cfg.data_dir, split, max_images, check_images="img" in modalities)
-    parts = partition(cfg.partitioner, len(pool.images), node.num_partitions, cfg.seed + _SPLIT_SEED[split],
-                      labels=pool.labels, beta=cfg.partition_beta, ways=cfg.partition_ways)
+    data_dir = node.data_dir or cfg.data_dir
+    train = load_split(data_dir, "train", cfg.max_train_images, check_images="img" in modalities)
+    parts = partition(cfg.partitioner, len(train.images), node.num_partitions, cfg.seed, labels=train.labels,
+                      beta=cfg.partition_beta, ways=cfg.partition_ways)
+    pool = train
+    if split != "train":  # the local test shard follows this client's train class mix
+        pool = load_split(data_dir, split, cfg.max_eval_images, check_images="img" in modalities)
+        parts = follow_partition(dominant_class(train.labels), parts, dominant_class(pool.labels), cfg.seed)
     idx = parts[node.partition_id]
     shard = node_split(pool, idx, modalities)
     feats = split_features(shard, backbone, resolve_cache_dir(node.cache_dir or cfg.cache_dir),

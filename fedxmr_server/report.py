@@ -68,6 +68,7 @@ class RunRecorder:
 
     def plot_clients(self, clients: list[dict[str, Any]]) -> Path | None:
         """Bars per client (final round): global model vs global + personal adapters, grouped by client type."""
+        clients = [c for c in clients if "global-score" in c]
         if not clients:
             return None
         import matplotlib
@@ -83,7 +84,7 @@ class RunRecorder:
             ax.bar(x + 0.2, [c["personal-score"] for c in clients], 0.4, label="global + personal")
         ax.set_xticks(x, [f"{int(c['partition-id'])}\n{types[int(c['client-type'])]}" for c in clients], fontsize=7)
         ax.set(ylabel="mean R@1/5/10 over own queries (%)", title=f"{self.dir.name}: per-client test (final round)")
-        ax.legend()
+        ax.legend(loc="lower right")
         fig.tight_layout()
         path = self.dir / "clients.png"
         fig.savefig(path, dpi=100)

@@ -281,3 +281,20 @@ def test_client_types_follow_the_mix(n: int, mix: tuple, expected: tuple) -> Non
     types = client_types(n, mix, seed=0)
     assert tuple(types.count(t) for t in CLIENT_TYPES) == expected
     assert types == client_types(n, mix, seed=0)
+
+
+def test_test_shards_follow_each_clients_train_class_mix() -> None:
+    """A client's local test shard must have its train shard's classes (else personalisation cannot be judged)."""
+    from common.data.partition import dominant_class, follow_partition, partition
+
+    rng = np.random.default_rng(2)
+    train_labels = np.eye(5, dtype=np.uint8)[rng.integers(0, 5, 1000)]
+    test_labels = np.eye(5, dtype=np.uint8)[rng.integers(0, 5, 200)]
+    train_cls, test_cls = dominant_class(train_labels), dominant_class(test_labels)
+    parts = partition("nway", 1000, 10, 0, labels=train_labels, ways=1)
+    test_parts = follow_partition(train_cls, parts, test_cls, seed=0)
+    assert np.array_equal(np.sort(np.concatenate(test_parts)), np.arange(200))
+    for train_part, test_part in zip(parts, test_parts):
+        assert set(test_cls[test_part]) <= set(train_cls[train_part])
+    again = follow_partition(train_cls, parts, test_cls, seed=0)
+    assert all(np.array_equal(a, b) for a, b in zip(test_parts, again))

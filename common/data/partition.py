@@ -10,6 +10,9 @@ same split), and each one covers every item exactly once.
 - `quantity`: IID content, client sizes ~ Dir(β) (quantity skew).
 All but `iid` keep at least `min_size` items per client (redrawn up to 100 times, else an error).
 
+`follow_partition` splits a second pool (the test pool) so that each client's share of every class matches its
+share of that class in the first (train) pool: a client's local test shard has its train shard's class mix.
+
 `python -m common.data.partition --partitioner dirichlet --beta 0.1 --num-partitions 10` prints a summary.
 """
 
@@ -99,7 +102,7 @@ def _nway_shares(class_ids: np.ndarray, k: int, ways: int, rng: np.random.Genera
     for client in range(k):
         for j in range(ways):
             holders[int(order[(client * ways + j) % len(order)])].append(client)
-    for c, who in holders.items():  # more classes than k*ways: give the rest to random clients
+    for who in holders.values():  # more classes than k*ways: give the rest to random clients
         if not who:
             who.append(int(rng.integers(k)))
 
@@ -110,6 +113,24 @@ def _nway_shares(class_ids: np.ndarray, k: int, ways: int, rng: np.random.Genera
         return s / s.sum()
 
     return shares
+
+
+def follow_partition(ref_classes: np.ndarray, ref_parts: list[np.ndarray], classes: np.ndarray,
+                     seed: int) -> list[np.ndarray]:
+    """Split items with `classes` like `ref_parts` split the reference items: the items of class c go to clients in
+    proportion to their reference count of c (classes absent from the reference: in proportion to client sizes).
+    Every item is assigned exactly once; a client may get none."""
+    k = len(ref_parts)
+    n_cls = int(max(ref_classes.max(initial=0), classes.max(initial=0))) + 1
+    counts = np.stack([np.bincount(ref_classes[p], minlength=n_cls) for p in ref_parts]).astype(np.float64)
+    sizes = counts.sum(axis=1)
+    rng = np.random.default_rng([seed, 104729])
+
+    def shares(c: int) -> np.ndarray:
+        w = counts[:, c] if counts[:, c].sum() > 0 else sizes
+        return w / w.sum()
+
+    return _by_class(classes, shares, rng, k)
 
 
 def summary(parts: list[np.ndarray], labels: np.ndarray, names: tuple[str, ...]) -> str:
