@@ -4,7 +4,9 @@
 - unimodal clients, `train_unimodal`: text-only clients contrast two captions of the same scene; image-only
   clients contrast two dropout views of the same image (SimCSE-style) — the only signal they have without pairs;
 - personal adapters: the same losses with `personal=True`, optimising only the personal adapters (the shared
-  towers stay fixed), so the uploaded shared update is the same with or without personalisation.
+  towers stay fixed, so the uploaded update is the same with or without personalisation). A client uses them to
+  query a gallery embedded by the *global* model, so they are trained that way: the personal side of each pair
+  is contrasted with the global embedding of its counterpart.
 A fresh AdamW per call: the ClientApp keeps no optimizer state between rounds.
 """
 
@@ -90,9 +92,17 @@ def train_paired(model: XmrModel, img: np.ndarray, txt: np.ndarray, caption_imag
 
     def batch_loss(idx: np.ndarray) -> tuple[torch.Tensor, dict]:
         cap = np.array([rng.choice(groups[i]) for i in idx])
-        img_emb, img_code = model.img(img_t[idx], personal)
-        txt_emb, txt_code = model.txt(txt_t[cap], personal)
-        return retrieval_loss(img_emb, txt_emb, img_code, txt_code, model.scale(), cfg.weights)
+        img, txt = img_t[idx], txt_t[cap]
+        if not personal:
+            (img_e, img_c), (txt_e, txt_c) = model.img(img), model.txt(txt)
+            return retrieval_loss(img_e, txt_e, img_c, txt_c, model.scale(), cfg.weights)
+        # personal image queries vs global captions, and personal caption queries vs global images
+        with torch.no_grad():
+            img_g, txt_g = model.img(img), model.txt(txt)
+        (img_p, img_pc), (txt_p, txt_pc) = model.img(img, True), model.txt(txt, True)
+        loss_i, parts_i = retrieval_loss(img_p, txt_g[0], img_pc, txt_g[1], model.scale(), cfg.weights)
+        loss_t, parts_t = retrieval_loss(img_g[0], txt_p, img_g[1], txt_pc, model.scale(), cfg.weights)
+        return 0.5 * (loss_i + loss_t), {k: 0.5 * (parts_i[k] + parts_t[k]) for k in parts_i}
 
     return _optimise(model, trainable(model, ("img", "txt"), personal), len(img), cfg, rng, batch_loss)
 
@@ -100,7 +110,8 @@ def train_paired(model: XmrModel, img: np.ndarray, txt: np.ndarray, caption_imag
 def train_unimodal(model: XmrModel, modality: str, feats: np.ndarray, cfg: TrainConfig, rng: np.random.Generator,
                    caption_image: np.ndarray | None = None, personal: bool = False) -> dict[str, float]:
     """One modality only. Text: two different captions of a scene are a positive pair (`caption_image` groups
-    them). Images: two dropout views of one image are a positive pair."""
+    them). Images: two dropout views of one image are a positive pair. With `personal`, the first view goes
+    through the personal adapter and the second is the fixed global embedding."""
     device = next(model.parameters()).device
     x = torch.as_tensor(feats, dtype=torch.float32, device=device)
     tower = model.tower(modality)
@@ -122,7 +133,8 @@ def train_unimodal(model: XmrModel, modality: str, feats: np.ndarray, cfg: Train
     def batch_loss(idx: np.ndarray) -> tuple[torch.Tensor, dict]:
         a, b = views(idx)
         a_emb, a_code = tower(a, personal)
-        b_emb, b_code = tower(b, personal)
+        with torch.set_grad_enabled(not personal):  # personal: the second view is the global embedding
+            b_emb, b_code = tower(b)
         return retrieval_loss(a_emb, b_emb, a_code, b_code, model.scale().detach(), cfg.weights)
 
     return _optimise(model, trainable(model, (modality,), personal), n_items, cfg, rng, batch_loss)
