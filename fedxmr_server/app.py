@@ -17,7 +17,7 @@ from threadpoolctl import threadpool_limits
 
 from common.backbones import build_backbone
 from common.config import parse_run_config
-from common.model import XmrModel, state_to_numpy
+from common.model import XmrModel
 from fedxmr_server.evaluator import ServerEvaluator
 from fedxmr_server.report import RunRecorder
 from fedxmr_server.strategies import build_strategy
@@ -42,9 +42,8 @@ def _run(grid: Grid, context: Context) -> None:
     backbone = build_backbone(cfg.backbone, cfg.device)
     torch.manual_seed(cfg.seed)
     model = XmrModel(cfg.model_cfg(backbone.img_dim, backbone.txt_dim))
-    initial = state_to_numpy(model)
     recorder = RunRecorder(cfg, {"model": model.cfg.to_dict(), "flwr": flwr.__version__, "torch": torch.__version__,
-                                 "trainable-params": int(sum(v.size for v in initial.values()))})
+                                 "trainable-params": sum(v.numel() for v in model.state_dict().values())})
     evaluator = ServerEvaluator(cfg, backbone)
     strategy.gallery_fn = lambda arrays: evaluator.gallery(from_array_record(arrays))
     log(INFO, "fedxmr: run dir %s", recorder.dir)

@@ -24,7 +24,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from common.config import RunConfig
-from common.data.federation import CLIENT_TYPES
+from common.data.federation import TYPE_CODES
 from common.evaluate import client_summary
 from fedxmr_server.strategies.state import StrategyState
 
@@ -166,6 +166,6 @@ class XmrStrategy(FedAvg):
                 continue
             clients.append({"node-id": msg.metadata.src_node_id, **dict(msg.content["metrics"])})
         clients.sort(key=lambda c: c.get("partition-id", -1))
-        summary = client_summary(clients, {i: t for i, t in enumerate(CLIENT_TYPES)}) if clients else {}
+        summary = client_summary(clients, {code: name for name, code in TYPE_CODES.items()}) if clients else {}
         self.last_evaluate = {"clients": clients, "summary": summary}
         return MetricRecord(summary) if summary else None
