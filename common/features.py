@@ -44,6 +44,10 @@ class CorruptChunk(RuntimeError):
     """A chunk's features could not be read; it was quarantined, so encoding again repairs the cache."""
 
 
+class MissingItems(KeyError):
+    """Some requested items are not in the cache (yet); encoding them fills it."""
+
+
 class FeatureStore:
     """Features of one (dataset, split, modality, encoder) on this node's disk."""
 
@@ -113,7 +117,7 @@ class FeatureStore:
         index = self._index()
         missing = [i for i in ids if i not in index]
         if missing:
-            raise KeyError(f"{len(missing)} items not in feature cache {self.dir}, e.g. {missing[:3]}")
+            raise MissingItems(f"{len(missing)} items not in feature cache {self.dir}, e.g. {missing[:3]}")
         by_chunk: dict[Path, list[tuple[int, int]]] = {}
         for pos, item in enumerate(ids):
             chunk, row = index[item]
@@ -149,13 +153,14 @@ def split_features(data, backbone, cache_dir: Path, modalities: Sequence[str] = 
     for modality in modalities:
         key, ids, items, encoder, batch, desc = jobs[modality]
         store = FeatureStore(cache_dir, dataset, data.name, modality, key)
-        for attempt in (1, 2):  # a chunk found corrupt while loading is quarantined; encoding again repairs it
-            if store.missing(ids):
-                store.encode_missing(ids, items(), encoder().encode, batch, desc=desc)
+        # A warm cache is read in one pass. Items never encoded, or lost with a chunk found corrupt (it is
+        # quarantined), are encoded and the load is retried.
+        for attempt in range(3):
             try:
                 out[modality] = store.load(ids)
                 break
-            except CorruptChunk:
+            except (MissingItems, CorruptChunk):
                 if attempt == 2:
                     raise
+                store.encode_missing(ids, items(), encoder().encode, batch, desc=desc)
     return out

@@ -63,7 +63,7 @@ def test_real_splits_disjoint_and_labels_plausible(real_splits: dict[str, Retrie
 
 def test_real_labels_deterministic(flickr8k_dir: Path, real_splits: dict[str, RetrievalSplit]) -> None:
     """Guards reproducibility: re-reading the token file gives the same captions and label counts."""
-    flickr8k._read_captions.cache_clear()
+    flickr8k.read_captions.cache_clear()
     again = load_split(flickr8k_dir, "test")
     first = real_splits["test"]
     assert again.caption_ids == first.caption_ids and again.captions == first.captions

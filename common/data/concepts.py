@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
@@ -58,20 +59,31 @@ CONCEPTS: dict[str, frozenset[str]] = {
 }
 CONCEPT_NAMES: tuple[str, ...] = tuple(CONCEPTS)
 _WORD = re.compile(r"[a-z]+")
+_WORD_CONCEPTS: dict[str, tuple[int, ...]] = {  # word -> indices of the concepts it names
+    w: tuple(i for i, c in enumerate(CONCEPT_NAMES) if w in CONCEPTS[c]) for w in set().union(*CONCEPTS.values())
+}
+
+
+def _concept_ids(caption: str) -> set[int]:
+    return {i for w in set(_WORD.findall(caption.lower())) for i in _WORD_CONCEPTS.get(w, ())}
 
 
 def caption_concepts(caption: str) -> np.ndarray:
     """Multi-hot (n_concepts,) of the concepts one caption mentions."""
-    words = set(_WORD.findall(caption.lower()))
-    return np.array([bool(words & CONCEPTS[c]) for c in CONCEPT_NAMES], dtype=np.uint8)
+    out = np.zeros(len(CONCEPT_NAMES), dtype=np.uint8)
+    out[list(_concept_ids(caption))] = 1
+    return out
 
 
 def image_labels(captions_per_image: Sequence[Sequence[str]]) -> np.ndarray:
-    """Derived multi-hot labels (n_images, n_concepts): concepts named by >= MIN_CAPTIONS captions."""
+    """Derived multi-hot labels (n_images, n_concepts): concepts named by >= MIN_CAPTIONS captions.
+
+    Counted through a word -> concept map: every ClientApp message of a simulated node labels the whole train
+    split (the partition is drawn from it), so this is on the per-message path."""
     out = np.zeros((len(captions_per_image), len(CONCEPT_NAMES)), dtype=np.uint8)
     for i, caps in enumerate(captions_per_image):
-        votes = sum((caption_concepts(c).astype(np.int32) for c in caps), np.zeros(len(CONCEPT_NAMES), np.int32))
-        out[i] = votes >= MIN_CAPTIONS
+        votes = Counter(j for c in caps for j in _concept_ids(c))
+        out[i, [j for j, n in votes.items() if n >= MIN_CAPTIONS]] = 1
     return out
 
 

@@ -12,6 +12,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -19,7 +20,7 @@ from common.data.concepts import image_labels
 
 SPLITS: tuple[str, ...] = ("train", "dev", "test")
 _SPLIT_FILES = {s: f"Flickr_8k.{s}Images.txt" for s in SPLITS}
-_TOKEN_FILE = "Flickr8k.token.txt"
+TOKEN_FILE = "Flickr8k.token.txt"
 DATA_DIR_ENV = "FEDXMR_DATA_DIR"
 
 
@@ -52,17 +53,18 @@ def resolve_data_dir(value: str | os.PathLike | None) -> Path:
             f"no Flickr8k folder given: set run-config key 'data-dir' or the environment variable {DATA_DIR_ENV}"
         )
     root = Path(raw).expanduser().resolve()
-    for name in (_TOKEN_FILE, *_SPLIT_FILES.values(), "images"):
+    for name in (TOKEN_FILE, *_SPLIT_FILES.values(), "images"):
         if not (root / name).exists():
             raise DatasetError(f"Flickr8k folder {root} is missing '{name}' (expected the layout of Flickr8k)")
     return root
 
 
 @lru_cache(maxsize=4)
-def _read_captions(root: Path) -> dict[str, list[tuple[str, str]]]:
-    """image name -> [(caption id, caption)] in caption-number order; malformed lines name their line number."""
+def read_captions(root: Path) -> dict[str, list[tuple[str, str]]]:
+    """image name -> [(caption id, caption)] in caption-number order, from `root/Flickr8k.token.txt`; malformed
+    lines name their line number."""
     by_image: dict[str, list[tuple[int, str, str]]] = defaultdict(list)
-    path = root / _TOKEN_FILE
+    path = root / TOKEN_FILE
     with open(path, encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
             line = line.rstrip("\n")
@@ -89,24 +91,36 @@ def load_split(data_dir: str | os.PathLike | None, split: str, max_images: int =
     names = [ln.strip() for ln in split_file.read_text(encoding="utf-8").splitlines() if ln.strip()]
     if max_images > 0:
         names = names[:max_images]
-    captions = _read_captions(root)
+    return assemble_split(split, root, names, read_captions(root), check_images, source=split_file)
+
+
+def assemble_split(name: str, root: Path, images: Sequence[str], captions: Mapping[str, list[tuple[str, str]]] | None,
+                   check_images: bool, source: Path) -> RetrievalSplit:
+    """A split of `images` (files under `root/images`) with their captions in image order and DERIVED labels.
+
+    `captions=None` builds the caption-free view of an image-only node: no captions and no labels (labels are
+    derived from captions). Errors name `source`, the file that listed the images.
+    """
     caption_ids: list[str] = []
     texts: list[str] = []
     owner: list[int] = []
-    for i, name in enumerate(names):
-        if name not in captions:
-            raise DatasetError(f"{split_file}: image {name!r} has no caption in {_TOKEN_FILE}")
-        if check_images and not (root / "images" / name).is_file():
-            raise DatasetError(f"{split_file}: image file {root / 'images' / name} does not exist")
-        for cid, cap in captions[name]:
+    for i, image in enumerate(images):
+        if captions is not None and image not in captions:
+            raise DatasetError(f"{source}: image {image!r} has no caption in {root / TOKEN_FILE}")
+        if check_images and not (root / "images" / image).is_file():
+            raise DatasetError(f"{source}: image file {root / 'images' / image} does not exist")
+        for cid, cap in captions[image] if captions is not None else ():
             caption_ids.append(cid)
             texts.append(cap)
             owner.append(i)
-    labels = image_labels([[cap for _, cap in captions[n]] for n in names])
+    if captions is None:
+        labels = np.zeros((len(images), 0), dtype=np.uint8)
+    else:
+        labels = image_labels([[cap for _, cap in captions[image]] for image in images])
     return RetrievalSplit(
-        name=split,
+        name=name,
         root=root,
-        images=tuple(names),
+        images=tuple(images),
         caption_ids=tuple(caption_ids),
         captions=tuple(texts),
         caption_image=np.asarray(owner, dtype=np.int64),
