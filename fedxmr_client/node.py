@@ -15,9 +15,9 @@ from flwr.app import ArrayRecord, Context
 
 from common.backbones import Backbone, build_backbone, resolve_device
 from common.config import RunConfig, parse_node_config, parse_run_config
-from common.data.federation import CLIENT_TYPES, client_types, node_split
-from common.data.flickr8k import RetrievalSplit, load_split
-from common.data.partition import dominant_class, follow_partition, partition
+from common.data.federation import CLIENT_TYPES
+from common.data.flickr8k import RetrievalSplit
+from common.data.shards import cut_shard, read_shard, shard_dir
 from common.features import resolve_cache_dir, split_features
 from common.model import XmrModel, is_personal, load_numpy_state
 
@@ -47,33 +47,32 @@ class NodeShard:
 
 
 def load_shard(context: Context, split: str = "train") -> NodeShard:
-    """Validate the configs, pick this node's type and partition of `split`, load (encoding once) its features.
+    """Validate the configs, find this node's shard of `split` and load (encoding once) its features.
 
     Node config (`flower-supernode --node-config`) wins over the run config for `data-dir`, `cache-dir` and
-    `device`, so that each institution points at its own disk and hardware.
+    `device`, so that each institution points at its own disk and hardware. A `data-dir` holding a materialised
+    shard (`common.data.shards`) is read as is: the node needs no other data, and the shard must have been cut for
+    this node and this run config. Otherwise (simulation) the node cuts its partition from the full dataset.
     """
     start = time.perf_counter()
     cfg = parse_run_config(context.run_config)
     node = parse_node_config(context.node_config)
-    client_type = client_types(node.num_partitions, cfg.mix(), cfg.seed)[node.partition_id]
-    modalities = CLIENT_TYPES[client_type]
+    data_dir = node.data_dir or cfg.data_dir
+    private = shard_dir(data_dir)
+    if private is not None:
+        given = node.model_fields_set  # the node config may leave its partition to the manifest
+        shard = read_shard(private, split, cfg, node.partition_id if "partition_id" in given else None,
+                           node.num_partitions if "num_partitions" in given else None)
+    else:
+        shard = cut_shard(cfg, node.partition_id, node.num_partitions, data_dir, split)
     device = node.device or cfg.device
     backbone = build_backbone(cfg.backbone, device)
-    data_dir = node.data_dir or cfg.data_dir
-    train = load_split(data_dir, "train", cfg.max_train_images, check_images="img" in modalities)
-    parts = partition(cfg.partitioner, len(train.images), node.num_partitions, cfg.seed, labels=train.labels,
-                      beta=cfg.partition_beta, ways=cfg.partition_ways)
-    pool = train
-    if split != "train":  # the local test shard follows this client's train class mix
-        pool = load_split(data_dir, split, cfg.max_eval_images, check_images="img" in modalities)
-        parts = follow_partition(dominant_class(train.labels), parts, dominant_class(pool.labels), cfg.seed)
-    idx = parts[node.partition_id]
-    shard = node_split(pool, idx, modalities)
-    feats = split_features(shard, backbone, resolve_cache_dir(node.cache_dir or cfg.cache_dir),
-                           modalities=modalities, batch_size=cfg.encode_batch_size)
-    return NodeShard(cfg=cfg, partition_id=node.partition_id, num_partitions=node.num_partitions,
-                     client_type=client_type, backbone=backbone, device=resolve_device(device), pool_indices=idx,
-                     data=shard, feats=feats, load_seconds=time.perf_counter() - start)
+    feats = split_features(shard.data, backbone, resolve_cache_dir(node.cache_dir or cfg.cache_dir),
+                           modalities=CLIENT_TYPES[shard.client_type], batch_size=cfg.encode_batch_size)
+    return NodeShard(cfg=cfg, partition_id=shard.partition_id, num_partitions=shard.num_partitions,
+                     client_type=shard.client_type, backbone=backbone, device=resolve_device(device),
+                     pool_indices=shard.pool_indices, data=shard.data, feats=feats,
+                     load_seconds=time.perf_counter() - start)
 
 
 def model_for(shard: NodeShard, global_arrays: ArrayRecord, context: Context) -> tuple[XmrModel, bool]:
