@@ -7,7 +7,8 @@
   towers stay fixed, so the uploaded update is the same with or without personalisation). A client uses them to
   query a gallery embedded by the *global* model, so they are trained that way: the personal side of each pair
   is contrasted with the global embedding of its counterpart.
-A fresh AdamW per call: the ClientApp keeps no optimizer state between rounds.
+A fresh AdamW per call (`common.optim`, not torch.optim: see there why): the ClientApp keeps no optimizer
+state between rounds.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 
 from common.losses import LossWeights, retrieval_loss
 from common.model import XmrModel, is_personal, upload_keys
+from common.optim import AdamW
 
 INPUT_DROPOUT = 0.1  # extra feature dropout that makes the two views of an image differ
 
@@ -50,7 +52,7 @@ def _optimise(model: XmrModel, params: list[torch.nn.Parameter], n_items: int, c
     if n_items < 2:
         raise ValueError(f"need at least 2 training items for in-batch negatives, got {n_items}")
     anchor = [p.detach().clone() for p in params] if cfg.proximal_mu > 0 else None
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     model.train()
     totals: dict[str, float] = {}
     steps = 0
@@ -65,7 +67,7 @@ def _optimise(model: XmrModel, params: list[torch.nn.Parameter], n_items: int, c
                 loss = loss + 0.5 * cfg.proximal_mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite training loss at step {steps}")
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad()
             loss.backward()
             opt.step()
             steps += 1
