@@ -83,9 +83,10 @@ def kill_tree(roots: list[int], grace: float = 10.0) -> None:
             time.sleep(0.2)
 
 
-def run_status(env: dict[str, str]) -> dict:
-    out = subprocess.run(["flwr", "ls", "--format", "json"], cwd=PROJECT, env=env, capture_output=True, text=True,
-                         timeout=120)
+def run_status(env: dict[str, str], connection: str | None = None) -> dict:
+    """The latest run's `flwr ls` entry on `connection` (default: the managed local SuperLink)."""
+    out = subprocess.run(["flwr", "ls", *([connection] if connection else []), "--format", "json"], cwd=PROJECT,
+                         env=env, capture_output=True, text=True, timeout=120)
     try:
         runs = json.loads(out.stdout).get("runs", [])
     except json.JSONDecodeError:
