@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Create a CA, the SuperLink's TLS certificate (SAN localhost, 127.0.0.1 and $SUPERLINK_SANS, e.g.
 # "DNS:superlink,DNS:link.example.org") and one SuperNode key pair per name (OpenSSH ECDSA P-384, what
-# `flwr supernode register` and `flower-supernode --auth-supernode-private-key` take). Existing files are kept.
+# `flwr supernode register` and `flower-supernode --auth-supernode-private-key` take), and the SuperExec secret
+# of the SuperLink in process isolation (Docker Compose). Existing files are kept.
 #
-#   deploy/certs.sh node-0 node-1 ...      -> $DEPLOY_DIR/certs/{ca.crt,ca.key,superlink.crt,superlink.key}
-#                                             $DEPLOY_DIR/keys/<name>{,.pub}
+#   deploy/certs.sh node-0 node-1 ...   -> $DEPLOY_DIR/certs/{ca.crt,ca.key,superlink.crt,superlink.key,superexec.secret}
+#                                          $DEPLOY_DIR/keys/<name>{,.pub}
 source "$(dirname "$0")/env.sh"
 command -v openssl > /dev/null || die "openssl is required"
 command -v ssh-keygen > /dev/null || die "ssh-keygen is required"
@@ -27,7 +28,10 @@ if [[ ! -f $CERTS/superlink.crt ]]; then
   rm -f "$CERTS/superlink.csr" "$CERTS/superlink.ext"
   echo "SuperLink certificate: $CERTS/superlink.crt ($san)"
 fi
-chmod 600 "$CERTS"/*.key
+if [[ ! -f $CERTS/superexec.secret ]]; then  # shared by the SuperLink and its SuperExec in process isolation
+  openssl rand -hex 32 | tr -d '\n' > "$CERTS/superexec.secret"
+fi
+chmod 600 "$CERTS"/*.key "$CERTS/superexec.secret"
 for name in "$@"; do
   [[ $name =~ ^[A-Za-z0-9._-]+$ ]] || die "node name '$name' may only hold letters, digits, '.', '_' and '-'"
   if [[ ! -f $KEYS/$name ]]; then
