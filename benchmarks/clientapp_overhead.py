@@ -91,7 +91,7 @@ def _export(ref: str, dest: Path) -> Path:
     return dest
 
 
-def _seed_cache(shard_root: Path, warm_cache: Path | None, private_cache: Path) -> None:
+def seed_node_cache(shard_root: Path, warm_cache: Path | None, private_cache: Path) -> None:
     """A node-private cache holding only this node's items: copied from a warm cache, else encoded."""
     from common.backbones import DEFAULT_BACKBONE, build_backbone
     from common.config import RunConfig
@@ -140,7 +140,7 @@ def main() -> None:
         work = Path(tmp)
         shard = work / "shard"
         materialise(RunConfig(), 0, 10, data_dir, shard)
-        _seed_cache(shard, args.warm_cache, work / "cache")
+        seed_node_cache(shard, args.warm_cache, work / "cache")
         full = {"partition-id": 0, "num-partitions": 10}
         setups = {"baseline": (_export(args.baseline, work / "baseline"), {**full, "data-dir": data_dir}),
                   "full-data": (PROJECT, {**full, "data-dir": data_dir}),

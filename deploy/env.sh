@@ -2,8 +2,8 @@
 # environment; the defaults run everything on this machine (loopback).
 set -euo pipefail
 
-DEPLOY_SCRIPTS=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-PROJECT_DIR=${PROJECT_DIR:-$(dirname "$DEPLOY_SCRIPTS")}
+PROJECT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)  # this checkout: scripts and venv
+APP_DIR=${APP_DIR:-$PROJECT_DIR}                              # the Flower app `flwr run` submits
 DEPLOY_DIR=$(mkdir -p "${DEPLOY_DIR:-$PROJECT_DIR/.deploy}" && cd "${DEPLOY_DIR:-$PROJECT_DIR/.deploy}" && pwd)
 SUPERLINK_HOST=${SUPERLINK_HOST:-127.0.0.1}                   # where the SuperLink listens
 SUPERLINK_PORT=${SUPERLINK_PORT:-8000}                        # one HTTPS port: Fleet, Control and Runtime APIs

@@ -6,6 +6,7 @@
 #   deploy/run.sh --run-config "num-server-rounds=10 data-dir='/srv/flickr8k' out-dir='/srv/runs'"
 source "$(dirname "$0")/env.sh"
 ensure_connection
-cd "$PROJECT_DIR"
+cd "$APP_DIR"
 flwr run . "$CONNECTION" --stream "$@"
+cd "$PROJECT_DIR"
 exec "$VENV_BIN/python" -m scripts.deploy status --connection "$CONNECTION"

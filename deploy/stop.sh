@@ -5,4 +5,5 @@
 #
 #   deploy/stop.sh
 source "$(dirname "$0")/env.sh"
+cd "$PROJECT_DIR"
 exec "$VENV_BIN/python" -m scripts.deploy stop --deploy-dir "$DEPLOY_DIR"
