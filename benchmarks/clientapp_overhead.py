@@ -2,11 +2,10 @@
 
 The Deployment Engine starts a fresh `flwr-clientapp` process for every message. Besides the work itself, that
 process pays the interpreter start, Flower's runtime imports, the app's imports (torch), and in the handler the
-node's shard, its cached features and the model; torch.optim used to import torch._dynamo on first use, inside
-the training time. This script runs the real handlers in fresh processes, phase by phase, for one node of the
-default run config (partition 0 of 10 of the full Flickr8k train split, a warm node-private feature cache, one
-local epoch: the update is bit-identical before and after, so a difference in training time is overhead), for a
-train and an evaluate message, and for three setups:
+node's shard, its cached features and the model; torch.optim imported torch._dynamo on first use. This script
+runs the real handlers in fresh processes (one torch thread each), phase by phase, for one node of the default run
+config (partition 0 of 10 of the full Flickr8k train split, a warm node-private feature cache, one local epoch:
+the update is bit-identical before and after), for a train and an evaluate message, and for three setups:
 
 - `baseline`: the code at `--baseline` (git ref), the node reading the full dataset folder and cutting its partition;
 - `full-data`: this tree, the same full dataset folder;
@@ -34,8 +33,8 @@ from io import BytesIO
 from pathlib import Path
 
 PROJECT = Path(__file__).resolve().parents[1]
-PHASES = ("interpreter start", "flwr runtime import", "app import (torch)", "handler: shard + features",
-          "handler: local training, 1 epoch", "handler: rest (model, scoring, reply)")
+PHASES = ("interpreter start", "flwr runtime import", "app import (torch)", "first optimizer use",
+          "handler: shard + features", "handler: local training, 1 epoch", "handler: rest (model, scoring, reply)")
 
 
 def probe(message: str, data_dir: str, cache_dir: str, node_config: dict, spawned: float) -> dict:
@@ -63,6 +62,17 @@ def probe(message: str, data_dir: str, cache_dir: str, node_config: dict, spawne
     from common.model import XmrModel
 
     TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = 1
+    optimizer = 0.0
+    if message == "train":  # the optimizer local training uses (torch.optim before), on a throwaway parameter
+        import torch
+
+        import common.train
+
+        start = time.time()
+        param = torch.nn.Parameter(torch.zeros(1))
+        param.grad = torch.ones(1)
+        getattr(common.train, "AdamW", torch.optim.AdamW)([param]).step()
+        optimizer = time.time() - start
     cfg = parse_run_config({"data-dir": data_dir, "cache-dir": cache_dir, "local-epochs": 1})
     context = Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config=cfg.as_flat_dict())
     content = RecordDict({"arrays": ArrayRecord(XmrModel(cfg.model_cfg(1280, 384)).state_dict()),
@@ -78,7 +88,8 @@ def probe(message: str, data_dir: str, cache_dir: str, node_config: dict, spawne
     reply = client_app.app(msg, context)
     handler = time.time() - start
     load, train = loads[0], reply.content["metrics"].get("train-seconds", 0.0)
-    phases = [marks[0] - spawned, marks[1] - marks[0], marks[2] - marks[1], load, train, handler - load - train]
+    phases = [marks[0] - spawned, marks[1] - marks[0], marks[2] - marks[1], optimizer, load, train,
+              handler - load - train]
     return {**dict(zip(PHASES, phases)), "source": client_app.__file__,
             "dynamo": "torch._dynamo" in sys.modules}
 
@@ -110,7 +121,8 @@ def seed_node_cache(shard_root: Path, warm_cache: Path | None, private_cache: Pa
 
 
 def _run_probe(tree: Path, message: str, data_dir: str, cache_dir: Path, node_config: dict) -> dict[str, float]:
-    env = {**os.environ, "PYTHONPATH": str(tree), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env = {**os.environ, "PYTHONPATH": str(tree), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "OMP_NUM_THREADS": "1"}  # one thread, so the same computation takes the same time on a busy machine
     args = json.dumps([message, data_dir, str(cache_dir), node_config, time.time()])
     out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--probe", args], cwd=tree, env=env,
                          check=True, capture_output=True, text=True)
@@ -151,7 +163,7 @@ def main() -> None:
             print(f"\n{message} message, seconds (median of {args.repeats} fresh processes):")
             print(f"| phase | {' | '.join(setups)} |\n|---|{'---|' * len(setups)}")
             for phase in (*PHASES, "total"):
-                if message == "evaluate" and "training" in phase:
+                if message == "evaluate" and ("training" in phase or "optimizer" in phase):
                     continue
                 cells = [statistics.median(sum(v for k, v in r.items() if k in PHASES) if phase == "total" else r[phase]
                                            for r in runs[name]) for name in setups]

@@ -68,7 +68,7 @@ def deployment(flickr8k_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     base = tmp_path_factory.mktemp("deploy")
     deploy_dir = base / "deploy"
     env = {**os.environ, "DEPLOY_DIR": str(deploy_dir), "SUPERLINK_PORT": str(free_port()),
-           "VENV_BIN": str(Path(sys.executable).parent)}
+           "VENV_BIN": str(Path(sys.executable).parent), "NODE_THREADS": "1"}  # 2 nodes share the cores
     cfg = parse_run_config({**SUBSET, "data-dir": str(flickr8k_dir)})
     result: dict = {"deploy-dir": deploy_dir, "run-dir": base / "runs" / "deploy"}
     try:
