@@ -181,3 +181,17 @@ def test_rcsr_round_sends_prototypes_and_consistency(run_config: dict) -> None:
         metrics = app(msg, _context(run_config, pid)).content["metrics"]
         assert metrics["rcsr-anchored"] == 1 and 0.0 <= metrics["rcsr-consistency"] <= 1.0
         assert any(k.startswith("train-loss-anchor-") for k in metrics.keys())
+
+
+def test_personal_adapters_leave_the_upload_unchanged(run_config: dict) -> None:
+    """Why "personal adapters off" needs no separate run: the shared update, prototypes and statistics a node
+    sends are bit-identical with and without its personal phase, so the global model is too."""
+    base = {**run_config, "method": "rcsr", "personal-epochs": 1}
+    arrays, _ = _global_arrays(base)
+    replies = [app(_message(arrays, MessageType.TRAIN), _context({**base, "personal-adapters": on}))
+               for on in (False, True)]
+    for name in ("arrays", "prototypes"):
+        off, on = replies[0].content[name], replies[1].content[name]
+        assert set(off.keys()) == set(on.keys())
+        assert all(np.array_equal(off[k].numpy(), on[k].numpy()) for k in off.keys()), name
+    assert "personal-loss" in replies[1].content["metrics"]

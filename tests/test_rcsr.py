@@ -10,6 +10,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from common.config import parse_run_config
+from common.data.federation import TYPE_CODES
 from common.prototypes import (Anchor, compute_prototypes, fuse_prototypes, make_anchor, prototype_accuracy,
                                pseudo_labels)
 from common.router import Minimax, consistency_weights, standardise
@@ -114,7 +115,8 @@ def reply(node: int, kind: str, value: float, consistency: float | None = 0.5, p
     mods = {"paired": ("img", "txt"), "image-only": ("img",), "text-only": ("txt",)}[kind]
     arrays = {k: np.full_like(v, value) for k, v in GLOBAL.items()
               if k.split(".")[0] in mods or ("." not in k and len(mods) == 2)}
-    metrics = {"num-examples": 10, "train-loss": loss, "has-img": int("img" in mods), "has-txt": int("txt" in mods)}
+    metrics = {"num-examples": 10, "train-loss": loss, "has-img": int("img" in mods), "has-txt": int("txt" in mods),
+               "partition-id": node, "client-type": TYPE_CODES[kind]}
     if consistency is not None:
         metrics["rcsr-consistency"] = consistency
     protos = protos if protos is not None else {m: table(node) for m in mods}
@@ -213,3 +215,19 @@ def test_train_messages_carry_the_global_prototypes() -> None:
         sent = msg.content["prototypes"]
         np.testing.assert_array_equal(sent["img"].numpy(), table(100)[0])
         assert set(sent.keys()) == {"img", "img-count", "txt", "txt-count"}
+
+
+def test_router_heatmap_is_written_from_the_round_records(tmp_path) -> None:
+    from fedxmr_server.report import RunRecorder
+
+    recorder = RunRecorder(parse_run_config({"method": "rcsr", "out-dir": str(tmp_path), "run-name": "r"}), {})
+    recorder.rounds = [{"round": 0, "dev": {}}]
+    assert recorder.plot_router() is None  # nothing routed yet
+    strategy = rcsr()
+    for rnd in (1, 2):
+        strategy.aggregate_train(rnd, mixed_replies())
+        recorder.log_round({"round": rnd, "train": strategy.last_train})
+    path = recorder.plot_router()
+    assert path is not None and path.stat().st_size > 1000
+    logged = [c["router-weight"] for c in recorder.rounds[-1]["train"]["clients"]]
+    assert sum(logged) == pytest.approx(1.0)
