@@ -15,6 +15,7 @@ from common.data.federation import parse_mix
 from common.data.partition import PARTITIONERS
 from common.losses import LossWeights
 from common.model import ModelConfig
+from common.router import ROUTERS
 from common.train import TrainConfig
 
 
@@ -49,6 +50,17 @@ class RunConfig(BaseModel):
     proximal_mu: float = Field(0.0, ge=0.0)
     personal_adapters: bool = False
     personal_epochs: int = Field(2, ge=1, le=1000)
+    # RCSR (method "rcsr"; see fedxmr_server/strategies/rcsr.py)
+    rcsr_router: Literal[ROUTERS] = "learned"  # type: ignore[valid-type]
+    rcsr_anchor_weight: float = Field(1.0, ge=0.0)  # unimodal clients' anchoring to the other modality (0: off)
+    rcsr_align_weight: float = Field(0.5, ge=0.0)  # paired clients' anchoring of both towers (0: off)
+    rcsr_anchor_temperature: float = Field(0.1, gt=0.0, le=1.0)
+    rcsr_proto_ema: float = Field(0.5, ge=0.0, lt=1.0)
+    rcsr_router_temperature: float = Field(0.1, gt=0.0)
+    rcsr_router_steps: int = Field(10, ge=0, le=10_000)
+    rcsr_router_lr: float = Field(0.01, gt=0.0, le=1.0)
+    rcsr_minimax_eta: float = Field(0.1, ge=0.0)  # 0: no minimax fairness weighting
+    rcsr_holdout: float = Field(0.1, ge=0.0, lt=0.9)  # share of a client's images held out to measure consistency
     # model and loss
     embed_dim: int = Field(256, ge=8, le=8192)
     adapter_dim: int = Field(64, ge=1, le=8192)

@@ -7,6 +7,8 @@
   towers stay fixed, so the uploaded update is the same with or without personalisation). A client uses them to
   query a gallery embedded by the *global* model, so they are trained that way: the personal side of each pair
   is contrasted with the global embedding of its counterpart.
+- prototype anchoring (RCSR): `anchors` maps a modality to an `Anchor` that pulls the shared embeddings of its
+  items toward the other modality's global concept prototypes (shared training only, not the personal phase).
 A fresh AdamW per call (`common.optim`, not torch.optim: see there why): the ClientApp keeps no optimizer
 state between rounds.
 """
@@ -23,6 +25,7 @@ import torch.nn.functional as F
 from common.losses import LossWeights, retrieval_loss
 from common.model import XmrModel, is_personal, upload_keys
 from common.optim import AdamW
+from common.prototypes import Anchor
 
 INPUT_DROPOUT = 0.1  # extra feature dropout that makes the two views of an image differ
 
@@ -76,6 +79,17 @@ def _optimise(model: XmrModel, params: list[torch.nn.Parameter], n_items: int, c
     return {k: v / max(steps, 1) for k, v in totals.items()} | {"steps": float(steps)}
 
 
+def _anchored(loss: torch.Tensor, parts: dict, anchors: dict[str, Anchor] | None,
+              embs: dict[str, torch.Tensor], items: np.ndarray) -> tuple[torch.Tensor, dict]:
+    """Add the anchoring terms of the modalities that have an anchor; `items` index the anchors' targets."""
+    for mod, emb in embs.items():
+        if anchors and mod in anchors:
+            term = anchors[mod].loss(emb, items)
+            loss = loss + term
+            parts = parts | {f"loss_anchor_{mod}": term.item()}
+    return loss, parts
+
+
 def _captions_of(caption_image: np.ndarray, n_images: int) -> list[np.ndarray]:
     groups = [np.flatnonzero(caption_image == i) for i in range(n_images)]
     if any(len(g) == 0 for g in groups):
@@ -84,7 +98,8 @@ def _captions_of(caption_image: np.ndarray, n_images: int) -> list[np.ndarray]:
 
 
 def train_paired(model: XmrModel, img: np.ndarray, txt: np.ndarray, caption_image: np.ndarray, cfg: TrainConfig,
-                 rng: np.random.Generator, personal: bool = False) -> dict[str, float]:
+                 rng: np.random.Generator, personal: bool = False,
+                 anchors: dict[str, Anchor] | None = None) -> dict[str, float]:
     """Image-caption pairs, `cfg.epochs` passes over the images; each pass pairs every image with one of its
     captions at random, so a batch never holds two captions of one image (false negatives for InfoNCE)."""
     device = next(model.parameters()).device
@@ -97,7 +112,8 @@ def train_paired(model: XmrModel, img: np.ndarray, txt: np.ndarray, caption_imag
         img, txt = img_t[idx], txt_t[cap]
         if not personal:
             (img_e, img_c), (txt_e, txt_c) = model.img(img), model.txt(txt)
-            return retrieval_loss(img_e, txt_e, img_c, txt_c, model.scale(), cfg.weights)
+            loss, parts = retrieval_loss(img_e, txt_e, img_c, txt_c, model.scale(), cfg.weights)
+            return _anchored(loss, parts, anchors, {"img": img_e, "txt": txt_e}, idx)
         # personal image queries vs global captions, and personal caption queries vs global images
         with torch.no_grad():
             img_g, txt_g = model.img(img), model.txt(txt)
@@ -110,7 +126,8 @@ def train_paired(model: XmrModel, img: np.ndarray, txt: np.ndarray, caption_imag
 
 
 def train_unimodal(model: XmrModel, modality: str, feats: np.ndarray, cfg: TrainConfig, rng: np.random.Generator,
-                   caption_image: np.ndarray | None = None, personal: bool = False) -> dict[str, float]:
+                   caption_image: np.ndarray | None = None, personal: bool = False,
+                   anchors: dict[str, Anchor] | None = None) -> dict[str, float]:
     """One modality only. Text: two different captions of a scene are a positive pair (`caption_image` groups
     them). Images: two dropout views of one image are a positive pair. With `personal`, the first view goes
     through the personal adapter and the second is the fixed global embedding."""
@@ -120,7 +137,9 @@ def train_unimodal(model: XmrModel, modality: str, feats: np.ndarray, cfg: Train
     if modality == "txt":
         if caption_image is None:
             raise ValueError("text-only training needs caption_image to know which captions share a scene")
-        groups = [g for g in _captions_of(caption_image, int(caption_image.max()) + 1) if len(g) >= 2]
+        all_groups = _captions_of(caption_image, int(caption_image.max()) + 1)
+        scenes = np.array([i for i, g in enumerate(all_groups) if len(g) >= 2], dtype=np.int64)
+        groups = [all_groups[i] for i in scenes]
         n_items = len(groups)
 
         def views(idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,6 +147,7 @@ def train_unimodal(model: XmrModel, modality: str, feats: np.ndarray, cfg: Train
             return x[pairs[:, 0]], x[pairs[:, 1]]
     else:
         n_items = len(feats)
+        scenes = np.arange(n_items)
 
         def views(idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
             return F.dropout(x[idx], INPUT_DROPOUT), F.dropout(x[idx], INPUT_DROPOUT)
@@ -137,6 +157,9 @@ def train_unimodal(model: XmrModel, modality: str, feats: np.ndarray, cfg: Train
         a_emb, a_code = tower(a, personal)
         with torch.set_grad_enabled(not personal):  # personal: the second view is the global embedding
             b_emb, b_code = tower(b)
-        return retrieval_loss(a_emb, b_emb, a_code, b_code, model.scale().detach(), cfg.weights)
+        loss, parts = retrieval_loss(a_emb, b_emb, a_code, b_code, model.scale().detach(), cfg.weights)
+        if personal:
+            return loss, parts
+        return _anchored(loss, parts, anchors, {modality: a_emb}, scenes[idx])
 
     return _optimise(model, trainable(model, (modality,), personal), n_items, cfg, rng, batch_loss)

@@ -4,6 +4,8 @@
   objectives), then, if enabled, its personal adapters (kept in `context.state`). The reply carries only the
   shared arrays of the modalities it trained (`arrays`) and a MetricRecord (`metrics`) with `num-examples`,
   `has-img` / `has-txt` (so the server renormalises per modality), loss parts, timing and size figures.
+- with method `rcsr`, `train` also holds out part of the shard, anchors to the global prototypes the server sent
+  and replies with the node's prototypes (record `prototypes`) and consistency statistics (see `rcsr.py`).
 - `evaluate`: the node's own test shard, as queries in the modalities it holds, against the shared test gallery
   the server sends (embedded by the global model): R@K for the global model and for global + personal adapters.
 No state is kept in memory between messages.
@@ -19,23 +21,26 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from common.data.concepts import CONCEPT_NAMES
 from common.data.federation import TYPE_CODES
 from common.metrics import query_recalls
 from common.model import XmrModel, upload_keys
+from common.prototypes import RECORD, Anchor
 from common.train import TrainConfig, train_paired, train_unimodal
+from fedxmr_client import rcsr
 from fedxmr_client.node import NodeShard, load_shard, model_for, save_personal
 
 app = ClientApp()
 
 
 def _train(model: XmrModel, shard: NodeShard, cfg: TrainConfig, rng: np.random.Generator,
-           personal: bool) -> dict[str, float]:
+           personal: bool, anchors: dict[str, Anchor] | None = None) -> dict[str, float]:
     f, caps = shard.feats, shard.data.caption_image
     if shard.client_type == "paired":
-        return train_paired(model, f["img"], f["txt"], caps, cfg, rng, personal=personal)
+        return train_paired(model, f["img"], f["txt"], caps, cfg, rng, personal=personal, anchors=anchors)
     if shard.client_type == "image-only":
-        return train_unimodal(model, "img", f["img"], cfg, rng, personal=personal)
-    return train_unimodal(model, "txt", f["txt"], cfg, rng, caption_image=caps, personal=personal)
+        return train_unimodal(model, "img", f["img"], cfg, rng, personal=personal, anchors=anchors)
+    return train_unimodal(model, "txt", f["txt"], cfg, rng, caption_image=caps, personal=personal, anchors=anchors)
 
 
 @app.train()
@@ -50,16 +55,23 @@ def train(msg: Message, context: Context) -> Message:
     rng = np.random.default_rng([shard.cfg.seed, shard.partition_id, server_round])
     torch.manual_seed(int(rng.integers(2**31)))
     start = time.perf_counter()
-    stats = _train(model, shard, cfg, rng, personal=False)
+    rcsr_round = rcsr.begin(shard, model, msg.content, len(CONCEPT_NAMES)) if shard.cfg.method == "rcsr" else None
+    local = rcsr_round.train if rcsr_round else shard
+    stats = _train(model, local, cfg, rng, personal=False, anchors=rcsr_round.anchors if rcsr_round else None)
     metrics = {f"train-{k.replace('_', '-')}": float(v) for k, v in stats.items()}
     if shard.cfg.personal_adapters:
         personal_cfg = replace(cfg, epochs=shard.cfg.personal_epochs, proximal_mu=0.0)
-        metrics["personal-loss"] = _train(model, shard, personal_cfg, rng, personal=True)["loss"]
+        metrics["personal-loss"] = _train(model, local, personal_cfg, rng, personal=True)["loss"]
         save_personal(model, context)
     state = model.state_dict()
     arrays = ArrayRecord({k: state[k] for k in upload_keys(state, shard.modalities)})
+    records = RecordDict({"arrays": arrays})
+    if rcsr_round:
+        rcsr_metrics, prototypes = rcsr.finish(rcsr_round, model)
+        records[RECORD] = prototypes
+        metrics |= rcsr_metrics
     metrics |= {
-        "num-examples": len(shard.data.images),
+        "num-examples": len(local.data.images),
         "partition-id": shard.partition_id,
         "client-type": TYPE_CODES[shard.client_type],
         "has-img": int("img" in shard.modalities),
@@ -68,7 +80,8 @@ def train(msg: Message, context: Context) -> Message:
         "load-seconds": shard.load_seconds,
         "upload-bytes": sum(a.numpy().nbytes for a in arrays.values()),
     }
-    return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}), reply_to=msg)
+    records["metrics"] = MetricRecord(metrics)
+    return Message(records, reply_to=msg)
 
 
 def _scores(model: XmrModel, shard: NodeShard, gallery: ArrayRecord, personal: bool) -> dict[str, float]:

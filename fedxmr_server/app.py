@@ -67,6 +67,7 @@ def _run(grid: Grid, context: Context) -> None:
     strategy.state.save(recorder.dir / "strategy-state.npz")
     recorder.plot()
     recorder.plot_clients(strategy.last_evaluate.get("clients", []))
+    recorder.plot_router()
     clients = max((r["train"].get("replies", 0) for r in recorder.rounds if r.get("train")), default=0)
     text = recorder.summary(evaluator.best_round, evaluator.best_dev, test,
                             {"clients": clients, "per-client": strategy.last_evaluate})

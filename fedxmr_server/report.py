@@ -1,6 +1,7 @@
 """Run outputs under `<out-dir>/<run-id>/`: config.json (resolved config), metrics.jsonl (one line per round),
 weights.safetensors (the trainable weights of the best-dev round: the reported model), strategy-state.npz (the
 strategy's full state after the last round), convergence.png, clients.png (per-client scores, final round),
+router.png (RCSR: per-client router and aggregation weights per round),
 summary.md (also printed) and final.json."""
 
 from __future__ import annotations
@@ -87,6 +88,38 @@ class RunRecorder:
         ax.legend(loc="lower right")
         fig.tight_layout()
         path = self.dir / "clients.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return path
+
+    def plot_router(self) -> Path | None:
+        """Heatmaps (client x round) of the router's weights and of the final aggregation weights, for strategies
+        that report `router-weight` per client (RCSR)."""
+        rows = [(r["round"], c) for r in self.rounds for c in r.get("train", {}).get("clients", [])
+                if "router-weight" in c]
+        if not rows:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rounds = sorted({rnd for rnd, _ in rows})
+        clients = sorted({(int(c["partition-id"]), int(c["client-type"])) for _, c in rows})
+        types = list(CLIENT_TYPES)
+        fig, axes = plt.subplots(1, 2, figsize=(12, 0.4 * len(clients) + 2))
+        for ax, key, title in zip(axes, ("router-weight", "weight"), ("router weight r", "aggregation weight")):
+            grid = np.full((len(clients), len(rounds)), np.nan)
+            for rnd, c in rows:
+                grid[clients.index((int(c["partition-id"]), int(c["client-type"]))), rounds.index(rnd)] = c[key]
+            im = ax.imshow(grid, aspect="auto", cmap="viridis")
+            ax.set_yticks(range(len(clients)), [f"{pid} {types[t]}" for pid, t in clients], fontsize=7)
+            ax.set_xticks(range(len(rounds)), rounds, fontsize=7)
+            ax.set(xlabel="round", title=title)
+            fig.colorbar(im, ax=ax)
+        fig.suptitle(f"{self.dir.name}: per-client weights ({self.cfg.rcsr_router} router)")
+        fig.tight_layout()
+        path = self.dir / "router.png"
         fig.savefig(path, dpi=100)
         plt.close(fig)
         return path

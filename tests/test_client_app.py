@@ -9,6 +9,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
 from common.config import ConfigError, parse_run_config
+from common.data.concepts import CONCEPT_NAMES
 from common.model import XmrModel, state_to_numpy
 from fedxmr_client.app import app
 from fedxmr_client.node import load_shard
@@ -149,3 +150,48 @@ def test_mismatched_global_arrays_fail_naming_the_key(run_config: dict) -> None:
     arrays, _ = _global_arrays({**run_config, "embed-dim": 48})
     with pytest.raises(ValueError, match="img.proj.weight"):
         app(_message(arrays, MessageType.TRAIN), _context(run_config))
+
+
+def test_rcsr_round_sends_prototypes_and_consistency(run_config: dict) -> None:
+    """Round 1 (no global prototypes): prototypes of the node's modalities, no consistency, no anchoring. Round 2
+    with the prototypes fed back as the global ones: anchored training and a measured consistency in [0, 1]."""
+    run_config = {**run_config, "method": "rcsr", "rcsr-holdout": 0.2, "modality-mix": "0,0.5,0.5"}
+    arrays, _ = _global_arrays(run_config)
+    dim = parse_run_config(run_config).embed_dim
+    replies = {}
+    for pid in (0, 1):
+        reply = app(_message(arrays, MessageType.TRAIN), _context(run_config, pid))
+        assert not reply.has_error(), reply.error
+        held = "img" if reply.content["metrics"]["has-img"] else "txt"
+        protos = reply.content["prototypes"]
+        assert set(protos.keys()) == {held, f"{held}-count"}
+        assert protos[held].numpy().shape == (1 + len(CONCEPT_NAMES), dim)
+        metrics = reply.content["metrics"]
+        assert metrics["num-examples"] == 16 and metrics["rcsr-holdout-images"] == 4  # 20 images, 20 % held out
+        assert "rcsr-consistency" not in metrics and metrics["rcsr-anchored"] == 0
+        replies[held] = protos
+    counts = replies["img"]["img-count"].numpy()
+    assert counts[0] == 16 and counts[1:].max() == 0, "image-only: no labels (they need captions), no pseudo-labels yet"
+    # as global prototypes of *both* modalities, send the text node's table (it has concept rows)
+    txt_table, txt_counts = replies["txt"]["txt"], replies["txt"]["txt-count"]
+    sent = ArrayRecord({"img": txt_table, "img-count": txt_counts, "txt": txt_table, "txt-count": txt_counts})
+    for pid in (0, 1):
+        msg = _message(arrays, MessageType.TRAIN, server_round=2)
+        msg.content["prototypes"] = sent
+        metrics = app(msg, _context(run_config, pid)).content["metrics"]
+        assert metrics["rcsr-anchored"] == 1 and 0.0 <= metrics["rcsr-consistency"] <= 1.0
+        assert any(k.startswith("train-loss-anchor-") for k in metrics.keys())
+
+
+def test_personal_adapters_leave_the_upload_unchanged(run_config: dict) -> None:
+    """Why "personal adapters off" needs no separate run: the shared update, prototypes and statistics a node
+    sends are bit-identical with and without its personal phase, so the global model is too."""
+    base = {**run_config, "method": "rcsr", "personal-epochs": 1}
+    arrays, _ = _global_arrays(base)
+    replies = [app(_message(arrays, MessageType.TRAIN), _context({**base, "personal-adapters": on}))
+               for on in (False, True)]
+    for name in ("arrays", "prototypes"):
+        off, on = replies[0].content[name], replies[1].content[name]
+        assert set(off.keys()) == set(on.keys())
+        assert all(np.array_equal(off[k].numpy(), on[k].numpy()) for k in off.keys()), name
+    assert "personal-loss" in replies[1].content["metrics"]

@@ -128,15 +128,24 @@ def assemble_split(name: str, root: Path, images: Sequence[str], captions: Mappi
     )
 
 
-def subset(data: RetrievalSplit, image_indices: np.ndarray) -> RetrievalSplit:
-    """The images at `image_indices` with all their captions (a client's shard)."""
+def caption_rows(data: RetrievalSplit, image_indices: np.ndarray) -> np.ndarray:
+    """Indices of the captions of the images at `image_indices`, grouped in that image order (the caption order of
+    `subset`, so caption features can be cut the same way)."""
     image_indices = np.asarray(image_indices, dtype=np.int64)
     if len(np.unique(image_indices)) != len(image_indices):
         raise ValueError("subset(): image indices must be unique")
     remap = np.full(len(data.images), -1, dtype=np.int64)
     remap[image_indices] = np.arange(len(image_indices))
     keep = np.flatnonzero(remap[data.caption_image] >= 0)
-    keep = keep[np.argsort(remap[data.caption_image[keep]], kind="stable")]
+    return keep[np.argsort(remap[data.caption_image[keep]], kind="stable")]
+
+
+def subset(data: RetrievalSplit, image_indices: np.ndarray) -> RetrievalSplit:
+    """The images at `image_indices` with all their captions (a client's shard)."""
+    image_indices = np.asarray(image_indices, dtype=np.int64)
+    keep = caption_rows(data, image_indices)
+    remap = np.full(len(data.images), -1, dtype=np.int64)
+    remap[image_indices] = np.arange(len(image_indices))
     return RetrievalSplit(
         name=data.name,
         root=data.root,

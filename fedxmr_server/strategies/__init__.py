@@ -6,8 +6,9 @@ from common.config import ConfigError, RunConfig
 from fedxmr_server.strategies.base import XmrStrategy
 from fedxmr_server.strategies.fedavg import FedAvgXmr
 from fedxmr_server.strategies.fedprox import FedProxXmr
+from fedxmr_server.strategies.rcsr import RcsrXmr
 
-STRATEGIES: dict[str, type[XmrStrategy]] = {cls.name: cls for cls in (FedAvgXmr, FedProxXmr)}
+STRATEGIES: dict[str, type[XmrStrategy]] = {cls.name: cls for cls in (FedAvgXmr, FedProxXmr, RcsrXmr)}
 
 
 def build_strategy(cfg: RunConfig) -> XmrStrategy:
