@@ -52,8 +52,9 @@ class RunConfig(BaseModel):
     personal_epochs: int = Field(2, ge=1, le=1000)
     # RCSR (method "rcsr"; see fedxmr_server/strategies/rcsr.py)
     rcsr_router: Literal[ROUTERS] = "learned"  # type: ignore[valid-type]
-    rcsr_anchor_weight: float = Field(1.0, ge=0.0)  # unimodal clients' anchoring to the other modality (0: off)
-    rcsr_align_weight: float = Field(0.5, ge=0.0)  # paired clients' anchoring of both towers (0: off)
+    # anchoring weights (0: off): off by default, chosen on dev (README, "RCSR results"); the paper's are ~1.0 / 0.1
+    rcsr_anchor_weight: float = Field(0.0, ge=0.0)  # unimodal clients' anchoring to the other modality
+    rcsr_align_weight: float = Field(0.0, ge=0.0)  # paired clients' anchoring of both towers
     rcsr_anchor_temperature: float = Field(0.1, gt=0.0, le=1.0)
     rcsr_proto_ema: float = Field(0.5, ge=0.0, lt=1.0)
     rcsr_router_temperature: float = Field(0.1, gt=0.0)

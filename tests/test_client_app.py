@@ -155,7 +155,8 @@ def test_mismatched_global_arrays_fail_naming_the_key(run_config: dict) -> None:
 def test_rcsr_round_sends_prototypes_and_consistency(run_config: dict) -> None:
     """Round 1 (no global prototypes): prototypes of the node's modalities, no consistency, no anchoring. Round 2
     with the prototypes fed back as the global ones: anchored training and a measured consistency in [0, 1]."""
-    run_config = {**run_config, "method": "rcsr", "rcsr-holdout": 0.2, "modality-mix": "0,0.5,0.5"}
+    run_config = {**run_config, "method": "rcsr", "rcsr-holdout": 0.2, "modality-mix": "0,0.5,0.5",
+                  "rcsr-anchor-weight": 1.0}
     arrays, _ = _global_arrays(run_config)
     dim = parse_run_config(run_config).embed_dim
     replies = {}
