@@ -19,6 +19,16 @@ from common.data.federation import CLIENT_TYPES
 _TABLE_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
 
 
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend, imported on first plot (start-up stays light)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 class RunRecorder:
     def __init__(self, cfg: RunConfig, info: dict[str, Any]) -> None:
         run_id = cfg.run_name or time.strftime("%Y%m%d-%H%M%S") + f"-{cfg.method}"
@@ -44,10 +54,7 @@ class RunRecorder:
         return path
 
     def plot(self) -> Path:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = _pyplot()
 
         rounds = [r["round"] for r in self.rounds]
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
@@ -72,10 +79,7 @@ class RunRecorder:
         clients = [c for c in clients if "global-score" in c]
         if not clients:
             return None
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = _pyplot()
 
         types = list(CLIENT_TYPES)
         x = np.arange(len(clients))
@@ -99,10 +103,7 @@ class RunRecorder:
                 if "router-weight" in c]
         if not rows:
             return None
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = _pyplot()
 
         rounds = sorted({rnd for rnd, _ in rows})
         clients = sorted({(int(c["partition-id"]), int(c["client-type"])) for _, c in rows})
