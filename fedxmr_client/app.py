@@ -21,7 +21,6 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from common.data.concepts import CONCEPT_NAMES
 from common.data.federation import TYPE_CODES
 from common.metrics import query_recalls
 from common.model import XmrModel, upload_keys
@@ -55,7 +54,7 @@ def train(msg: Message, context: Context) -> Message:
     rng = np.random.default_rng([shard.cfg.seed, shard.partition_id, server_round])
     torch.manual_seed(int(rng.integers(2**31)))
     start = time.perf_counter()
-    rcsr_round = rcsr.begin(shard, model, msg.content, len(CONCEPT_NAMES)) if shard.cfg.method == "rcsr" else None
+    rcsr_round = rcsr.begin(shard, model, msg.content) if shard.cfg.method == "rcsr" else None
     local = rcsr_round.train if rcsr_round else shard
     stats = _train(model, local, cfg, rng, personal=False, anchors=rcsr_round.anchors if rcsr_round else None)
     metrics = {f"train-{k.replace('_', '-')}": float(v) for k, v in stats.items()}

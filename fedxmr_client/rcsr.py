@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 from flwr.app import Array, ArrayRecord, RecordDict
 
+from common.data.concepts import CONCEPT_NAMES
 from common.data.flickr8k import caption_rows, subset
 from common.metrics import query_recalls
 from common.model import XmrModel
@@ -51,16 +52,16 @@ class RcsrRound:
     anchors: dict[str, Anchor]
 
 
-def _targets(shard: NodeShard, model: XmrModel, globals_: dict, n_concepts: int) -> np.ndarray:
+def _targets(shard: NodeShard, model: XmrModel, globals_: dict) -> np.ndarray:
     if "txt" in shard.modalities:
         return shard.data.labels
     if "img" not in globals_:
-        return np.zeros((len(shard.data.images), n_concepts), dtype=np.uint8)
+        return np.zeros((len(shard.data.images), len(CONCEPT_NAMES)), dtype=np.uint8)
     emb, _ = model.encode("img", shard.feats["img"])
     return pseudo_labels(emb, *globals_["img"])
 
 
-def begin(shard: NodeShard, model: XmrModel, content: RecordDict, n_concepts: int) -> RcsrRound:
+def begin(shard: NodeShard, model: XmrModel, content: RecordDict) -> RcsrRound:
     cfg = shard.cfg
     n = len(shard.data.images)
     order = np.random.default_rng([cfg.seed, shard.partition_id, 7]).permutation(n)  # same split every round
@@ -69,8 +70,8 @@ def begin(shard: NodeShard, model: XmrModel, content: RecordDict, n_concepts: in
     train = take(shard, np.sort(order[n_hold:])) if n_hold else shard
     holdout = take(shard, np.sort(order[:n_hold])) if n_hold else None
     globals_ = received_prototypes(content)
-    targets = _targets(train, model, globals_, n_concepts)
-    holdout_targets = _targets(holdout, model, globals_, n_concepts) if holdout else targets
+    targets = _targets(train, model, globals_)
+    holdout_targets = _targets(holdout, model, globals_) if holdout else targets
     paired = len(shard.modalities) == 2
     weight = cfg.rcsr_align_weight if paired else cfg.rcsr_anchor_weight
     anchors = {}

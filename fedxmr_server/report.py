@@ -53,6 +53,13 @@ class RunRecorder:
         save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(path))
         return path
 
+    def _save(self, fig, name: str) -> Path:
+        fig.tight_layout()
+        path = self.dir / name
+        fig.savefig(path, dpi=100)
+        _pyplot().close(fig)
+        return path
+
     def plot(self) -> Path:
         plt = _pyplot()
 
@@ -68,11 +75,7 @@ class RunRecorder:
                  "o-")
         ax2.set(xlabel="round", ylabel="mean client train loss", title="Training loss")
         fig.suptitle(f"{self.dir.name}: {self.cfg.method}")
-        fig.tight_layout()
-        path = self.dir / "convergence.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        return path
+        return self._save(fig, "convergence.png")
 
     def plot_clients(self, clients: list[dict[str, Any]]) -> Path | None:
         """Bars per client (final round): global model vs global + personal adapters, grouped by client type."""
@@ -90,11 +93,7 @@ class RunRecorder:
         ax.set_xticks(x, [f"{int(c['partition-id'])}\n{types[int(c['client-type'])]}" for c in clients], fontsize=7)
         ax.set(ylabel="mean R@1/5/10 over own queries (%)", title=f"{self.dir.name}: per-client test (final round)")
         ax.legend(loc="lower right")
-        fig.tight_layout()
-        path = self.dir / "clients.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        return path
+        return self._save(fig, "clients.png")
 
     def plot_router(self) -> Path | None:
         """Heatmaps (client x round) of the router's weights and of the final aggregation weights, for strategies
@@ -119,11 +118,7 @@ class RunRecorder:
             ax.set(xlabel="round", title=title)
             fig.colorbar(im, ax=ax)
         fig.suptitle(f"{self.dir.name}: per-client weights ({self.cfg.rcsr_router} router)")
-        fig.tight_layout()
-        path = self.dir / "router.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        return path
+        return self._save(fig, "router.png")
 
     def summary(self, best_round: int, dev: dict[str, float], test: dict[str, float], extra: dict[str, Any]) -> str:
         bits = self.cfg.hash_bits

@@ -133,8 +133,10 @@ class RcsrXmr(XmrStrategy):
 
     # ---- weighting ------------------------------------------------------------------------------------------------
     def _router_net(self, token_dim: int) -> RouterNet:
-        torch.manual_seed(self.cfg.seed)
-        net = RouterNet(token_dim)
+        """The router from the state buffers; the first time a seeded fresh one (without touching the global RNG)."""
+        with torch.random.fork_rng():
+            torch.manual_seed(self.cfg.seed)
+            net = RouterNet(token_dim)
         saved = {k[len("router/"):]: v for k, v in self.state.buffers.items() if k.startswith("router/")}
         if saved:
             net.load_state_dict({k: torch.as_tensor(v) for k, v in saved.items()})
