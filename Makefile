@@ -30,10 +30,10 @@ demo: install
 	  --run-config "num-server-rounds=$(ROUNDS) $(COMMON) run-name='demo-$(RUN_NAME)'"
 	@cat $(RUNS_DIR)/demo-$(RUN_NAME)/summary.md
 
-# The same trainer with one client holding the whole train split.
+# Method `centralized`: one node holding the whole train split, with its own budget (centralized-*).
 centralized: install
 	$(BIN)/python -m scripts.simulate --clients 1 \
-	  --run-config "num-server-rounds=$(ROUNDS) min-nodes=1 $(COMMON) run-name='centralized-$(RUN_NAME)'"
+	  --run-config "method='centralized' num-server-rounds=$(ROUNDS) $(COMMON) run-name='centralized-$(RUN_NAME)'"
 	@cat $(RUNS_DIR)/centralized-$(RUN_NAME)/summary.md
 
 test: install

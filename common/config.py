@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from typing import Any, Literal, Mapping
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from common.data.federation import parse_mix
 from common.data.partition import PARTITIONERS
 from common.losses import LossWeights
 from common.model import ModelConfig
-from common.router import ROUTERS
+from common.method_config import SECTIONS, Section, kebab
 from common.train import TrainConfig
 
 
@@ -23,15 +23,11 @@ class ConfigError(ValueError):
     """Invalid run or node configuration; the message names every offending key."""
 
 
-def _kebab(name: str) -> str:
-    return name.replace("_", "-")
-
-
 class RunConfig(BaseModel):
-    model_config = ConfigDict(alias_generator=_kebab, populate_by_name=True, extra="forbid", frozen=True)
+    model_config = ConfigDict(alias_generator=kebab, populate_by_name=True, extra="forbid", frozen=True)
 
     # federation
-    method: str = Field("fedavg", min_length=1)
+    method: str = Field("fedavg", min_length=1)  # a name of common.method_config.SECTIONS
     num_server_rounds: int = Field(20, ge=1, le=10_000)
     fraction_train: float = Field(1.0, gt=0.0, le=1.0)
     fraction_evaluate: float = Field(1.0, ge=0.0, le=1.0)
@@ -47,21 +43,8 @@ class RunConfig(BaseModel):
     batch_size: int = Field(64, ge=2, le=65_536)
     lr: float = Field(1e-3, gt=0.0, le=10.0)
     weight_decay: float = Field(0.01, ge=0.0, le=1.0)
-    proximal_mu: float = Field(0.0, ge=0.0)
     personal_adapters: bool = False
     personal_epochs: int = Field(2, ge=1, le=1000)
-    # RCSR (method "rcsr"; see fedxmr_server/strategies/rcsr.py)
-    rcsr_router: Literal[ROUTERS] = "learned"  # type: ignore[valid-type]
-    # anchoring weights (0: off): off by default, chosen on dev (README, "RCSR results"); the paper's are ~1.0 / 0.1
-    rcsr_anchor_weight: float = Field(0.0, ge=0.0)  # unimodal clients' anchoring to the other modality
-    rcsr_align_weight: float = Field(0.0, ge=0.0)  # paired clients' anchoring of both towers
-    rcsr_anchor_temperature: float = Field(0.1, gt=0.0, le=1.0)
-    rcsr_proto_ema: float = Field(0.5, ge=0.0, lt=1.0)
-    rcsr_router_temperature: float = Field(0.1, gt=0.0)
-    rcsr_router_steps: int = Field(10, ge=0, le=10_000)
-    rcsr_router_lr: float = Field(0.01, gt=0.0, le=1.0)
-    rcsr_minimax_eta: float = Field(0.1, ge=0.0)  # 0: no minimax fairness weighting
-    rcsr_holdout: float = Field(0.1, ge=0.0, lt=0.9)  # share of a client's images held out to measure consistency
     # model and loss
     embed_dim: int = Field(256, ge=8, le=8192)
     adapter_dim: int = Field(64, ge=1, le=8192)
@@ -83,6 +66,20 @@ class RunConfig(BaseModel):
     max_eval_images: int = Field(0, ge=0)
     encode_batch_size: int = Field(32, ge=1, le=4096)
 
+    _options: Section = PrivateAttr(default_factory=Section)
+
+    @property
+    def options(self) -> Section:
+        """The selected method's own section (`<method>-*` keys); empty for a method without knobs."""
+        return self._options
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        if value not in SECTIONS:
+            raise ValueError(f"unknown method {value!r}; available: {sorted(SECTIONS)}")
+        return value
+
     @field_validator("modality_mix")
     @classmethod
     def _valid_mix(cls, value: str) -> str:
@@ -99,11 +96,13 @@ class RunConfig(BaseModel):
 
     def train_cfg(self) -> TrainConfig:
         return TrainConfig(epochs=self.local_epochs, batch_size=self.batch_size, lr=self.lr,
-                           weight_decay=self.weight_decay, proximal_mu=self.proximal_mu,
+                           weight_decay=self.weight_decay,
                            weights=LossWeights(self.hash_weight, self.quant_weight, self.hash_temperature))
 
     def as_flat_dict(self) -> dict[str, Any]:
-        return self.model_dump(by_alias=True)
+        """The flat run config: the common keys and the selected method's section (`<method>-<key>`)."""
+        own = self._options.model_dump(by_alias=True)
+        return self.model_dump(by_alias=True) | {f"{self.method}-{k}": v for k, v in own.items()}
 
 
 def _format_errors(exc: ValidationError, source: str) -> str:
@@ -115,18 +114,47 @@ def _format_errors(exc: ValidationError, source: str) -> str:
     return "invalid " + source + ":\n  " + "\n  ".join(lines)
 
 
+def _section_keys(raw: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The `<method>-*` keys of every method with a section, without the prefix (longest method name first)."""
+    out: dict[str, dict[str, Any]] = {name: {} for name, section in SECTIONS.items() if section is not None}
+    for key, value in raw.items():
+        owner = max((n for n in out if key.startswith(f"{n}-")), key=len, default=None)
+        if owner is not None:
+            out[owner][key[len(owner) + 1:]] = value
+    return out
+
+
 def parse_run_config(raw: Mapping[str, Any]) -> RunConfig:
-    """Validate a flat run config (kebab-case keys); unknown keys are errors too."""
+    """Validate a flat run config (kebab-case keys); unknown keys are errors, and so is a key of a method other than
+    the selected one set away from its default (it would be silently ignored)."""
+    sections = _section_keys(raw)
+    common = {k: v for k, v in raw.items() if not any(k.startswith(f"{n}-") for n in sections)}
     try:
-        return RunConfig.model_validate(dict(raw))
+        cfg = RunConfig.model_validate(common)
     except ValidationError as exc:
         raise ConfigError(_format_errors(exc, "run config")) from None
+    problems = []
+    for name, keys in sections.items():
+        section = SECTIONS[name]
+        try:
+            parsed = section.model_validate(keys)
+        except ValidationError as exc:
+            raise ConfigError(_format_errors(exc, "run config").replace("key '", f"key '{name}-")) from None
+        if name == cfg.method:
+            cfg._options = parsed
+            continue
+        default = section().model_dump(by_alias=True)
+        problems += [f"run config key '{name}-{k}' (= {v!r}) belongs to method '{name}', but method is "
+                     f"'{cfg.method}'" for k, v in parsed.model_dump(by_alias=True).items() if v != default[k]]
+    if problems:
+        raise ConfigError("invalid run config:\n  " + "\n  ".join(problems))
+    return cfg
 
 
 class NodeConfig(BaseModel):
     """What a node says about itself: its partition and, in deployment, its own data, cache and device."""
 
-    model_config = ConfigDict(alias_generator=_kebab, populate_by_name=True, extra="ignore", frozen=True)
+    model_config = ConfigDict(alias_generator=kebab, populate_by_name=True, extra="ignore", frozen=True)
 
     partition_id: int = Field(0, ge=0)
     num_partitions: int = Field(1, ge=1)

@@ -14,7 +14,10 @@ def evaluate_retrieval(model: XmrModel, img: np.ndarray, txt: np.ndarray, captio
 
     Keys: i2t_r{1,5,10}, t2i_r{1,5,10}, rsum (cosine ranking); hash_* the same on Hamming ranking of the sign
     codes (ties count against the query); with `labels` (DERIVED concept labels; a caption has its image's labels)
-    also hash_map_i2t/t2i (MAP@all) and hash_mapr_i2t/t2i (MAP@R).
+    also hash_map_i2t/t2i (MAP@all) and hash_mapr_i2t/t2i (MAP@R), both tie-aware (independent of the order inside
+    Hamming-distance ties), and hash_smap_i2t/t2i: the standard MAP@all of the hashing papers (per-position AP of
+    their `calc_map`, stable argsort with ties broken by database index), comparable to published numbers but
+    dependent on the database order inside ties (see common.metrics).
     """
     img_emb, img_code = model.encode("img", img)
     txt_emb, txt_code = model.encode("txt", txt)

@@ -1,5 +1,6 @@
 """Retrieval metrics for image-text retrieval: Recall@K on real-valued or hash
-similarities, and mean average precision (MAP@all, MAP@R) over Hamming ranking.
+similarities, and mean average precision (MAP@all, MAP@R, and the hashing papers'
+standard MAP@all) over Hamming ranking.
 
 Recall@K (Flickr protocol, every image has >= 1 captions, usually 5)
     ``sim`` is an (n_images, n_captions) score matrix, higher = more similar;
@@ -37,6 +38,20 @@ Mean average precision (returned as a fraction in [0, 1])
       ``AP@R = (1/R) * sum_d w_d * rel_d * P_d`` with
       ``w_d = clip((R - n_<d) / n_d, 0, 1)``, the expected fraction of the group
       that falls inside the top R under a random order within the group.
+    * Standard MAP@all (``standard_map``, keys ``smap_*``): the variant reported
+      by the hashing papers (DCMH, SSAH, ...), i.e. the per-position AP of their
+      evaluation code ``calc_map``. The db is sorted by Hamming distance with a
+      STABLE argsort, so ties are broken by ascending db index, and every
+      relevant item gets the precision at its own position:
+      ``AP = (1/R) * sum_{k: item k relevant} #relevant(rank <= k) / k``.
+      Unlike the tie-aware MAP above, this value depends on the database order
+      inside tie groups (permuting the db can change it); the two agree when
+      there are no ties among a query's distances. Two deliberate differences
+      from the original ``calc_map``: it calls ``np.argsort`` with the default
+      (unstable) kind, so its order inside ties is implementation-defined, here
+      it is fixed to db index order for reproducibility; and it divides by ALL
+      queries, while here queries without a relevant item are excluded (as for
+      the tie-aware MAP), which gives a higher value when such queries exist.
     Queries with no relevant db item are excluded from the mean; if no query
     has a relevant item the result is NaN.
 
@@ -205,6 +220,36 @@ def _map(q: np.ndarray, db: np.ndarray, q_lab: np.ndarray, db_lab: np.ndarray, a
     return ap_sum / n_valid if n_valid else float("nan")
 
 
+def _smap(q: np.ndarray, db: np.ndarray, q_lab: np.ndarray, db_lab: np.ndarray) -> float:
+    """Standard MAP@all: stable argsort on Hamming distance (ties by db index), precision at each relevant rank."""
+    # small-integer distances let numpy's stable sort use radix sort; the order is the same for any int dtype
+    dtype = np.int16 if q.shape[1] < np.iinfo(np.int16).max else np.int64
+    pos = np.arange(1, db.shape[0] + 1, dtype=np.float64)
+    ap_sum, n_valid = 0.0, 0
+    for a in range(0, q.shape[0], CHUNK):
+        dist = _hamming(q[a:a + CHUNK], db).astype(dtype)
+        rel = (q_lab[a:a + CHUNK] @ db_lab.T) > 0
+        order = np.argsort(dist, axis=1, kind="stable")
+        rel_sorted = np.take_along_axis(rel, order, axis=1)
+        cum_rel = np.cumsum(rel_sorted, axis=1, dtype=np.float64)
+        r = cum_rel[:, -1]
+        valid = r > 0
+        prec_sum = np.where(rel_sorted, cum_rel / pos, 0.0).sum(axis=1)
+        ap_sum += float((prec_sum[valid] / r[valid]).sum())
+        n_valid += int(valid.sum())
+    return ap_sum / n_valid if n_valid else float("nan")
+
+
+def standard_map(query_codes: np.ndarray, db_codes: np.ndarray, query_labels: np.ndarray,
+                 db_labels: np.ndarray) -> float:
+    """Standard MAP@all of the hashing papers (``calc_map``), in [0, 1]: stable argsort on Hamming distance
+    (ties broken by ascending db index), AP = mean precision at the relevant positions. Depends on the db order
+    inside ties; see the module docstring."""
+    args = _check_map_inputs(query_codes, db_codes, query_labels, db_labels,
+                             ("query_codes", "db_codes", "query_labels", "db_labels"))
+    return _smap(*args)
+
+
 def mean_average_precision(query_codes: np.ndarray, db_codes: np.ndarray, query_labels: np.ndarray,
                            db_labels: np.ndarray, at_r: bool = False) -> float:
     """MAP@all (or MAP@R if ``at_r``) over Hamming ranking, tie-group precision, in [0, 1]."""
@@ -215,7 +260,8 @@ def mean_average_precision(query_codes: np.ndarray, db_codes: np.ndarray, query_
 
 def hash_maps(img_codes: np.ndarray, txt_codes: np.ndarray, img_labels: np.ndarray,
               txt_labels: np.ndarray, prefix: str = "") -> dict[str, float]:
-    """MAP@all and MAP@R in both directions (image queries vs text db, and reverse)."""
+    """Tie-aware MAP@all (``map_*``), MAP@R (``mapr_*``) and standard stable-argsort MAP@all (``smap_*``), in both
+    directions (``*_i2t``: image queries vs text db, ``*_t2i``: the reverse), keys preceded by ``prefix``."""
     img, txt, img_lab, txt_lab = _check_map_inputs(img_codes, txt_codes, img_labels, txt_labels,
                                                    ("img_codes", "txt_codes", "img_labels", "txt_labels"))
     return {
@@ -223,4 +269,6 @@ def hash_maps(img_codes: np.ndarray, txt_codes: np.ndarray, img_labels: np.ndarr
         f"{prefix}map_t2i": _map(txt, img, txt_lab, img_lab, at_r=False),
         f"{prefix}mapr_i2t": _map(img, txt, img_lab, txt_lab, at_r=True),
         f"{prefix}mapr_t2i": _map(txt, img, txt_lab, img_lab, at_r=True),
+        f"{prefix}smap_i2t": _smap(img, txt, img_lab, txt_lab),
+        f"{prefix}smap_t2i": _smap(txt, img, txt_lab, img_lab),
     }

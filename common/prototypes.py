@@ -15,7 +15,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-RECORD = "prototypes"  # message record, both directions: {mod: (1 + C, d) table, f"{mod}-count": (1 + C,) counts}
 MODS = ("img", "txt")
 
 def _normalise(x: np.ndarray) -> np.ndarray:

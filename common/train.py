@@ -7,8 +7,9 @@
   towers stay fixed, so the uploaded update is the same with or without personalisation). A client uses them to
   query a gallery embedded by the *global* model, so they are trained that way: the personal side of each pair
   is contrasted with the global embedding of its counterpart.
-- prototype anchoring (RCSR): `anchors` maps a modality to an `Anchor` that pulls the shared embeddings of its
-  items toward the other modality's global concept prototypes (shared training only, not the personal phase).
+- method terms: a method adds its own terms to the shared objective as `LossTerm`s (FedProx's proximal term,
+  RCSR's prototype anchoring, FedProto's prototype distance); the trainer knows none of them. They apply to shared
+  training only, not to the personal phase.
 A fresh AdamW per call (`common.optim`, not torch.optim: see there why): the ClientApp keeps no optimizer
 state between rounds.
 """
@@ -16,7 +17,7 @@ state between rounds.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -25,7 +26,6 @@ import torch.nn.functional as F
 from common.losses import LossWeights, retrieval_loss
 from common.model import XmrModel, is_personal, upload_keys
 from common.optim import AdamW
-from common.prototypes import Anchor
 
 INPUT_DROPOUT = 0.1  # extra feature dropout that makes the two views of an image differ
 
@@ -36,8 +36,18 @@ class TrainConfig:
     batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 0.01
-    proximal_mu: float = 0.0  # FedProx term weight; 0 disables it
     weights: LossWeights = LossWeights()
+
+
+class LossTerm(Protocol):
+    """An extra term of a method, added to each batch's loss. `embs` maps a modality to the batch's shared
+    embeddings, `items` are the batch's item indices (images, or scenes for text-only training) into the shard.
+    Returns None where the term does not apply to this batch."""
+
+    def __call__(self, embs: dict[str, torch.Tensor], items: np.ndarray) -> tuple[torch.Tensor, dict] | None: ...
+
+
+BatchLoss = Callable[[np.ndarray], tuple[torch.Tensor, dict, dict[str, torch.Tensor], np.ndarray]]
 
 
 def trainable(model: XmrModel, modalities: tuple[str, ...], personal: bool) -> list[torch.nn.Parameter]:
@@ -51,10 +61,9 @@ def trainable(model: XmrModel, modalities: tuple[str, ...], personal: bool) -> l
 
 
 def _optimise(model: XmrModel, params: list[torch.nn.Parameter], n_items: int, cfg: TrainConfig,
-              rng: np.random.Generator, batch_loss: Callable[[np.ndarray], tuple[torch.Tensor, dict]]) -> dict:
+              rng: np.random.Generator, batch_loss: BatchLoss, terms: Sequence[LossTerm]) -> dict:
     if n_items < 2:
         raise ValueError(f"need at least 2 training items for in-batch negatives, got {n_items}")
-    anchor = [p.detach().clone() for p in params] if cfg.proximal_mu > 0 else None
     opt = AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     model.train()
     totals: dict[str, float] = {}
@@ -65,9 +74,11 @@ def _optimise(model: XmrModel, params: list[torch.nn.Parameter], n_items: int, c
             idx = order[start:start + cfg.batch_size]
             if len(idx) < 2:
                 continue
-            loss, parts = batch_loss(idx)
-            if anchor is not None:
-                loss = loss + 0.5 * cfg.proximal_mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
+            loss, parts, embs, items = batch_loss(idx)
+            for term in terms:
+                extra = term(embs, items)
+                if extra is not None:
+                    loss, parts = loss + extra[0], parts | extra[1]
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite training loss at step {steps}")
             opt.zero_grad()
@@ -79,17 +90,6 @@ def _optimise(model: XmrModel, params: list[torch.nn.Parameter], n_items: int, c
     return {k: v / max(steps, 1) for k, v in totals.items()} | {"steps": float(steps)}
 
 
-def _anchored(loss: torch.Tensor, parts: dict, anchors: dict[str, Anchor] | None,
-              embs: dict[str, torch.Tensor], items: np.ndarray) -> tuple[torch.Tensor, dict]:
-    """Add the anchoring terms of the modalities that have an anchor; `items` index the anchors' targets."""
-    for mod, emb in embs.items():
-        if anchors and mod in anchors:
-            term = anchors[mod].loss(emb, items)
-            loss = loss + term
-            parts = parts | {f"loss_anchor_{mod}": term.item()}
-    return loss, parts
-
-
 def _captions_of(caption_image: np.ndarray, n_images: int) -> list[np.ndarray]:
     groups = [np.flatnonzero(caption_image == i) for i in range(n_images)]
     if any(len(g) == 0 for g in groups):
@@ -99,7 +99,7 @@ def _captions_of(caption_image: np.ndarray, n_images: int) -> list[np.ndarray]:
 
 def train_paired(model: XmrModel, img: np.ndarray, txt: np.ndarray, caption_image: np.ndarray, cfg: TrainConfig,
                  rng: np.random.Generator, personal: bool = False,
-                 anchors: dict[str, Anchor] | None = None) -> dict[str, float]:
+                 terms: Sequence[LossTerm] = ()) -> dict[str, float]:
     """Image-caption pairs, `cfg.epochs` passes over the images; each pass pairs every image with one of its
     captions at random, so a batch never holds two captions of one image (false negatives for InfoNCE)."""
     device = next(model.parameters()).device
@@ -107,27 +107,28 @@ def train_paired(model: XmrModel, img: np.ndarray, txt: np.ndarray, caption_imag
     txt_t = torch.as_tensor(txt, dtype=torch.float32, device=device)
     groups = _captions_of(caption_image, len(img))
 
-    def batch_loss(idx: np.ndarray) -> tuple[torch.Tensor, dict]:
+    def batch_loss(idx: np.ndarray) -> tuple[torch.Tensor, dict, dict[str, torch.Tensor], np.ndarray]:
         cap = np.array([rng.choice(groups[i]) for i in idx])
         img, txt = img_t[idx], txt_t[cap]
         if not personal:
             (img_e, img_c), (txt_e, txt_c) = model.img(img), model.txt(txt)
             loss, parts = retrieval_loss(img_e, txt_e, img_c, txt_c, model.scale(), cfg.weights)
-            return _anchored(loss, parts, anchors, {"img": img_e, "txt": txt_e}, idx)
+            return loss, parts, {"img": img_e, "txt": txt_e}, idx
         # personal image queries vs global captions, and personal caption queries vs global images
         with torch.no_grad():
             img_g, txt_g = model.img(img), model.txt(txt)
         (img_p, img_pc), (txt_p, txt_pc) = model.img(img, True), model.txt(txt, True)
         loss_i, parts_i = retrieval_loss(img_p, txt_g[0], img_pc, txt_g[1], model.scale(), cfg.weights)
         loss_t, parts_t = retrieval_loss(img_g[0], txt_p, img_g[1], txt_pc, model.scale(), cfg.weights)
-        return 0.5 * (loss_i + loss_t), {k: 0.5 * (parts_i[k] + parts_t[k]) for k in parts_i}
+        return 0.5 * (loss_i + loss_t), {k: 0.5 * (parts_i[k] + parts_t[k]) for k in parts_i}, {}, idx
 
-    return _optimise(model, trainable(model, ("img", "txt"), personal), len(img), cfg, rng, batch_loss)
+    return _optimise(model, trainable(model, ("img", "txt"), personal), len(img), cfg, rng, batch_loss,
+                     () if personal else terms)
 
 
 def train_unimodal(model: XmrModel, modality: str, feats: np.ndarray, cfg: TrainConfig, rng: np.random.Generator,
                    caption_image: np.ndarray | None = None, personal: bool = False,
-                   anchors: dict[str, Anchor] | None = None) -> dict[str, float]:
+                   terms: Sequence[LossTerm] = ()) -> dict[str, float]:
     """One modality only. Text: two different captions of a scene are a positive pair (`caption_image` groups
     them). Images: two dropout views of one image are a positive pair. With `personal`, the first view goes
     through the personal adapter and the second is the fixed global embedding."""
@@ -152,14 +153,13 @@ def train_unimodal(model: XmrModel, modality: str, feats: np.ndarray, cfg: Train
         def views(idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
             return F.dropout(x[idx], INPUT_DROPOUT), F.dropout(x[idx], INPUT_DROPOUT)
 
-    def batch_loss(idx: np.ndarray) -> tuple[torch.Tensor, dict]:
+    def batch_loss(idx: np.ndarray) -> tuple[torch.Tensor, dict, dict[str, torch.Tensor], np.ndarray]:
         a, b = views(idx)
         a_emb, a_code = tower(a, personal)
         with torch.set_grad_enabled(not personal):  # personal: the second view is the global embedding
             b_emb, b_code = tower(b)
         loss, parts = retrieval_loss(a_emb, b_emb, a_code, b_code, model.scale().detach(), cfg.weights)
-        if personal:
-            return loss, parts
-        return _anchored(loss, parts, anchors, {modality: a_emb}, scenes[idx])
+        return loss, parts, ({} if personal else {modality: a_emb}), scenes[idx]
 
-    return _optimise(model, trainable(model, (modality,), personal), n_items, cfg, rng, batch_loss)
+    return _optimise(model, trainable(model, (modality,), personal), n_items, cfg, rng, batch_loss,
+                     () if personal else terms)

@@ -1,13 +1,14 @@
 """The ClientApp.
 
-- `train`: local epochs on the node's shard with the loss its modalities allow (paired InfoNCE, or the unimodal
-  objectives), then, if enabled, its personal adapters (kept in `context.state`). The reply carries only the
-  shared arrays of the modalities it trained (`arrays`) and a MetricRecord (`metrics`) with `num-examples`,
-  `has-img` / `has-txt` (so the server renormalises per modality), loss parts, timing and size figures.
-- with method `rcsr`, `train` also holds out part of the shard, anchors to the global prototypes the server sent
-  and replies with the node's prototypes (record `prototypes`) and consistency statistics (see `rcsr.py`).
-- `evaluate`: the node's own test shard, as queries in the modalities it holds, against the shared test gallery
-  the server sends (embedded by the global model): R@K for the global model and for global + personal adapters.
+- `train`: the method's plan (`methods/`: what to train on, extra loss terms), local epochs on the node's shard
+  with the loss its modalities allow (paired InfoNCE, or the unimodal objectives), then, if enabled, its personal
+  adapters (kept in `context.state`). The reply carries the shared arrays of the modalities it trained (`arrays`;
+  none for methods whose models stay on the node), the method's records, and a MetricRecord (`metrics`) with
+  `num-examples`, `has-img` / `has-txt` (so the server renormalises per modality), loss parts, timing and sizes.
+- `evaluate`: the node's own dev shard (every round) or test shard (once, `split` = test, with its state of the
+  round selected on dev), as queries in the modalities it holds, against the shared gallery the server sends
+  (embedded by the model the node was sent, or raw features the node embeds with its own model): R@K for that
+  model and for it + personal adapters.
 No state is kept in memory between messages.
 """
 
@@ -21,74 +22,107 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from common import protocol as P
+from common.config import parse_run_config
 from common.data.federation import TYPE_CODES
 from common.metrics import query_recalls
 from common.model import XmrModel, upload_keys
-from common.prototypes import RECORD, Anchor
 from common.train import TrainConfig, train_paired, train_unimodal
-from fedxmr_client import rcsr
-from fedxmr_client.node import NodeShard, load_shard, model_for, save_personal
+from fedxmr_client.methods import ClientMethod, client_method
+from fedxmr_client.methods.base import Plan
+from fedxmr_client.node import (MODEL_STATE, PERSONAL_STATE, NodeShard, load_shard, model_for, node_state,
+                                personal_state, save_state, shared_state, sync_selected)
 
 app = ClientApp()
 
 
-def _train(model: XmrModel, shard: NodeShard, cfg: TrainConfig, rng: np.random.Generator,
-           personal: bool, anchors: dict[str, Anchor] | None = None) -> dict[str, float]:
+def _train(model: XmrModel, shard: NodeShard, cfg: TrainConfig, rng: np.random.Generator, personal: bool,
+           plan: Plan | None = None) -> dict[str, float]:
     f, caps = shard.feats, shard.data.caption_image
+    terms = plan.terms if plan else ()
     if shard.client_type == "paired":
-        return train_paired(model, f["img"], f["txt"], caps, cfg, rng, personal=personal, anchors=anchors)
+        return train_paired(model, f["img"], f["txt"], caps, cfg, rng, personal=personal, terms=terms)
     if shard.client_type == "image-only":
-        return train_unimodal(model, "img", f["img"], cfg, rng, personal=personal, anchors=anchors)
-    return train_unimodal(model, "txt", f["txt"], cfg, rng, caption_image=caps, personal=personal, anchors=anchors)
+        return train_unimodal(model, "img", f["img"], cfg, rng, personal=personal, terms=terms)
+    return train_unimodal(model, "txt", f["txt"], cfg, rng, caption_image=caps, personal=personal, terms=terms)
+
+
+def _model(shard: NodeShard, method: ClientMethod, content: RecordDict, context: Context,
+           selected: bool = False) -> tuple[XmrModel, bool]:
+    """The model this message works with, and whether it has trained personal adapters."""
+    best = int(content[P.CONFIG].get(P.BEST_ROUND, -1))
+    personal = node_state(context, PERSONAL_STATE, selected, best)
+    own = node_state(context, MODEL_STATE, selected, best) if method.keeps_model else None
+    if method.keeps_model and own is None:
+        own = method.initial_model(shard)
+    sent = content[P.ARRAYS] if P.ARRAYS in content.array_records else None
+    return model_for(shard, sent, personal, own), personal is not None
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    shard = load_shard(context, "train")
-    model, _ = model_for(shard, msg.content["arrays"], context)
-    config = msg.content["config"]
-    server_round = int(config.get("server-round", 0))
-    cfg = shard.cfg.train_cfg()
-    if "proximal-mu" in config:
-        cfg = replace(cfg, proximal_mu=float(config["proximal-mu"]))
+    method = client_method(parse_run_config(context.run_config).method)
+    shard = load_shard(context, "train", method.data_config)
+    config = msg.content[P.CONFIG]
+    server_round = int(config.get(P.SERVER_ROUND, 0))
+    sync_selected(context, int(config.get(P.BEST_ROUND, -1)))
+    model, _ = _model(shard, method, msg.content, context)
+    cfg = method.train_config(shard.cfg)
     rng = np.random.default_rng([shard.cfg.seed, shard.partition_id, server_round])
     torch.manual_seed(int(rng.integers(2**31)))
     start = time.perf_counter()
-    rcsr_round = rcsr.begin(shard, model, msg.content) if shard.cfg.method == "rcsr" else None
-    local = rcsr_round.train if rcsr_round else shard
-    stats = _train(model, local, cfg, rng, personal=False, anchors=rcsr_round.anchors if rcsr_round else None)
-    metrics = {f"train-{k.replace('_', '-')}": float(v) for k, v in stats.items()}
-    if shard.cfg.personal_adapters:
-        personal_cfg = replace(cfg, epochs=shard.cfg.personal_epochs, proximal_mu=0.0)
-        metrics["personal-loss"] = _train(model, local, personal_cfg, rng, personal=True)["loss"]
-        save_personal(model, context)
+    plan = method.begin(shard, model, msg.content)
+    records = RecordDict()
+    metrics: dict[str, float] = {}
+    if plan.train:
+        stats = _train(model, plan.shard, cfg, rng, personal=False, plan=plan)
+        metrics = {f"train-{k.replace('_', '-')}": float(v) for k, v in stats.items()}
+        if shard.cfg.personal_adapters:
+            personal_cfg = replace(cfg, epochs=shard.cfg.personal_epochs)
+            metrics["personal-loss"] = _train(model, plan.shard, personal_cfg, rng, personal=True)["loss"]
+            save_state(context, PERSONAL_STATE, personal_state(model), server_round)
+        if method.keeps_model:
+            save_state(context, MODEL_STATE, shared_state(model), server_round)
+        extra_metrics, extra_records = method.finish(plan, model)
+        metrics |= extra_metrics
+        for name, record in extra_records.items():
+            records[name] = record
     state = model.state_dict()
-    arrays = ArrayRecord({k: state[k] for k in upload_keys(state, shard.modalities)})
-    records = RecordDict({"arrays": arrays})
-    if rcsr_round:
-        rcsr_metrics, prototypes = rcsr.finish(rcsr_round, model)
-        records[RECORD] = prototypes
-        metrics |= rcsr_metrics
+    sent = upload_keys(state, shard.modalities) if plan.train and method.sends_weights else []
+    arrays = ArrayRecord({k: state[k] for k in sent})
+    records[P.ARRAYS] = arrays
     metrics |= {
-        "num-examples": len(local.data.images),
-        "partition-id": shard.partition_id,
-        "client-type": TYPE_CODES[shard.client_type],
-        "has-img": int("img" in shard.modalities),
-        "has-txt": int("txt" in shard.modalities),
+        P.NUM_EXAMPLES: len(plan.shard.data.images),
+        P.PARTITION_ID: shard.partition_id,
+        P.CLIENT_TYPE: TYPE_CODES[shard.client_type],
+        P.HAS["img"]: int("img" in shard.modalities),
+        P.HAS["txt"]: int("txt" in shard.modalities),
+        "trained": int(plan.train),
         "train-seconds": time.perf_counter() - start,
         "load-seconds": shard.load_seconds,
-        "upload-bytes": sum(a.numpy().nbytes for a in arrays.values()),
+        P.UPLOAD_BYTES: sum(a.numpy().nbytes for rec in records.array_records.values() for a in rec.values()),
+        P.SENT_CHECKSUM: P.checksum({k: a.numpy() for k, a in arrays.items()}),
     }
-    records["metrics"] = MetricRecord(metrics)
+    if P.ARRAYS in msg.content.array_records:
+        metrics[P.RECEIVED_CHECKSUM] = P.checksum({k: a.numpy() for k, a in msg.content[P.ARRAYS].items()})
+    records[P.METRICS] = MetricRecord(metrics)
     return Message(records, reply_to=msg)
 
 
-def _scores(model: XmrModel, shard: NodeShard, gallery: ArrayRecord, personal: bool) -> dict[str, float]:
+def _gallery(model: XmrModel, gallery: ArrayRecord) -> dict[str, np.ndarray]:
+    """Gallery embeddings: as sent, or embedded here from raw features by the node's own shared towers."""
     g = {k: a.numpy() for k, a in gallery.items()}
+    for mod in ("img", "txt"):
+        if f"{mod}-feat" in g:
+            g[f"{mod}-emb"] = model.encode(mod, g.pop(f"{mod}-feat"))[0]
+    return g
+
+
+def _scores(model: XmrModel, shard: NodeShard, g: dict[str, np.ndarray], personal: bool) -> dict[str, float]:
     out: dict[str, float] = {}
     if "img" in shard.modalities:
         emb, _ = model.encode("img", shard.feats["img"], personal=personal)
-        out |= query_recalls(emb @ g["txt-emb"].T, shard.pool_indices, g["caption-image"], "i2t")
+        out |= query_recalls(emb @ g["txt-emb"].T, shard.pool_indices, g[P.CAPTION_IMAGE], "i2t")
     if "txt" in shard.modalities:
         emb, _ = model.encode("txt", shard.feats["txt"], personal=personal)
         owner = shard.pool_indices[shard.data.caption_image]
@@ -99,13 +133,18 @@ def _scores(model: XmrModel, shard: NodeShard, gallery: ArrayRecord, personal: b
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    shard = load_shard(context, "test")
-    model, has_personal = model_for(shard, msg.content["arrays"], context)
-    metrics: dict[str, float] = {"num-examples": len(shard.data.images), "partition-id": shard.partition_id,
-                                 "client-type": TYPE_CODES[shard.client_type]}
-    if not len(shard.data.images):  # a very skewed partition can leave a client without test items
-        return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
-    metrics |= {f"global-{k}": v for k, v in _scores(model, shard, msg.content["gallery"], False).items()}
+    method = client_method(parse_run_config(context.run_config).method)
+    config = msg.content[P.CONFIG]
+    split = str(config.get(P.SPLIT_KEY, "dev"))
+    shard = load_shard(context, split, method.data_config)
+    sync_selected(context, int(config.get(P.BEST_ROUND, -1)))
+    model, has_personal = _model(shard, method, msg.content, context, selected=split == "test")
+    metrics: dict[str, float] = {P.NUM_EXAMPLES: len(shard.data.images), P.PARTITION_ID: shard.partition_id,
+                                 P.CLIENT_TYPE: TYPE_CODES[shard.client_type]}
+    if not len(shard.data.images):  # a very skewed partition can leave a client without local dev/test items
+        return Message(RecordDict({P.METRICS: MetricRecord(metrics)}), reply_to=msg)
+    gallery = _gallery(model, msg.content[P.GALLERY])
+    metrics |= {f"global-{k}": v for k, v in _scores(model, shard, gallery, False).items()}
     if shard.cfg.personal_adapters and has_personal:
-        metrics |= {f"personal-{k}": v for k, v in _scores(model, shard, msg.content["gallery"], True).items()}
-    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+        metrics |= {f"personal-{k}": v for k, v in _scores(model, shard, gallery, True).items()}
+    return Message(RecordDict({P.METRICS: MetricRecord(metrics)}), reply_to=msg)

@@ -1,8 +1,14 @@
-"""What a node holds: its type (paired / image-only / text-only), its shards of the train and test pools restricted
-to its modalities, their cached features, and its personal adapters.
+"""What a node holds: its type (paired / image-only / text-only), its shards of the train, dev and test pools
+restricted to its modalities, their cached features, and its node state (personal adapters; a method's own model).
 
 Stateless by design: the Deployment Engine starts a fresh process per message, so everything is rebuilt from the
-run config, the node config, the node's on-disk feature cache and `context.state` (personal adapters).
+run config, the node config, the node's on-disk feature cache and `context.state`.
+
+Selection: the server picks the round with the best dev score and tells every message (`best-round`). The node keeps
+a copy of its state as it was in that round (`@selected`), so that the once-only per-client test scores the state
+of the selected round, not the last one. The state only changes in train messages, which first call `sync_selected`;
+so when the selected round is at or after the round the current state dates from, the current state is the one that
+was in effect then.
 """
 
 from __future__ import annotations
@@ -11,7 +17,9 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import ArrayRecord, Context
+from typing import Callable
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 
 from common.backbones import Backbone, build_backbone, resolve_device
 from common.config import RunConfig, parse_node_config, parse_run_config
@@ -21,7 +29,11 @@ from common.data.shards import cut_shard, read_shard, shard_dir
 from common.features import resolve_cache_dir, split_features
 from common.model import XmrModel, is_personal, load_numpy_state
 
-PERSONAL_STATE = "personal-adapters"
+PERSONAL_STATE = "personal-adapters"  # the node's personal adapters, never uploaded
+MODEL_STATE = "node-model"  # a method's own model of the node (FedProto), never uploaded
+NODE_STATES = (PERSONAL_STATE, MODEL_STATE)
+STATE_INFO = "node-state"  # ConfigRecord: "round" the state dates from, "selected-of" the round its copy is of
+SELECTED = "@selected"
 
 
 @dataclass(frozen=True)
@@ -46,17 +58,21 @@ class NodeShard:
         return XmrModel(cfg).to(self.device)
 
 
-def load_shard(context: Context, split: str = "train") -> NodeShard:
+def load_shard(context: Context, split: str = "train",
+               data_config: Callable[[RunConfig, int], RunConfig] | None = None) -> NodeShard:
     """Validate the configs, find this node's shard of `split` and load (encoding once) its features.
 
     Node config (`flower-supernode --node-config`) wins over the run config for `data-dir`, `cache-dir` and
     `device`, so that each institution points at its own disk and hardware. A `data-dir` holding a materialised
     shard (`common.data.shards`) is read as is: the node needs no other data, and the shard must have been cut for
     this node and this run config. Otherwise (simulation) the node cuts its partition from the full dataset.
+    `data_config` lets a method change what the node loads (centralized: the whole split, paired).
     """
     start = time.perf_counter()
     cfg = parse_run_config(context.run_config)
     node = parse_node_config(context.node_config)
+    if data_config is not None:
+        cfg = data_config(cfg, node.num_partitions)
     data_dir = node.data_dir or cfg.data_dir
     private = shard_dir(data_dir)
     if private is not None:
@@ -75,18 +91,53 @@ def load_shard(context: Context, split: str = "train") -> NodeShard:
                      load_seconds=time.perf_counter() - start)
 
 
-def model_for(shard: NodeShard, global_arrays: ArrayRecord, context: Context) -> tuple[XmrModel, bool]:
-    """The global model plus this node's personal adapters from `context.state` (zero-initialised, i.e. the
-    identity, before the node first trained them). Returns (model, whether trained personal adapters exist)."""
+def _copy(record: ArrayRecord) -> ArrayRecord:
+    return ArrayRecord({k: Array(a.numpy().copy()) for k, a in record.items()})
+
+
+def sync_selected(context: Context, best_round: int) -> None:
+    """Keep a copy of the node state if it is the one that was in effect in the selected round."""
+    info = context.state.config_records.get(STATE_INFO)
+    if info is None or best_round < 1 or best_round < int(info["round"]):
+        return
+    for key in NODE_STATES:
+        if key in context.state.array_records:
+            context.state[key + SELECTED] = _copy(context.state[key])
+    info["selected-of"] = best_round
+
+
+def node_state(context: Context, key: str, selected: bool, best_round: int) -> ArrayRecord | None:
+    """The node's current state `key`, or (`selected`) its copy of the selected round (None if it had none)."""
+    if not selected:
+        return context.state.array_records.get(key)
+    info = context.state.config_records.get(STATE_INFO)
+    if info is None or int(info.get("selected-of", -1)) != best_round:
+        return None
+    return context.state.array_records.get(key + SELECTED)
+
+
+def save_state(context: Context, key: str, record: ArrayRecord, server_round: int) -> None:
+    """Store node state (never in a reply) and the round it dates from."""
+    context.state[key] = record
+    info = context.state.config_records.get(STATE_INFO)
+    context.state[STATE_INFO] = ConfigRecord({**(dict(info) if info else {}), "round": server_round})
+
+
+def model_for(shard: NodeShard, global_arrays: ArrayRecord | None, personal: ArrayRecord | None,
+              node_model: ArrayRecord | None = None) -> XmrModel:
+    """The model a node uses: the arrays it was sent (or its own model, `node_model`, for methods whose models
+    stay on the node; a fresh model seeded like the server's when it has none yet), plus its personal adapters
+    (zero-initialised, i.e. the identity, before it first trained them)."""
     model = shard.new_model()
-    load_numpy_state(model, {k: a.numpy() for k, a in global_arrays.items()}, partial=True)
-    saved = context.state.array_records.get(PERSONAL_STATE)
-    if saved is not None and shard.cfg.personal_adapters:
-        load_numpy_state(model, {k: a.numpy() for k, a in saved.items()}, partial=True)
-    return model, saved is not None
+    for record in (global_arrays, node_model, personal if shard.cfg.personal_adapters else None):
+        if record is not None:
+            load_numpy_state(model, {k: a.numpy() for k, a in record.items()}, partial=True)
+    return model
 
 
-def save_personal(model: XmrModel, context: Context) -> None:
-    """Keep the personal adapters on the node (context.state), never in a reply."""
-    context.state[PERSONAL_STATE] = ArrayRecord({k: v.detach().cpu() for k, v in model.state_dict().items()
-                                                 if is_personal(k)})
+def shared_state(model: XmrModel) -> ArrayRecord:
+    return ArrayRecord({k: v.detach().cpu() for k, v in model.state_dict().items() if not is_personal(k)})
+
+
+def personal_state(model: XmrModel) -> ArrayRecord:
+    return ArrayRecord({k: v.detach().cpu() for k, v in model.state_dict().items() if is_personal(k)})

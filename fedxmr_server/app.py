@@ -10,7 +10,7 @@ from logging import INFO
 
 import flwr
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from threadpoolctl import threadpool_limits
@@ -43,33 +43,42 @@ def _run(grid: Grid, context: Context) -> None:
     torch.manual_seed(cfg.seed)
     model = XmrModel(cfg.model_cfg(backbone.img_dim, backbone.txt_dim))
     recorder = RunRecorder(cfg, {"model": model.cfg.to_dict(), "flwr": flwr.__version__, "torch": torch.__version__,
+                                 "strategy": strategy.description,
                                  "trainable-params": sum(v.numel() for v in model.state_dict().values())})
     evaluator = ServerEvaluator(cfg, backbone)
-    strategy.gallery_fn = lambda arrays: evaluator.gallery(from_array_record(arrays))
+    strategy.gallery_fn = evaluator.gallery
     log(INFO, "fedxmr: run dir %s", recorder.dir)
     round_start = [time.time()]
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        dev = evaluator.dev_round(server_round, from_array_record(arrays))
-        now = time.time()
-        recorder.log_round({"round": server_round, "round-s": round(now - round_start[0], 2), "dev": dev,
-                            "train": strategy.last_train, "client-evaluate": strategy.last_evaluate})
-        round_start[0] = now
+        dev = evaluator.score(from_array_record(arrays), "dev")
         log(INFO, "fedxmr: round %d dev rsum %.1f (hash %.1f)", server_round, dev["rsum"], dev["hash_rsum"])
-        return MetricRecord({f"dev-{k}": float(v) for k, v in dev.items()})
+        return MetricRecord({k: float(v) for k, v in dev.items()})
+
+    def round_fn(server_round: int, dev: dict[str, float] | None) -> None:
+        now = time.time()
+        recorder.log_round({"round": server_round, "round-s": round(now - round_start[0], 2), "dev": dev or {},
+                            "train": strategy.last_train if server_round else {},
+                            "client-dev": strategy.last_evaluate if server_round else {},
+                            "best-round": strategy.best.round})
+        round_start[0] = now
 
     strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=cfg.num_server_rounds,
-                   timeout=cfg.round_timeout, train_config=ConfigRecord(), evaluate_config=ConfigRecord(),
-                   evaluate_fn=evaluate_fn)
+                   timeout=cfg.round_timeout, evaluate_fn=evaluate_fn, round_fn=round_fn)
 
-    test = evaluator.test_best()
-    recorder.save_weights(evaluator.best_arrays)
+    best = strategy.best
+    dev = next((r["dev"] for r in recorder.rounds if r["round"] == best.round), {})
+    test = evaluator.score(best.arrays, "test") if strategy.has_global_model else {}
+    clients = strategy.final_test(grid, cfg.round_timeout)  # per-client test, once, at the selected round
+    recorder.save_weights(best.arrays if strategy.has_global_model else
+                          {f"{node}/{k}": v for node, arrays in best.clients.items() for k, v in arrays.items()})
     strategy.state.save(recorder.dir / "strategy-state.npz")
     recorder.plot()
-    recorder.plot_clients(strategy.last_evaluate.get("clients", []))
+    recorder.plot_clients(clients.get("clients", []))
     recorder.plot_router()
-    clients = max((r["train"].get("replies", 0) for r in recorder.rounds if r.get("train")), default=0)
-    text = recorder.summary(evaluator.best_round, evaluator.best_dev, test,
-                            {"clients": clients, "per-client": strategy.last_evaluate})
+    n_clients = max((r["train"].get("replies", 0) for r in recorder.rounds if r.get("train")), default=0)
+    text = recorder.summary(best.round, dev, test, {"clients": n_clients, "per-client": clients,
+                                                    "selected-on": "dev rsum" if strategy.has_global_model
+                                                    else "mean per-client dev score"})
     print(text, flush=True)
     log(INFO, "fedxmr: outputs in %s", recorder.dir)

@@ -1,12 +1,11 @@
 """Server-side evaluation on the shared dev and test splits (the public benchmark the server holds).
 
-Every round the global model is scored on dev; the round with the best dev rsum is kept, and only that model is
-scored on test, once, at the end (model selection never looks at test).
+Every round the global model is scored on dev; the strategy keeps the round with the best dev score, and only that
+model is scored on test, once, at the end (model selection never looks at test).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,8 +17,6 @@ from common.evaluate import evaluate_retrieval
 from common.features import resolve_cache_dir, split_features
 from common.model import XmrModel, load_numpy_state
 
-SELECT_KEY = "rsum"
-
 
 @dataclass
 class _Split:
@@ -29,13 +26,12 @@ class _Split:
 
 @dataclass
 class ServerEvaluator:
+    """Scores models on the shared splits and builds the galleries sent for per-client evaluation."""
+
     cfg: RunConfig
     backbone: Backbone
-    best_round: int = -1
-    best_score: float = -math.inf
-    best_arrays: dict[str, np.ndarray] = field(default_factory=dict)
-    best_dev: dict[str, float] = field(default_factory=dict)
     _splits: dict[str, _Split] = field(default_factory=dict)
+    _last_gallery: tuple[object, str, dict[str, np.ndarray]] | None = None
 
     def _split(self, name: str) -> _Split:
         if name not in self._splits:
@@ -55,23 +51,19 @@ class ServerEvaluator:
         return evaluate_retrieval(self._model(arrays), s.feats["img"], s.feats["txt"], s.data.caption_image,
                                   s.data.labels)
 
-    def gallery(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """The shared test gallery embedded by the global model, for per-client evaluation on the nodes (reported
-        per client; never used for model selection)."""
-        s, model = self._split("test"), self._model(arrays)
-        return {"img-emb": model.encode("img", s.feats["img"])[0], "txt-emb": model.encode("txt", s.feats["txt"])[0],
-                "caption-image": s.data.caption_image}
-
-    def dev_round(self, server_round: int, arrays: dict[str, np.ndarray]) -> dict[str, float]:
-        """Score on dev and remember the model if it is the best so far (ties keep the earlier round)."""
-        metrics = self.score(arrays, "dev")
-        if metrics[SELECT_KEY] > self.best_score:
-            self.best_round, self.best_score = server_round, metrics[SELECT_KEY]
-            self.best_arrays = {k: v.copy() for k, v in arrays.items()}
-            self.best_dev = metrics
-        return metrics
-
-    def test_best(self) -> dict[str, float]:
-        if not self.best_arrays:
-            raise RuntimeError("no round was evaluated on dev, so there is no model to test")
-        return self.score(self.best_arrays, "test")
+    def gallery(self, arrays: dict[str, np.ndarray] | None, split: str) -> dict[str, np.ndarray]:
+        """The shared gallery of `split` for per-client evaluation: embedded by `arrays` (`img-emb`, `txt-emb`),
+        or, for methods whose models stay on the nodes (`arrays` None), the raw frozen features (`img-feat`,
+        `txt-feat`) that each node embeds itself. Never used for model selection on the server. The last gallery
+        is cached, so that every node of a round is sent the same one without re-embedding it."""
+        if self._last_gallery is not None and self._last_gallery[0] is arrays and self._last_gallery[1] == split:
+            return self._last_gallery[2]
+        s = self._split(split)
+        out = {"caption-image": s.data.caption_image}
+        if arrays is None:
+            out |= {"img-feat": s.feats["img"], "txt-feat": s.feats["txt"]}
+        else:
+            model = self._model(arrays)
+            out |= {f"{mod}-emb": model.encode(mod, s.feats[mod])[0] for mod in ("img", "txt")}
+        self._last_gallery = (arrays, split, out)
+        return out

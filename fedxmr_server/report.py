@@ -1,6 +1,7 @@
 """Run outputs under `<out-dir>/<run-id>/`: config.json (resolved config), metrics.jsonl (one line per round),
-weights.safetensors (the trainable weights of the best-dev round: the reported model), strategy-state.npz (the
-strategy's full state after the last round), convergence.png, clients.png (per-client scores, final round),
+weights.safetensors (the trainable weights of the best-dev round: the reported model; per-client models as
+`<node>/<key>` for methods without a global model), strategy-state.npz (the strategy's state after the last round),
+convergence.png, clients.png (per-client test scores at the selected round),
 router.png (RCSR: per-client router and aggregation weights per round),
 summary.md (also printed) and final.json."""
 
@@ -46,9 +47,12 @@ class RunRecorder:
         with open(self.dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
 
-    def save_weights(self, arrays: dict[str, np.ndarray]) -> Path:
+    def save_weights(self, arrays: dict[str, np.ndarray]) -> Path | None:
+        """The reported model's weights; none when the models stay on the nodes (FedProto)."""
         from safetensors.numpy import save_file
 
+        if not arrays:
+            return None
         path = self.dir / "weights.safetensors"
         save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(path))
         return path
@@ -63,12 +67,18 @@ class RunRecorder:
     def plot(self) -> Path:
         plt = _pyplot()
 
-        rounds = [r["round"] for r in self.rounds]
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-        ax1.plot(rounds, [r["dev"]["rsum"] for r in self.rounds], "o-", label="continuous")
-        ax1.plot(rounds, [r["dev"]["hash_rsum"] for r in self.rounds], "s-",
-                 label=f"{self.cfg.hash_bits}-bit Hamming")
-        ax1.set(xlabel="round", ylabel="dev rsum", title="Dev retrieval (rsum of 6 recalls)")
+        scored = [r for r in self.rounds if r.get("dev")]
+        if scored:
+            rounds = [r["round"] for r in scored]
+            ax1.plot(rounds, [r["dev"]["rsum"] for r in scored], "o-", label="continuous")
+            ax1.plot(rounds, [r["dev"]["hash_rsum"] for r in scored], "s-", label=f"{self.cfg.hash_bits}-bit Hamming")
+            ax1.set(xlabel="round", ylabel="dev rsum", title="Dev retrieval (rsum of 6 recalls)")
+        else:  # no global model: the mean per-client dev score selects the round
+            clients = [r for r in self.rounds if r.get("client-dev", {}).get("summary")]
+            ax1.plot([r["round"] for r in clients], [r["client-dev"]["summary"]["all-global-mean"] for r in clients],
+                     "o-", label="mean client")
+            ax1.set(xlabel="round", ylabel="per-client dev score", title="Per-client dev (mean R@1/5/10)")
         ax1.legend()
         trained = [r for r in self.rounds if r.get("train", {}).get("aggregate")]
         ax2.plot([r["round"] for r in trained], [r["train"]["aggregate"].get("train-loss", np.nan) for r in trained],
@@ -78,7 +88,7 @@ class RunRecorder:
         return self._save(fig, "convergence.png")
 
     def plot_clients(self, clients: list[dict[str, Any]]) -> Path | None:
-        """Bars per client (final round): global model vs global + personal adapters, grouped by client type."""
+        """Bars per client (selected round): global model vs global + personal adapters, grouped by client type."""
         clients = [c for c in clients if "global-score" in c]
         if not clients:
             return None
@@ -91,7 +101,7 @@ class RunRecorder:
         if all("personal-score" in c for c in clients):
             ax.bar(x + 0.2, [c["personal-score"] for c in clients], 0.4, label="global + personal")
         ax.set_xticks(x, [f"{int(c['partition-id'])}\n{types[int(c['client-type'])]}" for c in clients], fontsize=7)
-        ax.set(ylabel="mean R@1/5/10 over own queries (%)", title=f"{self.dir.name}: per-client test (final round)")
+        ax.set(ylabel="mean R@1/5/10 over own queries (%)", title=f"{self.dir.name}: per-client test (selected round)")
         ax.legend(loc="lower right")
         return self._save(fig, "clients.png")
 
@@ -117,34 +127,32 @@ class RunRecorder:
             ax.set_xticks(range(len(rounds)), rounds, fontsize=7)
             ax.set(xlabel="round", title=title)
             fig.colorbar(im, ax=ax)
-        fig.suptitle(f"{self.dir.name}: per-client weights ({self.cfg.rcsr_router} router)")
+        fig.suptitle(f"{self.dir.name}: per-client weights ({self.cfg.options.router} router)")
         return self._save(fig, "router.png")
 
     def summary(self, best_round: int, dev: dict[str, float], test: dict[str, float], extra: dict[str, Any]) -> str:
         bits = self.cfg.hash_bits
         head = "| split | ranking | " + " | ".join(k.replace("_", " ") for k in _TABLE_KEYS) + " |"
         lines = [head, "|" + "---|" * (len(_TABLE_KEYS) + 2)]
-        for split, m in (("dev", dev), ("test", test)):
+        for split, m in (("dev", dev), ("test", test)) if test else ():
             for label, prefix in (("continuous", ""), (f"{bits}-bit Hamming", "hash_")):
                 lines.append(f"| {split} | {label} | " + " | ".join(f"{m[prefix + k]:.1f}" for k in _TABLE_KEYS) + " |")
-        maps = [f"| {split} | " + " | ".join(f"{m['hash_' + k]:.3f}" for k in ("map_i2t", "map_t2i", "mapr_i2t",
-                                                                             "mapr_t2i")) + " |"
-                for split, m in (("dev", dev), ("test", test))]
+        map_keys = ("map_i2t", "map_t2i", "mapr_i2t", "mapr_t2i", "smap_i2t", "smap_t2i")
+        maps = [f"| {split} | " + " | ".join(f"{m['hash_' + k]:.3f}" for k in map_keys) + " |"
+                for split, m in ((("dev", dev), ("test", test)) if test else ())]
         text = "\n".join([
             f"# {self.dir.name}",
             "",
             f"method {self.cfg.method}, backbone {self.cfg.backbone}, {extra.get('clients', '?')} clients, "
             f"{self.cfg.num_server_rounds} rounds, wall {time.time() - self.start:.0f} s; "
-            f"test evaluated once, at the best dev round ({best_round}, by dev {'rsum'}).",
+            f"test evaluated once, at the best dev round ({best_round}, by {extra.get('selected-on', 'dev rsum')}).",
             "",
-            *lines,
+            *(lines if test else ["No global model: every client is scored with its own model (below)."]),
             "",
-            f"{bits}-bit Hamming-ranking MAP over DERIVED concept labels (relevant = shares >= 1 label):",
-            "",
-            "| split | MAP@all i2t | MAP@all t2i | MAP@R i2t | MAP@R t2i |",
-            "|---|---|---|---|---|",
-            *maps,
-            "",
+            *([f"{bits}-bit Hamming-ranking MAP over DERIVED concept labels (relevant = shares >= 1 label; tie-aware "
+               "MAP@all and MAP@R, and the standard MAP@all of the hashing papers, ties in database order):", "",
+               "| split | MAP@all i2t | MAP@all t2i | MAP@R i2t | MAP@R t2i | std MAP i2t | std MAP t2i |",
+               "|---|---|---|---|---|---|---|", *maps, ""] if test else []),
             *_client_lines(extra.get("per-client", {}).get("summary", {})),
         ])
         (self.dir / "summary.md").write_text(text)
@@ -154,11 +162,12 @@ class RunRecorder:
 
 
 def _client_lines(summary: dict[str, float]) -> list[str]:
-    """Per-client test scores (final round) by client type: mean / worst / std over clients."""
+    """Per-client test scores (selected round) by client type: mean / worst / std over clients."""
     if not summary:
         return []
-    lines = ["Per-client test score (mean R@1/5/10 of each client's own queries against the shared test gallery, "
-             "final round):", "", "| clients | n | global mean | worst | std | +personal mean | worst | std |",
+    lines = ["Per-client test score (mean R@1/5/10 of each client's own test queries against the shared test gallery "
+             "embedded by its model, at the selected round):", "",
+             "| clients | n | global mean | worst | std | +personal mean | worst | std |",
              "|---|---|---|---|---|---|---|---|"]
     for group in ("all", *CLIENT_TYPES):
         if f"{group}-global-mean" not in summary:

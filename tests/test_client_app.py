@@ -42,8 +42,12 @@ def _context(run_config: dict, pid: int = 0, num: int = 2) -> Context:
                    run_config=run_config)
 
 
-def _message(arrays: ArrayRecord, kind: str, server_round: int = 1, gallery: ArrayRecord | None = None) -> Message:
-    content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": server_round})})
+def _message(arrays: ArrayRecord | None, kind: str, server_round: int = 1, gallery: ArrayRecord | None = None,
+             split: str = "dev", best_round: int = -1) -> Message:
+    content = RecordDict({"config": ConfigRecord({"server-round": server_round, "split": split,
+                                                  "best-round": best_round})})
+    if arrays is not None:
+        content["arrays"] = arrays
     if gallery is not None:
         content["gallery"] = gallery
     return Message(content=content, dst_node_id=1, message_type=kind)
@@ -91,10 +95,13 @@ def test_train_is_deterministic_per_partition_and_round(run_config: dict) -> Non
 def test_evaluate_scores_own_queries_against_the_gallery(run_config: dict) -> None:
     run_config = {**run_config, "max-eval-images": 20}
     arrays, _ = _global_arrays(run_config)
-    reply = app(_message(arrays, MessageType.EVALUATE, gallery=_gallery(run_config)), _context(run_config, pid=1))
+    reply = app(_message(arrays, MessageType.EVALUATE, gallery=_gallery(run_config), split="test"),
+                _context(run_config, pid=1))
     assert not reply.has_error(), reply.error
     metrics = reply.content["metrics"]
     assert metrics["num-examples"] == 10 and metrics["client-type"] == 0  # 20 test images, 2 partitions, paired
+    dev = app(_message(arrays, MessageType.EVALUATE, gallery=_gallery(run_config)), _context(run_config, pid=1))
+    assert dev.content["metrics"]["num-examples"] == len(load_shard(_context(run_config, pid=1), "dev").data.images)
     recalls = [metrics[f"global-{d}_r{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10)]
     assert all(0.0 <= r <= 100.0 for r in recalls) and recalls == sorted(recalls[:3]) + sorted(recalls[3:])
     assert metrics["global-score"] == pytest.approx(np.mean(recalls))
@@ -196,3 +203,86 @@ def test_personal_adapters_leave_the_upload_unchanged(run_config: dict) -> None:
         assert set(off.keys()) == set(on.keys())
         assert all(np.array_equal(off[k].numpy(), on[k].numpy()) for k in off.keys()), name
     assert "personal-loss" in replies[1].content["metrics"]
+
+
+# ---- client methods -------------------------------------------------------------------------------------------------
+def test_fedproto_node_keeps_its_model_and_sends_only_prototypes(run_config: dict) -> None:
+    """Round 1 arrives without arrays: the node starts from the server's initialisation (same seed), trains,
+    keeps its model in its state and replies with prototypes only. Round 2 starts from that kept model and adds the
+    prototype-distance term once global prototypes are sent."""
+    run_config = {**run_config, "method": "fedproto"}
+    _, init = _global_arrays(run_config)
+    ctx = _context(run_config)
+    reply = app(_message(None, MessageType.TRAIN), ctx)
+    assert not reply.has_error(), reply.error
+    assert len(reply.content["arrays"]) == 0, "FedProto must not upload weights"
+    protos = reply.content["prototypes"]
+    assert set(protos.keys()) == {"img", "img-count", "txt", "txt-count"}
+    kept = {k: a.numpy() for k, a in ctx.state["node-model"].items()}
+    assert set(kept) == set(init) and any(not np.array_equal(kept[k], init[k]) for k in init)
+    msg = _message(None, MessageType.TRAIN, server_round=2)
+    msg.content["prototypes"] = protos
+    metrics = app(msg, ctx).content["metrics"]
+    assert metrics["train-loss-proto"] > 0
+    again = {k: a.numpy() for k, a in ctx.state["node-model"].items()}
+    assert any(not np.array_equal(again[k], kept[k]) for k in kept)
+
+
+def test_fedproto_fresh_model_is_the_servers_initialisation(run_config: dict) -> None:
+    from fedxmr_client.methods.fedproto import FedProtoClient
+
+    run_config = {**run_config, "method": "fedproto"}
+    shard = load_shard(_context(run_config), "train")
+    _, server = _global_arrays(run_config)  # the ServerApp seeds torch with the run seed before building it
+    import torch
+
+    torch.manual_seed(parse_run_config(run_config).seed)
+    server = state_to_numpy(XmrModel(parse_run_config(run_config).model_cfg(shard.backbone.img_dim,
+                                                                            shard.backbone.txt_dim)))
+    fresh = {k: a.numpy() for k, a in FedProtoClient().initial_model(shard).items()}
+    assert all(np.array_equal(fresh[k], server[k]) for k in server)
+
+
+def test_paired_only_unimodal_nodes_train_and_send_nothing(run_config: dict) -> None:
+    run_config = {**run_config, "method": "paired-only", "modality-mix": "0,0.5,0.5"}
+    arrays, _ = _global_arrays(run_config)
+    for pid in (0, 1):
+        reply = app(_message(arrays, MessageType.TRAIN), _context(run_config, pid))
+        assert not reply.has_error(), reply.error
+        assert len(reply.content["arrays"]) == 0 and reply.content["metrics"]["trained"] == 0
+        assert "train-loss" not in reply.content["metrics"]
+
+
+def test_centralized_loads_the_whole_split_paired_on_its_one_node(run_config: dict) -> None:
+    run_config = {**run_config, "method": "centralized", "modality-mix": "0,0.5,0.5", "partitioner": "dirichlet"}
+    arrays, _ = _global_arrays(run_config)
+    with pytest.raises(ConfigError, match="exactly one node"):
+        app(_message(arrays, MessageType.TRAIN), _context(run_config, 0, 2))
+    reply = app(_message(arrays, MessageType.TRAIN), _context(run_config, 0, 1))
+    assert not reply.has_error(), reply.error
+    metrics = reply.content["metrics"]
+    assert metrics["num-examples"] == 40 and metrics["has-img"] == 1 and metrics["has-txt"] == 1
+    assert metrics["train-steps"] == 1 * 5  # centralized-local-epochs=1 (not local-epochs), 40 images / batch 8
+
+
+def test_the_once_only_test_uses_the_node_state_of_the_selected_round(run_config: dict) -> None:
+    """Personal adapters trained in round 1 (selected) and changed in round 2: the test message must score the
+    round-1 adapters, dev messages the current ones."""
+    from fedxmr_client.node import node_state, sync_selected
+
+    run_config = {**run_config, "personal-adapters": True, "personal-epochs": 1, "max-eval-images": 20}
+    arrays, _ = _global_arrays(run_config)
+    ctx = _context(run_config)
+    app(_message(arrays, MessageType.TRAIN, server_round=1), ctx)
+    round1 = {k: a.numpy().copy() for k, a in ctx.state["personal-adapters"].items()}
+    app(_message(arrays, MessageType.TRAIN, server_round=2, best_round=1), ctx)  # round 1 selected so far
+    round2 = {k: a.numpy() for k, a in ctx.state["personal-adapters"].items()}
+    assert any(not np.array_equal(round1[k], round2[k]) for k in round1)
+    sync_selected(ctx, 1)
+    selected = node_state(ctx, "personal-adapters", True, 1)
+    assert all(np.array_equal(selected[k].numpy(), round1[k]) for k in round1)
+    assert node_state(ctx, "personal-adapters", True, 2) is None  # no copy of round 2 was taken yet
+    sync_selected(ctx, 2)  # round 2 becomes the best: the current state is that round's
+    assert all(np.array_equal(node_state(ctx, "personal-adapters", True, 2)[k].numpy(), round2[k]) for k in round2)
+    ev = app(_message(arrays, MessageType.EVALUATE, gallery=_gallery(run_config), split="test", best_round=2), ctx)
+    assert "personal-score" in ev.content["metrics"]

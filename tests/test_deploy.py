@@ -112,7 +112,7 @@ def test_metrics_were_written_from_both_private_shards(deployment: dict) -> None
         clients = r["train"]["clients"]
         assert sorted(c["partition-id"] for c in clients) == [0, 1]
         assert all(c["num-examples"] == SUBSET["max-train-images"] // 2 for c in clients)
-        assert [c["partition-id"] for c in r["client-evaluate"]["clients"]] == [0, 1]
+        assert [c["partition-id"] for c in r["client-dev"]["clients"]] == [0, 1]
     assert max(r["dev"]["rsum"] for r in rounds[1:]) > rounds[0]["dev"]["rsum"] + 60
     final = json.loads((run_dir / "final.json").read_text())
     assert final["test"]["rsum"] > 0

@@ -1,5 +1,6 @@
 """End to end through `flwr run .` (local simulation, Ray), on a small real Flickr8k subset with the offline
-default backbone: the federated model must learn, the run outputs must be complete, nothing may be left running."""
+default backbone: the federated model must learn, the run outputs must be complete and reproducible, the reported
+test must be the selected model's, per-client payloads must reach their nodes, nothing may be left running."""
 
 from __future__ import annotations
 
@@ -13,13 +14,24 @@ from scripts.simulate import processes_matching, simulate
 ROUNDS = 3
 
 
+def _run(flickr8k_dir: Path, base: Path, name: str, extra: str = "", rounds: int = ROUNDS) -> tuple[dict, Path]:
+    config = (f"num-server-rounds={rounds} max-train-images=240 max-eval-images=100 batch-size=32 "
+              f"data-dir='{flickr8k_dir}' cache-dir='{base.parent / 'e2e-cache'}' out-dir='{base / 'runs'}' "
+              f"run-name='{name}' {extra}")
+    status = simulate(clients=2, run_config=config, timeout=900, flwr_home=base / "flwr-home",
+                      cpus_per_client=1)
+    return status, base / "runs" / name
+
+
+def _rounds(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 @pytest.fixture(scope="module")
 def finished_run(flickr8k_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path, Path]:
     base = tmp_path_factory.mktemp("e2e")
-    config = (f"num-server-rounds={ROUNDS} max-train-images=240 max-eval-images=100 batch-size=32 "
-              f"data-dir='{flickr8k_dir}' cache-dir='{base / 'cache'}' out-dir='{base / 'runs'}' run-name='e2e'")
-    status = simulate(clients=2, run_config=config, timeout=900, flwr_home=base / "flwr-home")
-    return status, base / "runs" / "e2e", base / "flwr-home"
+    status, run_dir = _run(flickr8k_dir, base, "e2e")
+    return status, run_dir, base / "flwr-home"
 
 
 def test_run_completes(finished_run: tuple[dict, Path, Path]) -> None:
@@ -39,9 +51,59 @@ def test_the_federated_model_learns(finished_run: tuple[dict, Path, Path]) -> No
     for r in rounds[1:]:
         assert r["train"]["usable"] == 2 and len(r["train"]["clients"]) == 2
         assert {c["partition-id"] for c in r["train"]["clients"]} == {0, 1}
-        per_client = r["client-evaluate"]
+        per_client = r["client-dev"]
         assert [c["partition-id"] for c in per_client["clients"]] == [0, 1]
         assert 0 < per_client["summary"]["all-global-mean"] <= 100
+
+
+def test_the_selected_round_is_the_best_on_dev_and_test_is_its_model(finished_run: tuple[dict, Path, Path]) -> None:
+    """The reported test must come from the round with the highest dev rsum (the earliest of ties), and recomputing
+    it from the saved weights must give the reported numbers."""
+    from safetensors.numpy import load_file
+
+    from common.backbones import build_backbone
+    from common.config import parse_run_config
+    from fedxmr_server.evaluator import ServerEvaluator
+
+    _, run_dir, _ = finished_run
+    rounds = _rounds(run_dir)
+    final = json.loads((run_dir / "final.json").read_text())
+    dev = [r["dev"]["rsum"] for r in rounds]
+    assert final["best-round"] == dev.index(max(dev)) and final["dev"]["rsum"] == max(dev)
+    assert rounds[-1]["best-round"] == final["best-round"]
+    cfg = parse_run_config(json.loads((run_dir / "config.json").read_text())["run"])
+    recomputed = ServerEvaluator(cfg, build_backbone(cfg.backbone, "cpu")).score(
+        load_file(str(run_dir / "weights.safetensors")), "test")
+    assert recomputed == pytest.approx(final["test"], rel=1e-9, abs=1e-12)
+    clients = final["per-client"]["clients"]
+    assert [c["partition-id"] for c in clients] == [0, 1] and all("global-score" in c for c in clients)
+
+
+def test_same_seed_same_metrics(finished_run: tuple[dict, Path, Path], flickr8k_dir: Path,
+                                tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A second run of the same config gives identical dev, client-dev and test numbers."""
+    _, first, _ = finished_run
+    status, again = _run(flickr8k_dir, tmp_path_factory.mktemp("e2e-again"), "e2e")
+    assert status["status"] == "finished:completed", status.get("status-details")
+    for a, b in zip(_rounds(first), _rounds(again), strict=True):
+        assert a["dev"] == b["dev"]
+        assert [c.get("global-score") for c in a["client-dev"].get("clients", [])] == \
+            [c.get("global-score") for c in b["client-dev"].get("clients", [])]
+    final = [json.loads((run / "final.json").read_text()) for run in (first, again)]
+    assert final[0]["test"] == final[1]["test"]
+
+
+def test_each_node_receives_its_own_model(flickr8k_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Method `local` sends different arrays to different nodes: in round 2 each node must receive exactly the
+    model it sent in round 1 (checksums computed by the nodes on both ends), and the two nodes' models differ."""
+    status, run_dir = _run(flickr8k_dir, tmp_path_factory.mktemp("e2e-local"), "local", "method='local'", rounds=2)
+    assert status["status"] == "finished:completed", status.get("status-details")
+    rounds = _rounds(run_dir)
+    sent = {c["partition-id"]: c["sent-checksum"] for c in rounds[0]["train"]["clients"]}
+    received = {c["partition-id"]: c["received-checksum"] for c in rounds[1]["train"]["clients"]}
+    assert received == sent and len(set(sent.values())) == 2
+    final = json.loads((run_dir / "final.json").read_text())
+    assert final["test"] == {} and final["per-client"]["summary"]["all-global-clients"] == 2
 
 
 def test_run_outputs_are_complete(finished_run: tuple[dict, Path, Path]) -> None:

@@ -11,6 +11,7 @@ from common.metrics import (
     recall_at_k_i2t,
     recall_at_k_t2i,
     retrieval_recalls,
+    standard_map,
 )
 
 KS = (1, 5, 10)
@@ -63,6 +64,24 @@ def brute_map(q, db, q_lab, db_lab, at_r):
             ap += w * g_rel * cum_rel / cum_all
             pos += len(group)
         aps.append(ap / n_rel)
+    return sum(aps) / len(aps) if aps else float("nan")
+
+
+def brute_standard_map(q, db, q_lab, db_lab):
+    """calc_map-style AP: explicit stable sort by (distance, db index), precision at every relevant rank."""
+    dist = brute_hamming(q, db)
+    aps = []
+    for qi in range(len(q)):
+        rel = [bool(np.any(q_lab[qi] * db_lab[j])) for j in range(len(db))]
+        if not any(rel):
+            continue
+        order = sorted(range(len(db)), key=lambda j: (dist[qi, j], j))
+        hits, precisions = 0, []
+        for rank, j in enumerate(order, start=1):
+            if rel[j]:
+                hits += 1
+                precisions.append(hits / rank)
+        aps.append(sum(precisions) / len(precisions))
     return sum(aps) / len(aps) if aps else float("nan")
 
 
@@ -259,6 +278,72 @@ def test_hash_maps_keys_and_values():
         "hash_map_t2i": brute_map(txt, img, txt_lab, img_lab, False),
         "hash_mapr_i2t": brute_map(img, txt, img_lab, txt_lab, True),
         "hash_mapr_t2i": brute_map(txt, img, txt_lab, img_lab, True),
+        "hash_smap_i2t": brute_standard_map(img, txt, img_lab, txt_lab),
+        "hash_smap_t2i": brute_standard_map(txt, img, txt_lab, img_lab),
     }
     assert got.keys() == expected.keys()
     np.testing.assert_allclose([got[k] for k in expected], list(expected.values()))
+
+
+# ---------------------------------------------------------------- standard (stable-argsort) MAP
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("bits", [4, 16])
+def test_standard_map_random_vs_brute(seed, bits, chunk):
+    q, db, q_lab, db_lab = random_hash_data(np.random.default_rng(seed), 25, 60, bits=bits)
+    got = standard_map(q, db, q_lab, db_lab)
+    assert 0.0 < got <= 1.0
+    np.testing.assert_allclose(got, brute_standard_map(q, db, q_lab, db_lab), rtol=1e-12)
+    # 4 bits -> 60 items over 5 distances, many ties: the two definitions must actually differ
+    if bits == 4:
+        assert abs(got - mean_average_precision(q, db, q_lab, db_lab)) > 1e-6
+
+
+def test_standard_map_hand_computed_ties():
+    q = np.ones((1, 4))
+    db = np.array([[1, 1, 1, 1], [-1, 1, 1, 1], [1, -1, 1, 1], [-1, -1, 1, 1]])  # distances 0, 1, 1, 2
+    db_lab = np.array([[0], [1], [0], [1]])
+    q_lab = np.array([[1]])
+    # stable order 0, 1, 2, 3 -> relevant at ranks 2 and 4: (1/2 + 2/4) / 2 = 0.5
+    assert standard_map(q, db, q_lab, db_lab) == pytest.approx(0.5, abs=1e-15)
+    # tie-aware: both relevant items of the d1 group get P at the group end (1/3): (1/3 + 2/4) / 2 = 5/12
+    assert mean_average_precision(q, db, q_lab, db_lab) == pytest.approx(5 / 12, abs=1e-15)
+    # swap the two tied db items: the standard MAP follows the db order (ranks 3 and 4 -> (1/3 + 2/4) / 2),
+    # the tie-aware MAP does not change
+    perm = [0, 2, 1, 3]
+    assert standard_map(q, db[perm], q_lab, db_lab[perm]) == pytest.approx(5 / 12, abs=1e-15)
+    assert mean_average_precision(q, db[perm], q_lab, db_lab[perm]) == pytest.approx(5 / 12, abs=1e-15)
+
+
+def test_standard_map_no_ties_equals_tie_aware():
+    q, db = distinct_distance_db()
+    relevant = [0, 2, 3, 7, 10]
+    db_lab = np.zeros((17, 2), dtype=int)
+    db_lab[:, 1] = 1
+    db_lab[relevant] = [1, 0]
+    q_lab = np.array([[1, 0]])
+    rng = np.random.default_rng(0)
+    perm = rng.permutation(17)  # db order is irrelevant without ties
+    for d, lab in ((db, db_lab), (db[perm], db_lab[perm])):
+        np.testing.assert_allclose(standard_map(q, d, q_lab, lab), 0.6742424242424242, rtol=1e-12)
+        np.testing.assert_allclose(mean_average_precision(q, d, q_lab, lab), 0.6742424242424242, rtol=1e-12)
+
+
+def test_standard_map_excludes_queries_without_relevant_and_nan():
+    q = np.ones((2, 4))
+    db = np.array([[1, 1, 1, 1], [-1, 1, 1, 1], [1, -1, 1, 1], [-1, -1, 1, 1]])
+    db_lab = np.array([[0, 0], [1, 0], [0, 0], [1, 0]])
+    q_lab = np.array([[1, 0], [0, 1]])  # second query has no relevant db item -> excluded, not counted as 0
+    assert standard_map(q, db, q_lab, db_lab) == pytest.approx(0.5, abs=1e-15)
+    assert np.isnan(standard_map(q, db, np.zeros_like(q_lab), db_lab))
+
+
+def test_standard_map_validation():
+    q, db, q_lab, db_lab = random_hash_data(np.random.default_rng(0), 4, 10)
+    with pytest.raises(ValueError, match="query_codes"):
+        standard_map(np.zeros_like(q), db, q_lab, db_lab)
+    with pytest.raises(ValueError, match="db_labels must be multi-hot"):
+        standard_map(q, db, q_lab, db_lab * 2)
+    with pytest.raises(ValueError, match="query_labels must be 2-D with 4 rows"):
+        standard_map(q, db, q_lab[:3], db_lab)
+    with pytest.raises(ValueError, match="query_labels has 5 labels but db_labels has 4"):
+        standard_map(q, db, q_lab, db_lab[:, :4])

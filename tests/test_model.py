@@ -128,7 +128,6 @@ def test_logit_scale_shape_and_cap() -> None:
     assert not frozen.logit_scale.requires_grad
 
 
-# ------------------------------------------------------------------------------------------ losses
 def test_info_nce_hand_computed() -> None:
     """Guards the symmetric InfoNCE formula against a 2x2 example computed by hand."""
     a = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
@@ -237,9 +236,18 @@ def test_frozen_temperature_stays_fixed() -> None:
 
 
 def test_proximal_term_keeps_parameters_close() -> None:
-    """Guards FedProx: mu > 0 pulls the local model towards its starting point compared with mu = 0."""
+    """Guards FedProx's loss term: mu > 0 pulls the local model towards its starting point compared with none."""
+    from common.train import trainable
+    from fedxmr_client.methods.fedprox import ProximalTerm
+
     start = state_to_numpy(_model(0, TRAIN_CFG))
-    free, _ = _train(0, 3, TrainConfig(epochs=4, batch_size=50, lr=1e-2, proximal_mu=0.0))
-    prox, _ = _train(0, 3, TrainConfig(epochs=4, batch_size=50, lr=1e-2, proximal_mu=10.0))
+    cfg = TrainConfig(epochs=4, batch_size=50, lr=1e-2)
+    free, _ = _train(0, 3, cfg)
+    img, txt, cap = _paired_data()
+    prox = _model(0, TRAIN_CFG)
+    torch.manual_seed(1003)
+    hist = train_paired(prox, img, txt, cap, cfg, np.random.default_rng(3),
+                        terms=[ProximalTerm(trainable(prox, ("img", "txt"), personal=False), 10.0)])
+    assert hist["loss_prox"] > 0
     d_free, d_prox = _distance(state_to_numpy(free), start), _distance(state_to_numpy(prox), start)
     assert d_free > 0 and d_prox < 0.8 * d_free

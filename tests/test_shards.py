@@ -36,7 +36,7 @@ def _cfg(flickr8k_dir: Path, **overrides: object):
     return parse_run_config({**RUN, "data-dir": str(flickr8k_dir), **overrides})
 
 
-@pytest.mark.parametrize("split", ["train", "test"])
+@pytest.mark.parametrize("split", ["train", "dev", "test"])
 def test_a_materialised_shard_holds_exactly_the_simulated_partition(shards: dict[int, Path], flickr8k_dir: Path,
                                                                     split: str) -> None:
     cfg = _cfg(flickr8k_dir)
@@ -57,7 +57,7 @@ def test_a_materialised_shard_holds_exactly_the_simulated_partition(shards: dict
 def test_a_shard_directory_holds_nothing_of_other_nodes(shards: dict[int, Path], flickr8k_dir: Path) -> None:
     cfg = _cfg(flickr8k_dir)
     for pid, root in shards.items():
-        own = {s: cut_shard(cfg, pid, NUM, flickr8k_dir, s).data for s in ("train", "test")}
+        own = {s: cut_shard(cfg, pid, NUM, flickr8k_dir, s).data for s in ("train", "dev", "test")}
         kind = json.loads((root / MANIFEST).read_text())["client-type"]
         files = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
         images = {f"images/{name}" for d in own.values() for name in d.images}
@@ -128,7 +128,8 @@ def test_the_command_line_writes_a_shard(flickr8k_dir: Path, tmp_path: Path, mon
             "0,1,0"]
     monkeypatch.setattr(sys, "argv", argv)
     main()
-    assert "partition 1/2, image-only (img), train: 20 images, test: 10 images" in capsys.readouterr().out
+    expected = "partition 1/2, image-only (img), train: 20 images, dev: 15 images, test: 10 images"
+    assert expected in capsys.readouterr().out
     assert not (tmp_path / "n1" / TOKEN_FILE).exists()
     cfg = parse_run_config({"max-train-images": 40, "max-eval-images": 20, "modality-mix": "0,1,0"})
     assert read_shard(tmp_path / "n1", "train", cfg, 1, 2).data.captions == ()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
-from common.config import ConfigError, parse_run_config
+from common.config import parse_run_config
 from fedxmr_server.strategies import STRATEGIES, build_strategy
 from fedxmr_server.strategies.state import StrategyState
 
@@ -76,10 +76,9 @@ def test_no_usable_reply_keeps_the_model() -> None:
     np.testing.assert_array_equal(strategy.state.arrays["img.w"], GLOBAL["img.w"])
 
 
-def test_fedprox_sends_mu_and_needs_a_positive_one() -> None:
-    with pytest.raises(ConfigError, match="proximal-mu"):
-        build_strategy(parse_run_config({"method": "fedprox"}))
-    strategy = build_strategy(parse_run_config({"method": "fedprox", "proximal-mu": 0.01}))
+def test_every_node_gets_its_own_payload_object() -> None:
+    """configure_train builds one RecordDict per node (never one shared object a method could mutate for all)."""
+    strategy = fedavg()
     grid = Mock()
     grid.get_node_ids.return_value = [11, 12]
     from flwr.supercore.task_identity import TaskIdentity
@@ -88,14 +87,16 @@ def test_fedprox_sends_mu_and_needs_a_positive_one() -> None:
     msgs = list(strategy.configure_train(3, ArrayRecord({k: Array(v) for k, v in GLOBAL.items()}),
                                          ConfigRecord(), grid))
     assert sorted(m.metadata.dst_node_id for m in msgs) == [11, 12]
-    assert all(m.content["config"]["proximal-mu"] == 0.01 and m.content["config"]["server-round"] == 3
-               for m in msgs)
+    assert msgs[0].content is not msgs[1].content
+    assert msgs[0].content["arrays"] is not msgs[1].content["arrays"]
+    assert all(m.content["config"]["server-round"] == 3 and m.content["config"]["best-round"] == -1 for m in msgs)
 
 
-def test_unknown_method_lists_the_registry() -> None:
-    with pytest.raises(ConfigError) as err:
-        build_strategy(parse_run_config({"method": "fedsomething"}))
-    assert "'method'" in str(err.value) and all(name in str(err.value) for name in STRATEGIES)
+def test_every_method_has_a_server_and_a_client_side() -> None:
+    from common.method_config import SECTIONS
+    from fedxmr_client.methods import CLIENT_METHODS
+
+    assert set(STRATEGIES) == set(SECTIONS) == set(CLIENT_METHODS)
 
 
 def test_state_round_trips_through_bytes_and_disk(tmp_path) -> None:

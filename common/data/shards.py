@@ -39,7 +39,8 @@ from common.data.partition import dominant_class, follow_partition, partition
 
 MANIFEST = "shard.json"
 FORMAT = "fedxmr-shard/1"
-LOCAL_SPLITS: tuple[str, ...] = ("train", "test")  # a node trains on one, answers per-client queries from the other
+# a node trains on one; its per-client queries come from dev (every round) and test (once, at the selected round)
+LOCAL_SPLITS: tuple[str, ...] = ("train", "dev", "test")
 # Run-config keys that decide which items a partition id gets (and, for max-eval-images, what its test indices
 # point at in the server's gallery).
 PARTITION_KEYS: tuple[str, ...] = ("partitioner", "partition-beta", "partition-ways", "modality-mix", "seed",

@@ -1,19 +1,27 @@
-"""Base of every fedxmr strategy: Flower's FedAvg message flow with robust, hookable aggregation.
+"""Base of every fedxmr strategy: the round loop, reply validation and reporting, with hooks for the methods.
 
-Hooks for subclasses (one strategy per file):
-- `train_config(server_round)`: extra keys for the train ConfigRecord (e.g. FedProx's `proximal-mu`);
-- `client_weights(replies)`: one aggregation weight per usable reply (default: number of examples).
-Clients send only the arrays they trained (an image-only client only `img.*`), so every key is averaged over the
-clients that sent it, weights renormalised per key: a text-only client never dilutes the image tower, and a key
-nobody trained keeps its value. A reply is usable when it has no error, sends a non-empty subset of the global
-keys with matching shapes, and every value is finite; anything else is logged with the node id and left out, so
-one failing client never kills a round.
-Evaluation: each node gets the shared test gallery embedded by the global model (`gallery_fn`), only the
-modalities it can query against, and its per-client scores are summarised by client type.
+A method is one subclass (one file) that overrides some of these hooks:
+- `payload(node, server_round, kind)`: the RecordDict one node receives (kind "train", "evaluate" or "test"), built
+  fresh per node (never a shared object mutated in place). Default: the model of that node (`model_for`) and the
+  config; evaluate/test messages add the shared dev/test gallery embedded by that model (`gallery`).
+- `reply_problem(msg)`: method-specific checks on top of the base's (`_base_problem`); a reply with a problem is
+  logged with its node id and left out, so one failing client never kills a round.
+- `client_weights(replies)`: one weight per usable reply; must not change any state (default: num-examples).
+- `aggregate(server_round, replies, weights)`: how usable replies change the model: the global arrays
+  (`state.arrays`) and/or per-client models (`state.clients`). Default: per-key weighted mean over the clients that
+  sent the key (weights renormalised per key), so a text-only client never dilutes the image tower.
+- `update_state(server_round, replies, weights)`: the method's own state (prototypes, routers, ...), called once per
+  round after validation, once the weights are accepted, before `aggregate` (so `state.arrays` is still the model
+  the clients started from); returns extra per-client report fields.
+Everything a strategy keeps lives in `self.state` (`StrategyState`, serialisable). Selection: the round with the
+best dev score (server-side dev rsum of the global model, or, for methods without one, the mean per-client dev
+score) is kept in `self.best`; test is scored once, for that round's models (`final_test`).
 """
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Any, Callable, Iterable
 
@@ -21,51 +29,114 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import Result, Strategy
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from common.config import RunConfig
 from common.data.federation import TYPE_CODES
 from common.evaluate import client_summary
+from common import protocol as P
 from fedxmr_server.strategies.state import StrategyState
 
+Arrays = dict[str, np.ndarray]
 
-def to_array_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+
+def to_array_record(arrays: Arrays) -> ArrayRecord:
     return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
 
 
-def from_array_record(record: ArrayRecord) -> dict[str, np.ndarray]:
+def from_array_record(record: ArrayRecord) -> Arrays:
     return {k: a.numpy() for k, a in record.items()}
 
 
-class XmrStrategy(FedAvg):
-    """FedAvg's sampling and messaging; fedxmr's validation, weighting hooks and a single state object."""
+def record_bytes(content: RecordDict) -> int:
+    """Bytes of all arrays a message carries (what a method exchanges; configs and metrics are negligible)."""
+    return int(sum(a.numpy().nbytes for rec in content.array_records.values() for a in rec.values()))
+
+
+@dataclass
+class Selection:
+    """The best round so far and copies of its models (global and per-client)."""
+
+    round: int = -1
+    score: float = -np.inf
+    arrays: Arrays = field(default_factory=dict)
+    clients: dict[str, Arrays] = field(default_factory=dict)
+
+
+class XmrStrategy(Strategy):
+    """Round loop, validation, weighting/aggregation hooks and a single serialisable state object."""
 
     name = "base"
+    description = "per-key weighted mean of the clients' trainable arrays"
+    has_global_model = True  # False: no global model (selection and dev/test scores are per client)
 
     def __init__(self, cfg: RunConfig) -> None:
-        super().__init__(fraction_train=cfg.fraction_train, fraction_evaluate=cfg.fraction_evaluate,
-                         min_train_nodes=cfg.min_nodes, min_evaluate_nodes=cfg.min_nodes,
-                         min_available_nodes=cfg.min_nodes)
         self.cfg = cfg
         self.state = StrategyState()
+        self.best = Selection()
         self.last_train: dict[str, Any] = {}
         self.last_evaluate: dict[str, Any] = {}
-        self.gallery_fn: Callable[[ArrayRecord], dict[str, np.ndarray]] | None = None
+        self._download_bytes = 0  # arrays sent in this round's train messages
+        # set by the ServerApp: (arrays, split) -> gallery arrays (embedded by `arrays`, or raw features if None)
+        self.gallery_fn: Callable[[Arrays | None, str], Arrays] | None = None
 
-    # ---- hooks -------------------------------------------------------------------------------------------------
-    def train_config(self, server_round: int) -> dict[str, Any]:
-        return {}
+    def summary(self) -> None:
+        log(INFO, "fedxmr strategy %r: %s", self.name, self.description)
+
+    # ---- hooks ---------------------------------------------------------------------------------------------------
+    def model_for(self, node: str, selected: bool = False) -> Arrays | None:
+        """The arrays a node is sent (`selected`: of the round selected on dev); None for methods that never
+        send weights."""
+        return self.best.arrays if selected else self.state.arrays
+
+    def payload(self, node: str, server_round: int, kind: str) -> RecordDict:
+        config = ConfigRecord({P.SERVER_ROUND: server_round, P.BEST_ROUND: self.best.round,
+                               P.SPLIT_KEY: P.SPLIT[kind]})
+        content = RecordDict({P.CONFIG: config})
+        arrays = self.model_for(node, selected=kind == "test")
+        if arrays is not None:
+            content[P.ARRAYS] = to_array_record(arrays)
+        if kind != "train" and self.gallery_fn is not None:
+            content[P.GALLERY] = to_array_record(self._gallery_for(node, arrays, P.SPLIT[kind]))
+        return content
+
+    def reply_problem(self, msg: Message) -> str | None:
+        return self._base_problem(msg, arrays_required=True)
 
     def client_weights(self, replies: list[Message]) -> np.ndarray:
-        return np.array([float(m.content["metrics"]["num-examples"]) for m in replies])
+        return np.array([float(m.content[P.METRICS][P.NUM_EXAMPLES]) for m in replies])
 
-    # ---- Flower API --------------------------------------------------------------------------------------------
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
-        if not self.state.arrays:
-            self.state.arrays = from_array_record(arrays)
-        merged = ConfigRecord({**dict(config), **self.train_config(server_round)})
-        return super().configure_train(server_round, arrays, merged, grid)
+    def aggregate(self, server_round: int, replies: list[Message], weights: np.ndarray) -> None:
+        client_arrays = [from_array_record(m.content[P.ARRAYS]) for m in replies]
+        self.state.arrays = {key: _average(key, old, weights, client_arrays) for key, old in self.state.arrays.items()}
+
+    def update_state(self, server_round: int, replies: list[Message], weights: np.ndarray) -> dict[str, dict]:
+        return {}
+
+    # ---- validation ------------------------------------------------------------------------------------------------
+    def _base_problem(self, msg: Message, arrays_required: bool) -> str | None:
+        content = msg.content
+        if P.METRICS not in content.metric_records:
+            return f"reply lacks the {P.METRICS!r} MetricRecord"
+        n = content[P.METRICS].get(P.NUM_EXAMPLES)
+        if not isinstance(n, (int, float)) or not n > 0:
+            return f"metric {P.NUM_EXAMPLES!r} must be a positive number, got {n!r}"
+        if P.ARRAYS not in content.array_records:
+            return f"reply lacks the {P.ARRAYS!r} ArrayRecord" if arrays_required else None
+        arrays = content[P.ARRAYS]
+        if arrays_required and not len(arrays):
+            return "reply carries no arrays"
+        reference = self.state.arrays
+        if reference and not set(arrays.keys()) <= set(reference):
+            return f"arrays not in the global model: {sorted(set(arrays.keys()) - set(reference))[:4]}"
+        for key, arr in arrays.items():
+            value = arr.numpy()
+            if reference and value.shape != reference[key].shape:
+                return f"array {key!r} has shape {value.shape}, expected {reference[key].shape}"
+            if not np.all(np.isfinite(value)):
+                return f"array {key!r} has non-finite values"
+        return None
 
     def _usable(self, replies: Iterable[Message]) -> list[Message]:
         ok = []
@@ -74,98 +145,180 @@ class XmrStrategy(FedAvg):
             if msg.has_error():
                 log(WARNING, "node %s failed this round and is left out: %s", node, msg.error.reason)
                 continue
-            problem = self._reply_problem(msg)
+            problem = self.reply_problem(msg)
             if problem:
                 log(WARNING, "node %s sent an unusable reply and is left out: %s", node, problem)
                 continue
             ok.append(msg)
-        return ok
+        # a fixed order (partition id, then node id): aggregation sums never depend on arrival order
+        return sorted(ok, key=lambda m: (m.content[P.METRICS].get(P.PARTITION_ID, -1), m.metadata.src_node_id))
 
-    def _reply_problem(self, msg: Message) -> str | None:
-        content = msg.content
-        if "arrays" not in content.array_records or "metrics" not in content.metric_records:
-            return "reply lacks the 'arrays' ArrayRecord or the 'metrics' MetricRecord"
-        n = content["metrics"].get("num-examples")
-        if not isinstance(n, (int, float)) or not n > 0:
-            return f"metric 'num-examples' must be a positive number, got {n!r}"
-        arrays = content["arrays"]
-        if not len(arrays):
-            return "reply carries no arrays"
-        if self.state.arrays and not set(arrays.keys()) <= set(self.state.arrays):
-            return f"arrays not in the global model: {sorted(set(arrays.keys()) - set(self.state.arrays))[:4]}"
-        for key, arr in arrays.items():
-            value = arr.numpy()
-            if self.state.arrays and value.shape != self.state.arrays[key].shape:
-                return f"array {key!r} has shape {value.shape}, expected {self.state.arrays[key].shape}"
-            if not np.all(np.isfinite(value)):
-                return f"array {key!r} has non-finite values"
-        return None
+    # ---- Flower's Strategy API -------------------------------------------------------------------------------------
+    def _sample(self, grid: Grid, fraction: float) -> list[int]:
+        available = len(list(grid.get_node_ids()))
+        size = max(int(available * fraction), self.cfg.min_nodes)
+        nodes, _ = sample_nodes(grid, self.cfg.min_nodes, size)
+        return nodes
+
+    def _messages(self, nodes: list[int], server_round: int, kind: str) -> list[Message]:
+        mtype = MessageType.TRAIN if kind == "train" else MessageType.EVALUATE
+        return [Message(content=self.payload(str(n), server_round, kind), message_type=mtype, dst_node_id=n)
+                for n in nodes]
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        if not self.state.arrays:
+            self.state.arrays = from_array_record(arrays)
+        messages = self._messages(self._sample(grid, self.cfg.fraction_train), server_round, "train")
+        self._download_bytes = sum(record_bytes(m.content) for m in messages)
+        return messages
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        if self.cfg.fraction_evaluate == 0.0:
+            return []
+        return self._messages(self._sample(grid, self.cfg.fraction_evaluate), server_round, "evaluate")
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         ok = self._usable(replies)
         log(INFO, "aggregate_train: %d usable replies of %d", len(ok), len(replies))
-        self.last_train = {"replies": len(replies), "usable": len(ok), "clients": []}
+        self.last_train = {"replies": len(replies), "usable": len(ok), "clients": [],
+                           "download-bytes": self._download_bytes,
+                           "upload-bytes": sum(record_bytes(m.content) for m in replies if not m.has_error())}
         if not ok:
             return None, None
         weights = np.asarray(self.client_weights(ok), dtype=np.float64)
-        if not np.all(np.isfinite(weights)) or weights.sum() <= 0:
+        if not np.all(np.isfinite(weights)) or weights.sum() <= 0 or np.any(weights < 0):
             log(WARNING, "aggregation weights %s are not a usable distribution; the model is kept", weights)
             return None, None
         weights = weights / weights.sum()
-        client_arrays = [from_array_record(m.content["arrays"]) for m in ok]
-        self.state.arrays = {key: self._average(key, old, weights, client_arrays)
-                             for key, old in self.state.arrays.items()}
+        info = self.update_state(server_round, ok, weights)  # sees the model the clients started from
+        self.aggregate(server_round, ok, weights)
         self.state.round = server_round
-        metrics = [dict(m.content["metrics"]) for m in ok]
+        metrics = [dict(m.content[P.METRICS]) for m in ok]
         known = self.state.meta.setdefault("modalities", {})
         for m, mm in zip(ok, metrics):
             known[str(m.metadata.src_node_id)] = [mod for mod in ("img", "txt") if mm.get(f"has-{mod}", 1)]
+        effective = _effective_weights(weights, [set(m.content[P.ARRAYS].keys()) if P.ARRAYS in m.content.array_records
+                                                 else set() for m in ok])
         self.last_train["clients"] = [
-            {"node-id": m.metadata.src_node_id, "weight": float(w), **mm} for m, w, mm in zip(ok, weights, metrics)
-        ]
-        scalar_keys = [k for k, v in metrics[0].items() if isinstance(v, (int, float))]
-        agg = {k: float(sum(w * mm.get(k, 0.0) for w, mm in zip(weights, metrics))) for k in scalar_keys}
-        agg["num-examples"] = float(sum(mm["num-examples"] for mm in metrics))
+            {"node-id": m.metadata.src_node_id, "weight": float(w), **eff, **mm,
+             **info.get(str(m.metadata.src_node_id), {})}
+            for m, w, eff, mm in zip(ok, weights, effective, metrics)]
+        agg = _mean_metrics(metrics, weights)
         self.last_train["aggregate"] = agg
-        return to_array_record(self.state.arrays), MetricRecord(agg)
-
-    @staticmethod
-    def _average(key: str, old: np.ndarray, weights: np.ndarray, client_arrays: list[dict]) -> np.ndarray:
-        """Weighted mean over the clients that sent `key`, weights renormalised over them; else the old value."""
-        held = [(w, a[key]) for w, a in zip(weights, client_arrays) if key in a]
-        total = sum(w for w, _ in held)
-        if not held or total <= 0:
-            return old
-        return np.sum([w / total * v.astype(np.float64) for w, v in held], axis=0).astype(old.dtype)
-
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                           grid: Grid) -> Iterable[Message]:
-        messages = list(super().configure_evaluate(server_round, arrays, config, grid))
-        if not messages or self.gallery_fn is None:
-            return messages
-        gallery = self.gallery_fn(arrays)
-        known = self.state.meta.get("modalities", {})
-        out = []
-        for msg in messages:
-            node = msg.metadata.dst_node_id
-            mods = known.get(str(node), ["img", "txt"])
-            keys = ["caption-image"] + ["txt-emb"] * ("img" in mods) + ["img-emb"] * ("txt" in mods)
-            content = RecordDict({"arrays": arrays, "config": config,
-                                  "gallery": to_array_record({k: gallery[k] for k in keys})})
-            out.append(Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=node))
-        return out
+        return (to_array_record(self.state.arrays) if self.state.arrays else None), MetricRecord(agg)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         clients = []
         for msg in replies:
-            if msg.has_error() or "metrics" not in msg.content.metric_records:
+            if msg.has_error() or P.METRICS not in msg.content.metric_records:
                 log(WARNING, "node %s: no evaluation this round (%s)", msg.metadata.src_node_id,
                     msg.error.reason if msg.has_error() else "reply without metrics")
                 continue
-            clients.append({"node-id": msg.metadata.src_node_id, **dict(msg.content["metrics"])})
-        clients.sort(key=lambda c: c.get("partition-id", -1))
+            clients.append({"node-id": msg.metadata.src_node_id, **dict(msg.content[P.METRICS])})
+        clients.sort(key=lambda c: c.get(P.PARTITION_ID, -1))
         summary = client_summary(clients, {code: name for name, code in TYPE_CODES.items()}) if clients else {}
         self.last_evaluate = {"clients": clients, "summary": summary}
         return MetricRecord(summary) if summary else None
+
+    # ---- the round loop ----------------------------------------------------------------------------------------------
+    def _gallery_for(self, node: str, arrays: Arrays | None, split: str) -> Arrays:
+        """The shared gallery of `split` as `node` needs it: embedded by `arrays` (raw features if None), only
+        the modalities the node can query against."""
+        gallery = self.gallery_fn(arrays, split)
+        mods = self.state.meta.get("modalities", {}).get(node, ["img", "txt"])
+        suffix = "emb" if arrays is not None else "feat"
+        keys = [P.CAPTION_IMAGE] + [f"txt-{suffix}"] * ("img" in mods) + [f"img-{suffix}"] * ("txt" in mods)
+        return {k: gallery[k] for k in keys}
+
+    def _select(self, server_round: int, dev: dict[str, float] | None) -> None:
+        """Keep the round if its dev score is the best so far (ties keep the earlier round)."""
+        if self.has_global_model:
+            score = dev["rsum"] if dev else -np.inf
+        else:
+            score = self.last_evaluate.get("summary", {}).get("all-global-mean", -np.inf)
+        if score > self.best.score:
+            self.best = Selection(server_round, float(score), {k: v.copy() for k, v in self.state.arrays.items()},
+                                  {n: {k: v.copy() for k, v in a.items()} for n, a in self.state.clients.items()})
+
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,
+              train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
+              evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+              round_fn: Callable[[int, dict[str, float] | None], None] | None = None) -> Result:
+        """Per round: train, aggregate, score the global model on dev (`evaluate_fn`), per-client dev evaluation,
+        selection, then `round_fn(round, dev)` (reporting). Round 0 scores the initial model."""
+        self.summary()
+        result = Result()
+        self.state.arrays = from_array_record(initial_arrays)
+        if evaluate_fn and self.has_global_model:
+            dev0 = evaluate_fn(0, initial_arrays)
+            result.evaluate_metrics_serverapp[0] = dev0
+            if round_fn:
+                round_fn(0, dict(dev0) if dev0 else None)
+        for rnd in range(1, num_rounds + 1):
+            log(INFO, "[ROUND %s/%s]", rnd, num_rounds)
+            replies = grid.send_and_receive(self.configure_train(rnd, initial_arrays, ConfigRecord(), grid),
+                                            timeout=timeout)
+            arrays, metrics = self.aggregate_train(rnd, replies)
+            if arrays is not None:
+                result.arrays = arrays
+            if metrics is not None:
+                result.train_metrics_clientapp[rnd] = metrics
+            dev = None
+            if evaluate_fn and self.has_global_model:
+                dev_record = evaluate_fn(rnd, to_array_record(self.state.arrays))
+                dev = dict(dev_record) if dev_record else None
+                result.evaluate_metrics_serverapp[rnd] = dev_record
+            replies = grid.send_and_receive(self.configure_evaluate(rnd, initial_arrays, ConfigRecord(), grid),
+                                            timeout=timeout)
+            client_metrics = self.aggregate_evaluate(rnd, replies)
+            if client_metrics is not None:
+                result.evaluate_metrics_clientapp[rnd] = client_metrics
+            self._select(rnd, dev)
+            if round_fn:
+                round_fn(rnd, dev)
+        return result
+
+    def final_test(self, grid: Grid, timeout: float) -> dict[str, Any]:
+        """Per-client test, once, for the selected round's models (and the nodes' state of that round)."""
+        nodes = self._sample(grid, 1.0)
+        replies = grid.send_and_receive(self._messages(nodes, self.best.round, "test"), timeout=timeout)
+        self.aggregate_evaluate(self.best.round, replies)
+        return self.last_evaluate
+
+
+def _average(key: str, old: np.ndarray, weights: np.ndarray, client_arrays: list[Arrays]) -> np.ndarray:
+    """Weighted mean over the clients that sent `key`, weights renormalised over them; else the old value."""
+    held = [(w, a[key]) for w, a in zip(weights, client_arrays) if key in a]
+    total = sum(w for w, _ in held)
+    if not held or total <= 0:
+        return old
+    return np.sum([w / total * v.astype(np.float64) for w, v in held], axis=0).astype(old.dtype)
+
+
+def _effective_weights(weights: np.ndarray, sent: list[set[str]]) -> list[dict[str, float]]:
+    """Each client's weight after per-key renormalisation, per tower: its share of the image and of the text tower
+    (the logged `weight` is before it)."""
+    out: list[dict[str, float]] = [{} for _ in sent]
+    for mod in ("img", "txt"):
+        held = np.array([float(any(k.startswith(f"{mod}.") for k in keys)) for keys in sent]) * weights
+        if held.sum() > 0:
+            for row, w in zip(out, held / held.sum()):
+                row[f"weight-{mod}"] = float(w)
+    return out
+
+
+def _mean_metrics(metrics: list[dict], weights: np.ndarray) -> dict[str, float]:
+    """Weighted mean of every numeric metric over the clients that report it (weights renormalised over them)."""
+    keys = sorted({k for mm in metrics for k, v in mm.items() if isinstance(v, (int, float))})
+    agg = {}
+    for key in keys:
+        held = [(w, float(mm[key])) for w, mm in zip(weights, metrics) if isinstance(mm.get(key), (int, float))]
+        total = sum(w for w, _ in held)
+        if total > 0:
+            agg[key] = float(sum(w * v for w, v in held) / total)
+    agg[P.NUM_EXAMPLES] = float(sum(mm[P.NUM_EXAMPLES] for mm in metrics))
+    return agg

@@ -5,3 +5,4 @@ from fedxmr_server.strategies.base import XmrStrategy
 
 class FedAvgXmr(XmrStrategy):
     name = "fedavg"
+    description = "FedAvg: per-key example-weighted mean of the arrays each client trained"

@@ -14,16 +14,19 @@ import numpy as np
 
 @dataclass
 class StrategyState:
-    """`arrays`: the global model; `buffers`: method-specific tensors (prototypes, memories, learned weighters);
-    `meta`: JSON-able bookkeeping (e.g. per-client history)."""
+    """`arrays`: the global model; `clients`: per-client models by node id (methods that keep one per client);
+    `buffers`: method-specific tensors (prototypes, memories, learned weighters); `meta`: JSON-able bookkeeping
+    (e.g. per-client history)."""
 
     round: int = 0
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    clients: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     buffers: dict[str, np.ndarray] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
 
     def to_bytes(self) -> bytes:
         payload = {f"arrays/{k}": v for k, v in self.arrays.items()}
+        payload |= {f"clients/{node}/{k}": v for node, arrays in self.clients.items() for k, v in arrays.items()}
         payload |= {f"buffers/{k}": v for k, v in self.buffers.items()}
         header = json.dumps({"round": self.round, "meta": self.meta}).encode()
         payload["__header__"] = np.frombuffer(header, dtype=np.uint8)
@@ -37,7 +40,12 @@ class StrategyState:
             header = json.loads(z["__header__"].tobytes().decode())
             arrays = {k[len("arrays/"):]: z[k] for k in z.files if k.startswith("arrays/")}
             buffers = {k[len("buffers/"):]: z[k] for k in z.files if k.startswith("buffers/")}
-        return cls(round=header["round"], arrays=arrays, buffers=buffers, meta=header["meta"])
+            clients: dict[str, dict[str, np.ndarray]] = {}
+            for k in z.files:
+                if k.startswith("clients/"):
+                    node, key = k[len("clients/"):].split("/", 1)
+                    clients.setdefault(node, {})[key] = z[k]
+        return cls(round=header["round"], arrays=arrays, clients=clients, buffers=buffers, meta=header["meta"])
 
     def save(self, path: Path) -> None:
         """Atomic write: a killed run never leaves a half-written checkpoint."""

@@ -1,0 +1,73 @@
+"""Per-method run-config sections and the one list of method names.
+
+Every method that has knobs owns a section: the run-config keys that start with `<method>-` (e.g. `rcsr-router`,
+`fedprox-mu`). `common.config.parse_run_config` validates the selected method's section with the class registered
+here, and refuses a key of another method set away from its default (e.g. `method=fedavg fedprox-mu=0.1`), naming
+it: a knob that would be silently ignored is an error. The defaults also sit in `pyproject.toml` (Flower refuses
+override keys it has no default for); a test keeps both in step.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from common.router import ROUTERS
+
+
+def kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+class Section(BaseModel):
+    """A method's own keys, without the `<method>-` prefix."""
+
+    model_config = ConfigDict(alias_generator=kebab, populate_by_name=True, extra="forbid", frozen=True)
+
+
+class FedProxSection(Section):
+    """FedProx (Li et al. 2020): clients add (mu/2)·||w - w_global||² to their loss."""
+
+    mu: float = Field(0.01, gt=0.0)
+
+
+class RcsrSection(Section):
+    """RCSR; see fedxmr_server/strategies/rcsr.py. Anchoring weights are 0 (off) by default, chosen on dev."""
+
+    router: Literal[ROUTERS] = "learned"  # type: ignore[valid-type]
+    anchor_weight: float = Field(0.0, ge=0.0)  # unimodal clients' anchoring to the other modality
+    align_weight: float = Field(0.0, ge=0.0)  # paired clients' anchoring of both towers
+    anchor_temperature: float = Field(0.1, gt=0.0, le=1.0)
+    proto_ema: float = Field(0.5, ge=0.0, lt=1.0)
+    router_temperature: float = Field(0.1, gt=0.0)
+    router_steps: int = Field(10, ge=0, le=10_000)
+    router_lr: float = Field(0.01, gt=0.0, le=1.0)
+    minimax_eta: float = Field(0.1, ge=0.0)  # 0: no minimax fairness weighting
+    holdout: float = Field(0.1, ge=0.0, lt=0.9)  # share of a client's images held out to measure consistency
+
+
+class CentralizedSection(Section):
+    """One node with the whole train split; its own budget, chosen on dev (README, "Baselines")."""
+
+    local_epochs: int = Field(1, ge=1, le=1000)
+    lr: float = Field(1e-3, gt=0.0, le=10.0)
+
+
+class FedProtoSection(Section):
+    """FedProto (Tan et al. 2022) for retrieval: only per-concept prototypes are exchanged."""
+
+    weight: float = Field(1.0, ge=0.0)  # weight of the prototype-distance term
+    proto_ema: float = Field(0.0, ge=0.0, lt=1.0)  # 0: the global table is this round's count-weighted mean
+
+
+# The registry of method names: every name here has a server strategy and a client method (tests check both).
+SECTIONS: dict[str, type[Section] | None] = {
+    "fedavg": None,
+    "fedprox": FedProxSection,
+    "rcsr": RcsrSection,
+    "local": None,
+    "paired-only": None,
+    "centralized": CentralizedSection,
+    "fedproto": FedProtoSection,
+}

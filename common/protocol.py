@@ -1,0 +1,40 @@
+"""The message protocol between the ServerApp and the ClientApps: record names, config and metric keys.
+
+One place for every name a message carries, so that server and client code (and tests) never spell them twice.
+No Flower here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# records of a RecordDict
+ARRAYS = "arrays"  # ArrayRecord: model arrays (server -> node: the node's model; node -> server: what it trained)
+CONFIG = "config"  # ConfigRecord, server -> node
+METRICS = "metrics"  # MetricRecord, node -> server
+GALLERY = "gallery"  # ArrayRecord, server -> node (evaluate): the shared dev/test gallery
+PROTOTYPES = "prototypes"  # ArrayRecord, both ways: {mod: (1 + C, d) table, f"{mod}-count": (1 + C,) counts}
+
+# config keys (server -> node)
+SERVER_ROUND = "server-round"
+BEST_ROUND = "best-round"  # the round selected on dev so far (-1: none); nodes keep their state of that round
+SPLIT_KEY = "split"  # which local split an evaluate message scores: "dev" every round, "test" once at the end
+SPLIT = {"train": "train", "evaluate": "dev", "test": "test"}  # message kind -> split
+
+# gallery keys: embeddings of the model the node was sent, or raw backbone features for nodes that embed them
+CAPTION_IMAGE = "caption-image"
+
+# metric keys (node -> server)
+NUM_EXAMPLES = "num-examples"
+PARTITION_ID = "partition-id"
+CLIENT_TYPE = "client-type"
+HAS = {"img": "has-img", "txt": "has-txt"}
+UPLOAD_BYTES = "upload-bytes"
+RECEIVED_CHECKSUM = "received-checksum"  # checksum() of the arrays a node was sent
+SENT_CHECKSUM = "sent-checksum"  # checksum() of the arrays a node sends
+
+
+def checksum(arrays: dict) -> float:
+    """A cheap fingerprint of a set of arrays (float64 sum of every value, key by key in sorted order): two nodes
+    sent different models have different checksums; the same arrays give the same value on both ends."""
+    return float(sum(np.asarray(arrays[k], dtype=np.float64).sum() for k in sorted(arrays)))

@@ -1,0 +1,16 @@
+"""Paired-only FedAvg's client side: image-only and text-only nodes train nothing and send nothing."""
+
+from __future__ import annotations
+
+from flwr.app import RecordDict
+
+from common.model import XmrModel
+from fedxmr_client.methods.base import ClientMethod, Plan
+from fedxmr_client.node import NodeShard
+
+
+class PairedOnlyClient(ClientMethod):
+    name = "paired-only"
+
+    def begin(self, shard: NodeShard, model: XmrModel, content: RecordDict) -> Plan:
+        return Plan(shard, train=len(shard.modalities) == 2)

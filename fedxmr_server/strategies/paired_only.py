@@ -1,0 +1,27 @@
+"""Paired-only FedAvg: image-only and text-only clients send nothing; the global model is the FedAvg of the paired
+clients. The honest bar for any method that claims to use unimodal data. Every client is still evaluated."""
+
+import numpy as np
+from flwr.app import Message
+
+from common import protocol as P
+from fedxmr_server.strategies.base import XmrStrategy
+
+
+class PairedOnlyXmr(XmrStrategy):
+    name = "paired-only"
+    description = "FedAvg over paired clients only; unimodal clients train nothing and send no arrays"
+
+    def reply_problem(self, msg: Message) -> str | None:
+        paired = P.METRICS not in msg.content.metric_records or _paired(msg)
+        problem = self._base_problem(msg, arrays_required=paired)
+        if problem is None and not paired and P.ARRAYS in msg.content.array_records and len(msg.content[P.ARRAYS]):
+            return "a unimodal client sent arrays under method 'paired-only'"
+        return problem
+
+    def client_weights(self, replies: list[Message]) -> np.ndarray:
+        return np.array([float(m.content[P.METRICS][P.NUM_EXAMPLES]) * _paired(m) for m in replies])
+
+
+def _paired(msg: Message) -> bool:
+    return all(msg.content[P.METRICS].get(P.HAS[m], 1) for m in P.HAS)

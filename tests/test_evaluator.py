@@ -1,0 +1,91 @@
+"""The server's evaluator (dev/test scores, galleries) and the per-client gallery index mapping, with a real model
+on a real Flickr8k subset (tiny random-init open_clip backbone)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+
+from common.backbones import build_backbone
+from common.config import parse_run_config
+from common.data.flickr8k import caption_rows
+from common.evaluate import evaluate_retrieval
+from common.metrics import query_recalls
+from common.model import XmrModel, state_to_numpy
+from fedxmr_client.app import app
+from fedxmr_client.node import load_shard
+from fedxmr_server.evaluator import ServerEvaluator
+
+BACKBONE = "openclip:fedxmr-tiny"
+
+
+@pytest.fixture(scope="module")
+def setup(flickr8k_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    cache = tmp_path_factory.getbasetemp() / "client-app-cache"  # shared with test_client_app: encode once
+    raw = parse_run_config({"backbone": BACKBONE, "data-dir": str(flickr8k_dir), "cache-dir": str(cache),
+                            "max-train-images": 40, "max-eval-images": 30, "embed-dim": 32, "adapter-dim": 8,
+                            "hash-bits": 16}).as_flat_dict()
+    cfg = parse_run_config(raw)
+    backbone = build_backbone(BACKBONE, "cpu")
+    torch.manual_seed(3)
+    arrays = state_to_numpy(XmrModel(cfg.model_cfg(backbone.img_dim, backbone.txt_dim)))
+    return raw, cfg, ServerEvaluator(cfg, backbone), arrays
+
+
+def test_score_is_evaluate_retrieval_on_the_split(setup) -> None:
+    _, cfg, evaluator, arrays = setup
+    split = evaluator._split("dev")
+    model = evaluator._model(arrays)
+    direct = evaluate_retrieval(model, split.feats["img"], split.feats["txt"], split.data.caption_image,
+                                split.data.labels)
+    assert evaluator.score(arrays, "dev") == direct
+    assert evaluator.score(arrays, "test") != direct  # another split, other numbers
+    assert len(split.data.images) == 30 and {"rsum", "hash_rsum", "hash_map_i2t", "hash_smap_t2i"} <= set(direct)
+
+
+def test_gallery_is_the_split_embedded_by_the_given_model_or_raw_features(setup) -> None:
+    _, _, evaluator, arrays = setup
+    gallery = evaluator.gallery(arrays, "test")
+    split = evaluator._split("test")
+    model = evaluator._model(arrays)
+    np.testing.assert_array_equal(gallery["img-emb"], model.encode("img", split.feats["img"])[0])
+    np.testing.assert_array_equal(gallery["txt-emb"], model.encode("txt", split.feats["txt"])[0])
+    assert evaluator.gallery(arrays, "test") is gallery, "the same model's gallery is embedded once per round"
+    other = {k: v + 0.01 for k, v in arrays.items()}
+    assert not np.array_equal(evaluator.gallery(other, "test")["img-emb"], gallery["img-emb"])
+    raw = evaluator.gallery(None, "test")
+    np.testing.assert_array_equal(raw["img-feat"], split.feats["img"])
+    assert "img-emb" not in raw
+
+
+def test_per_client_scores_index_the_shared_gallery_correctly(setup) -> None:
+    """A node's test queries against the gallery the server sends must score exactly like the same queries taken
+    from the full split on the server. With the shard's pool indices replaced by 0..n-1 (a mapping bug), they would
+    not: the last assertion shows the check can fail."""
+    raw, cfg, evaluator, arrays = setup
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = 1
+    context = Context(run_id=1, node_id=1, node_config={"partition-id": 1, "num-partitions": 2}, state=RecordDict(),
+                      run_config=raw)
+    gallery = evaluator.gallery(arrays, "test")
+    content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+                          "config": ConfigRecord({"server-round": 1, "split": "test", "best-round": -1}),
+                          "gallery": ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in gallery.items()})})
+    reply = app(Message(content=content, dst_node_id=1, message_type=MessageType.EVALUATE), context)
+    assert not reply.has_error(), reply.error
+    metrics = reply.content["metrics"]
+    rows = load_shard(context, "test").pool_indices
+    assert 0 < len(rows) < 30 and rows.max() >= len(rows), "the shard must not be a prefix of the pool"
+    full = evaluator._split("test").data
+    sim = gallery["img-emb"] @ gallery["txt-emb"].T
+    expected = query_recalls(sim[rows], rows, full.caption_image, "i2t")
+    caps = caption_rows(full, rows)
+    expected |= query_recalls(sim.T[caps], full.caption_image[caps], np.arange(len(full.images)), "t2i")
+    assert {k: metrics[f"global-{k}"] for k in expected} == pytest.approx(expected)
+    wrong = query_recalls(sim[rows], np.arange(len(rows)), full.caption_image, "i2t")
+    assert wrong != {k: metrics[f"global-{k}"] for k in wrong}
