@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 MODALITIES: tuple[str, ...] = ("img", "txt")
+MAX_SCALE = 100.0  # CLIP's cap on the inverse temperature
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,7 @@ class XmrModel(nn.Module):
         self.img = Tower(cfg.img_dim, cfg)
         self.txt = Tower(cfg.txt_dim, cfg)
         # shape (1,), not a 0-d scalar: Flower's Array round-trips 0-d tensors as shape (1,)
-        self.logit_scale = nn.Parameter(torch.full((1,), math.log(1.0 / cfg.temperature)),
+        self.logit_scale = nn.Parameter(torch.full((1,), math.log(min(1.0 / cfg.temperature, MAX_SCALE))),
                                         requires_grad=cfg.learn_temperature)
 
     def tower(self, modality: str) -> Tower:
@@ -94,8 +95,13 @@ class XmrModel(nn.Module):
         return self.img if modality == "img" else self.txt
 
     def scale(self) -> torch.Tensor:
-        """Inverse temperature, capped at 100 as in CLIP so training stays stable."""
-        return self.logit_scale.exp().clamp(max=100.0)
+        """Inverse temperature. Capped at 100 as in CLIP by `clamp_temperature` after each step (clamping here
+        would zero its gradient above the cap and leave it stuck there)."""
+        return self.logit_scale.exp()
+
+    @torch.no_grad()
+    def clamp_temperature(self) -> None:
+        self.logit_scale.clamp_(max=math.log(MAX_SCALE))
 
     @torch.no_grad()
     def encode(self, modality: str, feats: np.ndarray, batch_size: int = 4096,

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from common.losses import LossWeights, retrieval_loss
 from common.model import XmrModel, is_personal, upload_keys
-from common.optim import AdamW
+from common.optim import AdamW, decays
 
 INPUT_DROPOUT = 0.1  # extra feature dropout that makes the two views of an image differ
 
@@ -64,7 +64,7 @@ def _optimise(model: XmrModel, params: list[torch.nn.Parameter], n_items: int, c
               rng: np.random.Generator, batch_loss: BatchLoss, terms: Sequence[LossTerm]) -> dict:
     if n_items < 2:
         raise ValueError(f"need at least 2 training items for in-batch negatives, got {n_items}")
-    opt = AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, decay=decays(params))
     model.train()
     totals: dict[str, float] = {}
     steps = 0
@@ -84,6 +84,7 @@ def _optimise(model: XmrModel, params: list[torch.nn.Parameter], n_items: int, c
             opt.zero_grad()
             loss.backward()
             opt.step()
+            model.clamp_temperature()
             steps += 1
             for key, value in {"loss": loss.item(), **parts}.items():
                 totals[key] = totals.get(key, 0.0) + value

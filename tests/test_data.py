@@ -298,3 +298,14 @@ def test_test_shards_follow_each_clients_train_class_mix() -> None:
         assert set(test_cls[test_part]) <= set(train_cls[train_part])
     again = follow_partition(train_cls, parts, test_cls, seed=0)
     assert all(np.array_equal(a, b) for a, b in zip(test_parts, again))
+
+
+def test_another_pool_takes_its_classes_from_the_train_rarity() -> None:
+    """An item labelled {a, b} belongs to the class rarer *in train*: a test pool where b is rarer locally must
+    still give it class a when a is the rarer one in train (the partition was drawn with train's classes)."""
+    from common.data.partition import dominant_class
+
+    train = np.array([[1, 0], [0, 1], [0, 1], [0, 1]], bool)  # a is rare in train
+    pool = np.array([[1, 1], [1, 0], [1, 0], [1, 0]], bool)  # b is rare in the pool
+    assert dominant_class(pool)[0] == 1
+    assert dominant_class(pool, train)[0] == 0

@@ -128,6 +128,35 @@ def test_logit_scale_shape_and_cap() -> None:
     assert not frozen.logit_scale.requires_grad
 
 
+def test_temperature_at_the_cap_still_gets_a_gradient_and_stays_capped() -> None:
+    """The old cap (a clamp inside `scale()`) zeroed the temperature's gradient at 100, so it could never come
+    back down; the cap is now applied to the parameter after each step."""
+    model = _model(cfg=ModelConfig(img_dim=4, txt_dim=4, temperature=0.001))
+    model.scale().sum().backward()
+    assert model.logit_scale.grad is not None and model.logit_scale.grad.abs().item() > 0
+    with torch.no_grad():
+        model.logit_scale.add_(1.0)
+    model.clamp_temperature()
+    assert model.scale().item() == pytest.approx(100.0)
+
+
+def test_no_weight_decay_on_one_dimensional_parameters() -> None:
+    """Biases, LayerNorm gains and the temperature are not decayed; matrices are."""
+    from common.optim import AdamW, decays
+
+    model = _model()
+    params = [p for p in model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    opt = AdamW(params, lr=0.1, weight_decay=0.5, decay=decays(params))
+    for p in params:
+        p.grad = torch.zeros_like(p)  # zero gradient: only weight decay can move a parameter
+    opt.step()
+    for (name, p), b in zip([(n, p) for n, p in model.named_parameters() if p.requires_grad], before):
+        moved = not torch.equal(p.detach(), b)
+        assert moved == (p.ndim >= 2 and bool(b.abs().sum() > 0)), name
+
+
+# ------------------------------------------------------------------------------------------ losses
 def test_info_nce_hand_computed() -> None:
     """Guards the symmetric InfoNCE formula against a 2x2 example computed by hand."""
     a = torch.tensor([[1.0, 0.0], [0.0, 1.0]])

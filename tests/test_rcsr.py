@@ -231,3 +231,16 @@ def test_router_heatmap_is_written_from_the_round_records(tmp_path) -> None:
     assert path is not None and path.stat().st_size > 1000
     logged = [c["router-weight"] for c in recorder.rounds[-1]["train"]["clients"]]
     assert sum(logged) == pytest.approx(1.0)
+
+
+def test_prototype_fusion_weighs_each_item_once_not_size_squared() -> None:
+    """Row counts already carry a client's size; fusing with num-examples x counts weighted clients by n²."""
+    strategy = rcsr("uniform", with_globals=False, **{"rcsr-minimax-eta": 0.0})
+    (t1, _), (t2, _) = table(1), table(2)
+    small, big = reply(1, "image-only", 1.0), reply(2, "image-only", 2.0)
+    for msg, t, n in ((small, t1, 10), (big, t2, 30)):
+        msg.content["metrics"]["num-examples"] = n
+        msg.content["prototypes"] = ArrayRecord({"img": Array(t), "img-count": Array(np.full(1 + C, n, np.float32))})
+    strategy.aggregate_train(1, [small, big])
+    expected = unit(10 * t1.astype(np.float64) + 30 * t2)  # item-weighted: each item counts once
+    np.testing.assert_allclose(strategy.state.buffers["proto/img"], expected, rtol=1e-5, atol=1e-6)

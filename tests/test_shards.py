@@ -128,7 +128,7 @@ def test_the_command_line_writes_a_shard(flickr8k_dir: Path, tmp_path: Path, mon
             "0,1,0"]
     monkeypatch.setattr(sys, "argv", argv)
     main()
-    expected = "partition 1/2, image-only (img), train: 20 images, dev: 15 images, test: 10 images"
+    expected = "partition 1/2, image-only (img), train: 20 images, dev: 12 images, test: 10 images"
     assert expected in capsys.readouterr().out
     assert not (tmp_path / "n1" / TOKEN_FILE).exists()
     cfg = parse_run_config({"max-train-images": 40, "max-eval-images": 20, "modality-mix": "0,1,0"})

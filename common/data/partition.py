@@ -37,10 +37,12 @@ def _check_id(partition_id: int, num_partitions: int) -> int:
     return partition_id
 
 
-def dominant_class(labels: np.ndarray) -> np.ndarray:
-    """Class id per item: its rarest present label (ties: lowest index); items with no label get class n_labels."""
+def dominant_class(labels: np.ndarray, reference: np.ndarray | None = None) -> np.ndarray:
+    """Class id per item: its rarest present label (ties: lowest index); items with no label get class n_labels.
+    Rarity is counted in `reference` (default: `labels` itself), so that another pool's items (dev, test) get the
+    classes the train partition was drawn with."""
     labels = np.asarray(labels, dtype=bool)
-    counts = labels.sum(axis=0).astype(np.float64)
+    counts = np.asarray(labels if reference is None else reference, dtype=bool).sum(axis=0).astype(np.float64)
     rarity = np.where(labels, counts[None, :], np.inf)
     cls = rarity.argmin(axis=1)
     cls[~labels.any(axis=1)] = labels.shape[1]

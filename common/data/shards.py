@@ -71,7 +71,8 @@ def cut_shard(cfg: RunConfig, partition_id: int, num_partitions: int, data_dir: 
     pool = train
     if split != "train":
         pool = load_split(data_dir, split, cfg.max_eval_images, check_images="img" in modalities)
-        parts = follow_partition(dominant_class(train.labels), parts, dominant_class(pool.labels), cfg.seed)
+        parts = follow_partition(dominant_class(train.labels), parts, dominant_class(pool.labels, train.labels),
+                                 cfg.seed)
     idx = parts[partition_id]
     return Shard(partition_id, num_partitions, client_type, idx, node_split(pool, idx, modalities))
 

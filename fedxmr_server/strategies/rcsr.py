@@ -9,8 +9,8 @@ Per round:
    (consistency, held-out pair recall, relative loss, size, modality mask, per-tower update norms and cosine to the
    node's previous update, both computed here from the arrays); the router (`rcsr-router`) gives r, the minimax game gives m; the weight is
    num-examples * r * m, renormalised per key by the base class over the clients that sent the key;
-4. `update_state`, once the weights are accepted: the global prototypes are fused from the clients' with those
-   weights (EMA `rcsr-proto-ema`), the minimax mixture and each node's previous update are stored, and the learned
+4. `update_state`, once the weights are accepted: the global prototypes are fused from the clients' with weights
+   r * m (the row counts already carry the clients' sizes; EMA `rcsr-proto-ema`), the minimax mixture and each node's previous update are stored, and the learned
    router takes `rcsr-router-steps` Adam steps on this round's set (its weights for this round were already fixed,
    with the network in eval mode).
 A client whose statistics are missing or not finite gets weight 0 and is logged; the round goes on.
@@ -187,7 +187,8 @@ class RcsrXmr(XmrStrategy):
                     msg.metadata.src_node_id, problem)
         clean_protos = [plan.protos[i] for i in plan.clean]
         self.state.meta["router-loss"] = self._train_router(plan, clean_protos)  # toward the previous prototypes
-        fuse_into(self.state.buffers, clean_protos, plan.weights[plan.clean], self.opts.proto_ema)
+        # the row counts already carry each client's size: fuse with router x minimax, not with n x r x m (n²)
+        fuse_into(self.state.buffers, clean_protos, plan.router * plan.minimax, self.opts.proto_ema)
         self.state.meta["minimax-q"] = plan.minimax_q
         self.state.buffers |= {f"prev-delta/{node}": d.astype(np.float16) for node, d in plan.deltas.items()}
         self.last_train["router"] = {"kind": self.opts.router, "loss": self.state.meta["router-loss"]}
