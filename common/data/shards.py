@@ -5,7 +5,7 @@ is. In a deployment an institution holds only its own data. `materialise` writes
 once (run by whoever holds the full dataset), and the node then reads only that directory (`read_shard`):
 
     <dir>/shard.json           manifest: partition, client type, modalities, the partition keys of the run config,
-                               the source split indices of each local split (train, test) and a content hash
+                               the source split indices of each local split (train, dev, test) and a content hash
     <dir>/images/*.jpg         the node's images, only if it holds images (hard links where possible, else copies)
     <dir>/Flickr8k.token.txt   the node's captions, only if it holds text (Flickr8k token format)
 
@@ -62,7 +62,8 @@ class Shard:
 
 def cut_shard(cfg: RunConfig, partition_id: int, num_partitions: int, data_dir: str | os.PathLike,
               split: str) -> Shard:
-    """Partition `partition_id` of `split` from the full dataset; a test shard follows the node's train class mix."""
+    """Partition `partition_id` of `split` from the full dataset; a dev or test shard follows the node's train class
+    mix."""
     client_type = client_types(num_partitions, cfg.mix(), cfg.seed)[partition_id]
     modalities = CLIENT_TYPES[client_type]
     train = load_split(data_dir, "train", cfg.max_train_images, check_images="img" in modalities)
@@ -111,7 +112,7 @@ def _place(src: Path, dst: Path) -> None:
 
 def materialise(cfg: RunConfig, partition_id: int, num_partitions: int, data_dir: str | os.PathLike,
                 out: str | os.PathLike) -> dict[str, Any]:
-    """Write node `partition_id`'s train and test shards (only its modalities) into the empty or new directory
+    """Write node `partition_id`'s train, dev and test shards (only its modalities) into the empty or new directory
     `out`; return the manifest."""
     out = Path(out).expanduser().resolve()
     if out.exists() and any(out.iterdir()):
