@@ -1,6 +1,7 @@
 """The message protocol between the ServerApp and the ClientApps: record names, config and metric keys.
 
-One place for every name a message carries, so that server and client code (and tests) never spell them twice.
+One place for the record names and the config and metric keys both sides rely on (a method's own metric keys, e.g.
+`rcsr-consistency`, live with that method).
 No Flower here.
 """
 
@@ -30,8 +31,10 @@ PARTITION_ID = "partition-id"
 CLIENT_TYPE = "client-type"
 HAS = {"img": "has-img", "txt": "has-txt"}
 UPLOAD_BYTES = "upload-bytes"
+TRAINED = "trained"  # 0: by its method's plan the node did not train and sent nothing this round
 RECEIVED_CHECKSUM = "received-checksum"  # checksum() of the arrays a node was sent
 SENT_CHECKSUM = "sent-checksum"  # checksum() of the arrays a node sends
+NOT_AVERAGED = (PARTITION_ID, CLIENT_TYPE, RECEIVED_CHECKSUM, SENT_CHECKSUM, TRAINED)  # per-client facts, not means
 
 
 def checksum(arrays: dict) -> float:

@@ -97,7 +97,7 @@ def train(msg: Message, context: Context) -> Message:
         P.CLIENT_TYPE: TYPE_CODES[shard.client_type],
         P.HAS["img"]: int("img" in shard.modalities),
         P.HAS["txt"]: int("txt" in shard.modalities),
-        "trained": int(plan.train),
+        P.TRAINED: int(plan.train),
         "train-seconds": time.perf_counter() - start,
         "load-seconds": shard.load_seconds,
         P.UPLOAD_BYTES: sum(a.numpy().nbytes for rec in records.array_records.values() for a in rec.values()),

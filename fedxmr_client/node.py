@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-
-import numpy as np
 from typing import Callable
 
+import numpy as np
+import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 
 from common.backbones import Backbone, build_backbone, resolve_device
@@ -127,8 +127,11 @@ def model_for(shard: NodeShard, global_arrays: ArrayRecord | None, personal: Arr
               node_model: ArrayRecord | None = None) -> XmrModel:
     """The model a node uses: the arrays it was sent (or its own model, `node_model`, for methods whose models
     stay on the node; a fresh model seeded like the server's when it has none yet), plus its personal adapters
-    (zero-initialised, i.e. the identity, before it first trained them)."""
-    model = shard.new_model()
+    (zero-initialised, i.e. the identity, before it first trained them; seeded per node, without touching the
+    training RNG, so that runs repeat)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(shard.cfg.seed * 1_000_003 + shard.partition_id)
+        model = shard.new_model()
     for record in (global_arrays, node_model, personal if shard.cfg.personal_adapters else None):
         if record is not None:
             load_numpy_state(model, {k: a.numpy() for k, a in record.items()}, partial=True)

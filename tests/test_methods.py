@@ -32,8 +32,8 @@ def full(value: float) -> dict[str, np.ndarray]:
 def test_train_metrics_average_over_the_clients_that_report_them() -> None:
     """A key missing from a reply is not a 0 (the old code took keys from the first reply and filled with 0)."""
     s = strategy("fedavg")
-    _, metrics = s.aggregate_train(1, [reply(1, full(1.0), TEXT_ONLY), reply(2, full(1.0), PAIRED),
-                                       reply(3, full(1.0), IMAGE_ONLY)])
+    _, metrics = s.aggregate_train(1, [reply(1, {"txt.b": GLOBAL["txt.b"]}, TEXT_ONLY), reply(2, full(1.0), PAIRED),
+                                       reply(3, {"img.w": GLOBAL["img.w"]}, IMAGE_ONLY)])
     assert metrics["train-loss"] == pytest.approx((1.0 * 10 + 2.0 * 30) / 40)
     assert metrics["num-examples"] == 100
 
@@ -128,12 +128,12 @@ def test_centralized_needs_exactly_one_node() -> None:
 
 # ---- FedProto ------------------------------------------------------------------------------------------------------
 def _tables(seed: int, counts: list[float]) -> tuple[np.ndarray, np.ndarray]:
-    x = np.random.default_rng(seed).normal(size=(len(counts), 4))
+    x = np.random.default_rng(seed).normal(size=(len(counts), 8))
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), np.array(counts, np.float32)
 
 
 def test_fedproto_exchanges_prototypes_only_and_fuses_them_by_counts() -> None:
-    s = strategy("fedproto")
+    s = strategy("fedproto", **{"embed-dim": 8})
     (ta, ca), (tb, cb) = _tables(0, [4, 1, 3]), _tables(1, [6, 3, 0])
     tt, ct = _tables(2, [5, 5, 5])
     replies = [reply(1, None, PAIRED, records={"prototypes": {"img": ta, "img-count": ca, "txt": tt,
@@ -150,12 +150,24 @@ def test_fedproto_exchanges_prototypes_only_and_fuses_them_by_counts() -> None:
         assert set(m.content["prototypes"].keys()) == {"img", "img-count", "txt", "txt-count"}
 
 
-def test_fedproto_rejects_weights_and_missing_prototypes() -> None:
-    s = strategy("fedproto")
+def test_fedproto_rejects_weights_and_bad_or_missing_prototypes() -> None:
+    s = strategy("fedproto", **{"embed-dim": 8})
     good = {"prototypes": {"img": _tables(0, [1, 1, 1])[0], "img-count": np.ones(3, np.float32)}}
-    s.aggregate_train(1, [reply(1, full(1.0), IMAGE_ONLY, records=good), reply(2, None, IMAGE_ONLY),
-                          reply(3, None, IMAGE_ONLY, records=good)])
+    wide = {"prototypes": {"img": np.ones((3, 5), np.float32), "img-count": np.ones(3, np.float32)}}
+    negative = {"prototypes": {"img": _tables(0, [1, 1, 1])[0], "img-count": -np.ones(3, np.float32)}}
+    s.aggregate_train(1, [reply(1, {"img.w": GLOBAL["img.w"]}, IMAGE_ONLY, records=good), reply(2, None, IMAGE_ONLY),
+                          reply(3, None, IMAGE_ONLY, records=good), reply(4, None, IMAGE_ONLY, records=wide),
+                          reply(5, None, IMAGE_ONLY, records=negative)])
     assert s.last_train["usable"] == 1
+    more_rows = {"prototypes": {"img": _tables(1, [1, 1, 1, 1])[0], "img-count": np.ones(4, np.float32)}}
+    s.aggregate_train(2, [reply(3, None, IMAGE_ONLY, records=good), reply(6, None, IMAGE_ONLY, records=more_rows)])
+    assert s.last_train["usable"] == 1, "after the first fusion, tables must keep the global row count"
+
+
+def test_a_reply_with_arrays_of_a_modality_it_does_not_hold_is_left_out() -> None:
+    s = strategy("fedavg")
+    s.aggregate_train(1, [reply(1, full(1.0), PAIRED), reply(2, full(5.0), IMAGE_ONLY)])
+    assert s.last_train["usable"] == 1 and s.state.arrays["txt.b"].max() == 1.0
 
 
 def test_fedproto_evaluation_sends_raw_gallery_features() -> None:

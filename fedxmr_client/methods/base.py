@@ -25,7 +25,7 @@ class Plan:
 
     shard: NodeShard
     terms: list[LossTerm] = field(default_factory=list)
-    train: bool = True  # False: the node trains and sends nothing this round (paired-only's unimodal nodes)
+    train: bool = True  # False: the node does not train and sends nothing this round (paired-only's unimodal nodes)
 
 
 class ClientMethod:

@@ -13,8 +13,8 @@ A method is one subclass (one file) that overrides some of these hooks:
 - `update_state(server_round, replies, weights)`: the method's own state (prototypes, routers, ...), called once per
   round after validation, once the weights are accepted, before `aggregate` (so `state.arrays` is still the model
   the clients started from); returns extra per-client report fields.
-Everything a strategy keeps lives in `self.state` (`StrategyState`, serialisable). Selection: the round with the
-best dev score (server-side dev rsum of the global model, or, for methods without one, the mean per-client dev
+A method keeps its state in `self.state` (`StrategyState`, serialisable); the selection (`self.best`) is kept beside
+it (checkpointing and resuming runs is a later step). Selection: the round with the best dev score (server-side dev rsum of the global model, or, for methods without one, the mean per-client dev
 score) is kept in `self.best`; test is scored once, for that round's models (`final_test`).
 """
 
@@ -127,6 +127,10 @@ class XmrStrategy(Strategy):
         arrays = content[P.ARRAYS]
         if arrays_required and not len(arrays):
             return "reply carries no arrays"
+        undeclared = [k for k in arrays.keys() if k.split(".", 1)[0] in P.HAS
+                      and not content[P.METRICS].get(P.HAS[k.split(".", 1)[0]], 1)]
+        if undeclared:
+            return f"arrays of a modality the client says it does not hold: {undeclared[:4]}"
         reference = self.state.arrays
         if reference and not set(arrays.keys()) <= set(reference):
             return f"arrays not in the global model: {sorted(set(arrays.keys()) - set(reference))[:4]}"
@@ -167,8 +171,6 @@ class XmrStrategy(Strategy):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        if not self.state.arrays:
-            self.state.arrays = from_array_record(arrays)
         messages = self._messages(self._sample(grid, self.cfg.fraction_train), server_round, "train")
         self._download_bytes = sum(record_bytes(m.content) for m in messages)
         return messages
@@ -200,7 +202,7 @@ class XmrStrategy(Strategy):
         metrics = [dict(m.content[P.METRICS]) for m in ok]
         known = self.state.meta.setdefault("modalities", {})
         for m, mm in zip(ok, metrics):
-            known[str(m.metadata.src_node_id)] = [mod for mod in ("img", "txt") if mm.get(f"has-{mod}", 1)]
+            known[str(m.metadata.src_node_id)] = [mod for mod in P.HAS if mm.get(P.HAS[mod], 1)]
         effective = _effective_weights(weights, [set(m.content[P.ARRAYS].keys()) if P.ARRAYS in m.content.array_records
                                                  else set() for m in ok])
         self.last_train["clients"] = [
@@ -249,7 +251,8 @@ class XmrStrategy(Strategy):
               evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
               round_fn: Callable[[int, dict[str, float] | None], None] | None = None) -> Result:
         """Per round: train, aggregate, score the global model on dev (`evaluate_fn`), per-client dev evaluation,
-        selection, then `round_fn(round, dev)` (reporting). Round 0 scores the initial model."""
+        selection, then `round_fn(round, dev)` (reporting). Round 0 scores the initial model. Flower's
+        `train_config` / `evaluate_config` are not used: every message's config comes from `payload`."""
         self.summary()
         result = Result()
         self.state.arrays = from_array_record(initial_arrays)
@@ -280,6 +283,9 @@ class XmrStrategy(Strategy):
             self._select(rnd, dev)
             if round_fn:
                 round_fn(rnd, dev)
+        if self.best.round < 0:  # no dev score at all (e.g. every dev reply failed): report the last round, say so
+            log(WARNING, "no round could be scored on dev; the last round is reported")
+            self.best = Selection(num_rounds, float("nan"), dict(self.state.arrays), dict(self.state.clients))
         return result
 
     def final_test(self, grid: Grid, timeout: float) -> dict[str, Any]:
@@ -312,8 +318,9 @@ def _effective_weights(weights: np.ndarray, sent: list[set[str]]) -> list[dict[s
 
 
 def _mean_metrics(metrics: list[dict], weights: np.ndarray) -> dict[str, float]:
-    """Weighted mean of every numeric metric over the clients that report it (weights renormalised over them)."""
-    keys = sorted({k for mm in metrics for k, v in mm.items() if isinstance(v, (int, float))})
+    """Weighted mean of every numeric metric over the clients that report it (weights renormalised over them);
+    identifiers and checksums are not averaged."""
+    keys = sorted({k for mm in metrics for k, v in mm.items() if isinstance(v, (int, float))} - set(P.NOT_AVERAGED))
     agg = {}
     for key in keys:
         held = [(w, float(mm[key])) for w, mm in zip(weights, metrics) if isinstance(mm.get(key), (int, float))]

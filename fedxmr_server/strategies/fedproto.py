@@ -17,7 +17,8 @@ from common import protocol as P
 from common.config import RunConfig
 from common.method_config import FedProtoSection
 from fedxmr_server.strategies.base import Arrays, XmrStrategy
-from fedxmr_server.strategies.prototypes import client_prototypes, fuse_into, global_prototypes, prototype_record
+from fedxmr_server.strategies.prototypes import (client_prototypes, fuse_into, global_prototypes, prototype_record,
+                                                  table_rows)
 
 
 class FedProtoXmr(XmrStrategy):
@@ -43,7 +44,7 @@ class FedProtoXmr(XmrStrategy):
         problem = self._base_problem(msg, arrays_required=False)
         if problem is None and P.ARRAYS in msg.content.array_records and len(msg.content[P.ARRAYS]):
             return "a FedProto reply carries model arrays; only prototypes are exchanged"
-        return problem or client_prototypes(msg)[1]
+        return problem or client_prototypes(msg, self.cfg.embed_dim, table_rows(self.state.buffers))[1]
 
     def client_weights(self, replies: list[Message]) -> np.ndarray:
         return np.ones(len(replies))  # the item counts of each prototype row weight the fusion
@@ -52,5 +53,5 @@ class FedProtoXmr(XmrStrategy):
         """No model to aggregate."""
 
     def update_state(self, server_round: int, replies: list[Message], weights: np.ndarray) -> dict[str, dict]:
-        fuse_into(self.state.buffers, [client_prototypes(m)[0] for m in replies], weights, self.opts.proto_ema)
+        fuse_into(self.state.buffers, [client_prototypes(m, self.cfg.embed_dim, None)[0] for m in replies], weights, self.opts.proto_ema)
         return {}

@@ -39,7 +39,7 @@ from common.router import (STAT_KEYS, Minimax, RouterNet, consistency_weights, l
                            standardise, train_router)
 from fedxmr_server.strategies.base import XmrStrategy, from_array_record
 from fedxmr_server.strategies.prototypes import (Tables, client_prototypes, fuse_into, global_prototypes,
-                                                  prototype_record)
+                                                  prototype_record, table_rows)
 
 
 def _cos(a: np.ndarray, b: np.ndarray) -> float:
@@ -107,7 +107,7 @@ class RcsrXmr(XmrStrategy):
         for i, msg in enumerate(replies):
             mm = msg.content[P.METRICS]
             node = str(msg.metadata.src_node_id)
-            tables, problem = client_prototypes(msg)
+            tables, problem = client_prototypes(msg, self.cfg.embed_dim, table_rows(self.state.buffers))
             geometry, deltas[node] = self._delta_stats(node, from_array_record(msg.content[P.ARRAYS]))
             peers = [losses[j] for j in range(len(replies)) if groups[j] == groups[i] and np.isfinite(losses[j])]
             row = {"consistency": float(mm.get("rcsr-consistency", np.nan)),
