@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord
+from flwr.app import Array, ArrayRecord
 
 from common.config import parse_run_config
 from common.prototypes import fuse_prototypes
@@ -177,3 +177,24 @@ def test_fedproto_evaluation_sends_raw_gallery_features() -> None:
     for msg in s.configure_evaluate(1, ArrayRecord(), None, grid([1, 2])):
         assert set(msg.content["gallery"].keys()) == {"caption-image", "img-feat", "txt-feat"}
         assert "arrays" not in msg.content.array_records
+
+
+def test_a_run_without_any_dev_score_reports_its_last_round() -> None:
+    """If no round can be scored (every per-client dev reply failed), `local` must not crash or test the initial
+    models: it reports the last round and says so."""
+    s = strategy("local")
+    g = grid([1, 2])
+
+    def send_and_receive(messages, timeout):
+        messages = list(messages)
+        if messages[0].metadata.message_type == "train":
+            return [reply(m.metadata.dst_node_id, full(float(m.metadata.dst_node_id)),
+                          {**PAIRED, "partition-id": m.metadata.dst_node_id}) for m in messages]
+        return [reply(m.metadata.dst_node_id, None, {}, error="dev evaluation failed") for m in messages]
+
+    g.send_and_receive.side_effect = send_and_receive
+    s.gallery_fn = lambda arrays, split: {"caption-image": np.zeros(1, np.int64), "img-emb": np.ones((1, 1)),
+                                          "txt-emb": np.ones((1, 1))}
+    s.start(grid=g, initial_arrays=ArrayRecord({k: Array(v) for k, v in GLOBAL.items()}), num_rounds=2)
+    assert s.best.round == 2
+    assert {n: a["img.w"].max() for n, a in s.best.clients.items()} == {"1": 1.0, "2": 2.0}
