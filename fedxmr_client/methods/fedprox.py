@@ -21,7 +21,7 @@ class ProximalTerm:
 
     def __call__(self, embs: dict[str, torch.Tensor], items: np.ndarray) -> tuple[torch.Tensor, dict]:
         term = 0.5 * self.mu * sum(((p - a) ** 2).sum() for p, a in zip(self.params, self.start))
-        return term, {"loss_prox": float(term)}
+        return term, {"loss_prox": term.item()}
 
 
 class FedProxClient(ClientMethod):
