@@ -9,7 +9,7 @@ from common.model import XmrModel
 
 
 def evaluate_retrieval(model: XmrModel, img: np.ndarray, txt: np.ndarray, caption_image: np.ndarray,
-                       labels: np.ndarray | None = None) -> dict[str, float]:
+                       labels: np.ndarray | None = None, standard_map: bool = True) -> dict[str, float]:
     """All retrieval metrics of one split.
 
     Keys: i2t_r{1,5,10}, t2i_r{1,5,10}, rsum (cosine ranking); hash_* the same on Hamming ranking of the sign
@@ -24,7 +24,7 @@ def evaluate_retrieval(model: XmrModel, img: np.ndarray, txt: np.ndarray, captio
     out = retrieval_recalls(img_emb @ txt_emb.T, caption_image)
     out |= hamming_recalls(img_code, txt_code, caption_image, prefix="hash_")
     if labels is not None:
-        out |= hash_maps(img_code, txt_code, labels, labels[caption_image], prefix="hash_")
+        out |= hash_maps(img_code, txt_code, labels, labels[caption_image], prefix="hash_", standard=standard_map)
     return out
 
 

@@ -60,7 +60,7 @@ def _run(grid: Grid, context: Context) -> None:
         recorder.log_round({"round": server_round, "round-s": round(now - round_start[0], 2), "dev": dev or {},
                             "train": strategy.last_train if server_round else {},
                             "client-dev": strategy.last_evaluate if server_round else {},
-                            "best-round": strategy.best.round})
+                            "best-round": strategy.best.round, **(strategy.timings if server_round else {})})
         round_start[0] = now
 
     strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=cfg.num_server_rounds,

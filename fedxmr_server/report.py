@@ -138,7 +138,8 @@ class RunRecorder:
             for label, prefix in (("continuous", ""), (f"{bits}-bit Hamming", "hash_")):
                 lines.append(f"| {split} | {label} | " + " | ".join(f"{m[prefix + k]:.1f}" for k in _TABLE_KEYS) + " |")
         map_keys = ("map_i2t", "map_t2i", "mapr_i2t", "mapr_t2i", "smap_i2t", "smap_t2i")
-        maps = [f"| {split} | " + " | ".join(f"{m['hash_' + k]:.3f}" for k in map_keys) + " |"
+        maps = [f"| {split} | " + " | ".join(f"{m['hash_' + k]:.3f}" if "hash_" + k in m else "–"
+                                               for k in map_keys) + " |"
                 for split, m in ((("dev", dev), ("test", test)) if test else ())]
         text = "\n".join([
             f"# {self.dir.name}",

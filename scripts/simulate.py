@@ -30,6 +30,7 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
     env.update(FLWR_HOME=str(flwr_home), FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
                FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                PYTHONUNBUFFERED="1")
+    env.setdefault("OMP_NUM_THREADS", "1")  # one thread per process: two per actor on 2 cores made rounds far slower
     bin_dir = str(Path(sys.executable).parent)  # flower-superlink / flower-superexec are found on PATH
     env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
     return env
@@ -94,7 +95,7 @@ def run_status(env: dict[str, str], connection: str | None = None) -> dict:
     return runs[-1] if runs else {"status": "unknown", "status-details": "flwr ls listed no run"}
 
 
-def simulate(clients: int, run_config: str, cpus_per_client: int = 2, timeout: float = 7200,
+def simulate(clients: int, run_config: str, cpus_per_client: int = 1, timeout: float = 7200,
              flwr_home: Path | None = None) -> dict:
     """Run one simulation; return the run's `flwr ls` entry (status 'finished:completed' on success)."""
     home = Path(flwr_home or tempfile.mkdtemp(prefix="fedxmr-flwr-"))
@@ -117,7 +118,8 @@ def simulate(clients: int, run_config: str, cpus_per_client: int = 2, timeout: f
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, default=10, help="simulated SuperNodes (default 10)")
-    parser.add_argument("--cpus-per-client", type=int, default=2, help="Ray CPUs per ClientApp (default 2)")
+    parser.add_argument("--cpus-per-client", type=int, default=1,
+                        help="Ray CPUs (and torch threads) per ClientApp (default 1: as many actors as cores)")
     parser.add_argument("--run-config", default="", help='overrides, e.g. "num-server-rounds=5 lr=0.001"')
     parser.add_argument("--timeout", type=float, default=7200, help="seconds before the run is abandoned")
     args = parser.parse_args()

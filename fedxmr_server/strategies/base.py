@@ -78,6 +78,9 @@ class XmrStrategy(Strategy):
         self.last_train: dict[str, Any] = {}
         self.last_evaluate: dict[str, Any] = {}
         self._download_bytes = 0  # arrays sent in this round's train messages
+        # wall seconds of the last round's phases: train messages (send to last reply), aggregation + server dev
+        # scoring, per-client evaluation messages
+        self.timings: dict[str, float] = {}
         # set by the ServerApp: (arrays, split) -> gallery arrays (embedded by `arrays`, or raw features if None)
         self.gallery_fn: Callable[[Arrays | None, str], Arrays] | None = None
 
@@ -263,8 +266,10 @@ class XmrStrategy(Strategy):
                 round_fn(0, dict(dev0) if dev0 else None)
         for rnd in range(1, num_rounds + 1):
             log(INFO, "[ROUND %s/%s]", rnd, num_rounds)
+            clock = [time.perf_counter()]  # phase boundaries of the round, for `self.timings`
             replies = grid.send_and_receive(self.configure_train(rnd, initial_arrays, ConfigRecord(), grid),
                                             timeout=timeout)
+            clock.append(time.perf_counter())
             arrays, metrics = self.aggregate_train(rnd, replies)
             if arrays is not None:
                 result.arrays = arrays
@@ -275,9 +280,13 @@ class XmrStrategy(Strategy):
                 dev_record = evaluate_fn(rnd, to_array_record(self.state.arrays))
                 dev = dict(dev_record) if dev_record else None
                 result.evaluate_metrics_serverapp[rnd] = dev_record
+            clock.append(time.perf_counter())
             replies = grid.send_and_receive(self.configure_evaluate(rnd, initial_arrays, ConfigRecord(), grid),
                                             timeout=timeout)
             client_metrics = self.aggregate_evaluate(rnd, replies)
+            clock.append(time.perf_counter())
+            self.timings = {"train-s": clock[1] - clock[0], "aggregate-and-dev-s": clock[2] - clock[1],
+                            "client-eval-s": clock[3] - clock[2]}
             if client_metrics is not None:
                 result.evaluate_metrics_clientapp[rnd] = client_metrics
             self._select(rnd, dev)
