@@ -4,7 +4,8 @@ Every method that has knobs owns a section: the run-config keys that start with 
 `fedprox-mu`). `common.config.parse_run_config` validates the selected method's section with the class registered
 here, and refuses a key of another method set away from its default (e.g. `method=fedavg fedprox-mu=0.1`), naming
 it: a knob that would be silently ignored is an error. The defaults also sit in `pyproject.toml` (Flower refuses
-override keys it has no default for); a test keeps both in step.
+override keys it has no default for); a test keeps both in step. A method with a section must not be the prefix of a
+common key (e.g. `local` and `local-epochs`); a test checks that too.
 """
 
 from __future__ import annotations

@@ -74,3 +74,10 @@ def test_node_config_partition_must_be_below_count() -> None:
     assert parse_node_config({"partition-id": 1, "num-partitions": 2, "extra": "ok"}).partition_id == 1
     with pytest.raises(ConfigError, match="partition-id"):
         parse_node_config({"partition-id": 2, "num-partitions": 2})
+
+
+def test_no_common_key_looks_like_a_method_section_key() -> None:
+    """Section keys are found by their `<method>-` prefix: a common key with such a prefix (`local-epochs`, if
+    `local` ever gets a section) would be taken from the common config."""
+    sectioned = [name for name, section in SECTIONS.items() if section]
+    assert not [k for k in RunConfig().model_dump(by_alias=True) if any(k.startswith(f"{n}-") for n in sectioned)]
