@@ -33,6 +33,10 @@ class RunConfig(BaseModel):
     fraction_evaluate: float = Field(1.0, ge=0.0, le=1.0)
     min_nodes: int = Field(2, ge=1)
     round_timeout: float = Field(3600.0, gt=0.0)
+    # score the global model on dev / run the per-client dev evaluation every k rounds (and always in the last
+    # round); selection only sees scored rounds, so 1 (every round) is the protocol, larger is for fast grids
+    eval_every: int = Field(1, ge=1)
+    client_eval_every: int = Field(1, ge=1)
     partitioner: Literal[PARTITIONERS] = "iid"  # type: ignore[valid-type]
     partition_beta: float = Field(0.5, gt=0.0, le=1000.0)
     partition_ways: int = Field(2, ge=1)

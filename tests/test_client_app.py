@@ -286,3 +286,22 @@ def test_the_once_only_test_uses_the_node_state_of_the_selected_round(run_config
     assert all(np.array_equal(node_state(ctx, "personal-adapters", True, 2)[k].numpy(), round2[k]) for k in round2)
     ev = app(_message(arrays, MessageType.EVALUATE, gallery=_gallery(run_config), split="test", best_round=2), ctx)
     assert "personal-score" in ev.content["metrics"]
+
+
+def test_a_process_reuses_a_loaded_shard_until_its_files_change(run_config: dict) -> None:
+    """The per-process memo (simulation actors serve many messages): same configs and files -> the same shard,
+    read-only; a touched feature chunk or another node config -> a fresh load with the same content."""
+    import os
+
+    first = load_shard(_context(run_config), "train")
+    again = load_shard(_context(run_config), "train")
+    assert again.data is first.data and again.feats["txt"] is first.feats["txt"]
+    with pytest.raises(TypeError):
+        again.feats["txt"] = np.zeros(1)  # type: ignore[index]
+    assert load_shard(_context(run_config, pid=1), "train").data is not first.data
+    chunk = next(Path(run_config["cache-dir"]).rglob("chunk-*.npz"))
+    st = chunk.stat()
+    os.utime(chunk, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    fresh = load_shard(_context(run_config), "train")
+    assert fresh.data is not first.data
+    assert fresh.data.images == first.data.images and np.array_equal(fresh.feats["txt"], first.feats["txt"])

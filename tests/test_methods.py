@@ -198,3 +198,52 @@ def test_a_run_without_any_dev_score_reports_its_last_round() -> None:
     s.start(grid=g, initial_arrays=ArrayRecord({k: Array(v) for k, v in GLOBAL.items()}), num_rounds=2)
     assert s.best.round == 2
     assert {n: a["img.w"].max() for n, a in s.best.clients.items()} == {"1": 1.0, "2": 2.0}
+
+
+def _scripted_grid(client_scores: dict[int, float]) -> tuple:
+    """A grid whose train replies echo the node id and whose per-client dev score is `client_scores[round]`;
+    returns it and the list of rounds that sent evaluation messages."""
+    g, evaluated = grid([1, 2]), []
+
+    def send_and_receive(messages, timeout):
+        messages = list(messages)
+        rnd = int(messages[0].content["config"]["server-round"])
+        if messages[0].metadata.message_type == "train":
+            return [reply(m.metadata.dst_node_id, full(float(rnd)), {**PAIRED, "partition-id": m.metadata.dst_node_id})
+                    for m in messages]
+        evaluated.append(rnd)
+        return [reply(m.metadata.dst_node_id, None, {"num-examples": 1, "partition-id": m.metadata.dst_node_id,
+                                                     "client-type": 0, "global-score": client_scores[rnd]})
+                for m in messages]
+
+    g.send_and_receive.side_effect = send_and_receive
+    return g, evaluated
+
+
+def test_eval_every_scores_only_due_rounds_and_the_last_and_selects_among_them() -> None:
+    s = strategy("fedavg", **{"eval-every": 3, "client-eval-every": 2})
+    g, evaluated = _scripted_grid({r: 1.0 for r in range(6)})
+    s.gallery_fn = lambda arrays, split: {"caption-image": np.zeros(1, np.int64), "img-emb": np.ones((1, 1)),
+                                          "txt-emb": np.ones((1, 1))}
+    dev_rounds = []
+
+    def evaluate_fn(rnd, arrays):
+        dev_rounds.append(rnd)
+        return {"rsum": {0: 0.0, 3: 5.0, 5: 4.0}[rnd]}
+
+    s.start(grid=g, initial_arrays=ArrayRecord({k: Array(v) for k, v in GLOBAL.items()}), num_rounds=5,
+            evaluate_fn=evaluate_fn)
+    assert dev_rounds == [0, 3, 5] and evaluated == [2, 4, 5]
+    assert s.best.round == 3 and s.best.arrays["img.w"].max() == 3.0
+
+
+def test_a_round_without_client_evaluation_never_reuses_the_previous_score() -> None:
+    """`local` selects on the mean per-client dev score; with client-eval-every=2 round 3 has no score and must not
+    inherit round 2's (the better one here is round 2, then round 4 is worse)."""
+    s = strategy("local", **{"client-eval-every": 2})
+    g, evaluated = _scripted_grid({2: 50.0, 4: 40.0})
+    s.gallery_fn = lambda arrays, split: {"caption-image": np.zeros(1, np.int64), "img-emb": np.ones((1, 1)),
+                                          "txt-emb": np.ones((1, 1))}
+    s.start(grid=g, initial_arrays=ArrayRecord({k: Array(v) for k, v in GLOBAL.items()}), num_rounds=4)
+    assert evaluated == [2, 4] and s.best.round == 2 and s.best.score == 50.0
+    assert {n: a["img.w"].max() for n, a in s.best.clients.items()} == {"1": 2.0, "2": 2.0}

@@ -240,10 +240,11 @@ class XmrStrategy(Strategy):
         return {k: gallery[k] for k in keys}
 
     def _select(self, server_round: int, dev: dict[str, float] | None) -> None:
-        """Keep the round if its dev score is the best so far (ties keep the earlier round)."""
+        """Keep the round if its dev score is the best so far (ties keep the earlier round); a round without a
+        dev score this round (`eval-every` / `client-eval-every`) is never selected."""
         if self.has_global_model:
             score = dev["rsum"] if dev else -np.inf
-        else:
+        else:  # `last_evaluate` is reset every round, so a stale per-client score never counts
             score = self.last_evaluate.get("summary", {}).get("all-global-mean", -np.inf)
         if score > self.best.score:
             self.best = Selection(server_round, float(score), {k: v.copy() for k, v in self.state.arrays.items()},
@@ -253,8 +254,8 @@ class XmrStrategy(Strategy):
               train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
               evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
               round_fn: Callable[[int, dict[str, float] | None], None] | None = None) -> Result:
-        """Per round: train, aggregate, score the global model on dev (`evaluate_fn`), per-client dev evaluation,
-        selection, then `round_fn(round, dev)` (reporting). Round 0 scores the initial model. Flower's
+        """Per round: train, aggregate, score the global model on dev (`evaluate_fn`, every `eval-every` rounds),
+        per-client dev evaluation (every `client-eval-every` rounds), selection, then `round_fn(round, dev)` (reporting). Round 0 scores the initial model. Flower's
         `train_config` / `evaluate_config` are not used: every message's config comes from `payload`."""
         self.summary()
         result = Result()
@@ -275,15 +276,16 @@ class XmrStrategy(Strategy):
                 result.arrays = arrays
             if metrics is not None:
                 result.train_metrics_clientapp[rnd] = metrics
-            dev = None
-            if evaluate_fn and self.has_global_model:
+            dev, client_metrics, self.last_evaluate = None, None, {}
+            if evaluate_fn and self.has_global_model and _due(rnd, self.cfg.eval_every, num_rounds):
                 dev_record = evaluate_fn(rnd, to_array_record(self.state.arrays))
                 dev = dict(dev_record) if dev_record else None
                 result.evaluate_metrics_serverapp[rnd] = dev_record
             clock.append(time.perf_counter())
-            replies = grid.send_and_receive(self.configure_evaluate(rnd, initial_arrays, ConfigRecord(), grid),
-                                            timeout=timeout)
-            client_metrics = self.aggregate_evaluate(rnd, replies)
+            if _due(rnd, self.cfg.client_eval_every, num_rounds):
+                replies = grid.send_and_receive(self.configure_evaluate(rnd, initial_arrays, ConfigRecord(), grid),
+                                                timeout=timeout)
+                client_metrics = self.aggregate_evaluate(rnd, replies)
             clock.append(time.perf_counter())
             self.timings = {"train-s": clock[1] - clock[0], "aggregate-and-dev-s": clock[2] - clock[1],
                             "client-eval-s": clock[3] - clock[2]}
@@ -303,6 +305,11 @@ class XmrStrategy(Strategy):
         replies = grid.send_and_receive(self._messages(nodes, self.best.round, "test"), timeout=timeout)
         self.aggregate_evaluate(self.best.round, replies)
         return self.last_evaluate
+
+
+def _due(server_round: int, every: int, num_rounds: int) -> bool:
+    """Whether a round is scored: every `every`-th round, and always the last one."""
+    return server_round % every == 0 or server_round == num_rounds
 
 
 def _average(key: str, old: np.ndarray, weights: np.ndarray, client_arrays: list[Arrays]) -> np.ndarray:
