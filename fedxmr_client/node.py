@@ -14,10 +14,10 @@ was in effect then.
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 import os
 import time
 from dataclasses import dataclass, replace
-from functools import lru_cache
 from pathlib import Path
 from types import MappingProxyType
 from typing import Callable, Mapping
@@ -73,12 +73,24 @@ def load_shard(context: Context, split: str = "train",
     trained state), so results do not depend on it; a fresh process per message (Deployment Engine) just misses.
     """
     start = time.perf_counter()
-    run = json.dumps(dict(context.run_config), sort_keys=True, default=str)
-    node = json.dumps(dict(context.node_config), sort_keys=True, default=str)
-    cfg, node_cfg = parse_run_config(context.run_config), parse_node_config(context.node_config)
-    disk = _disk_fingerprint(node_cfg.data_dir or cfg.data_dir, node_cfg.cache_dir or cfg.cache_dir)
-    shard = _memo_shard(run, node, split, data_config, disk)
-    return replace(shard, load_seconds=time.perf_counter() - start)
+    cfg, node = parse_run_config(context.run_config), parse_node_config(context.node_config)
+    if data_config is not None:  # what the node loads, as the method sees it (centralized: the whole split)
+        cfg = data_config(cfg, node.num_partitions)
+    node_config = dict(context.node_config)
+    key = (json.dumps(cfg.as_flat_dict(), sort_keys=True), json.dumps(node_config, sort_keys=True, default=str), split,
+           _disk_fingerprint(node.data_dir or cfg.data_dir, node.cache_dir or cfg.cache_dir))
+    if key not in _MEMO:
+        shard = _load_shard(cfg, node_config, split)
+        _MEMO[key] = replace(shard, feats=MappingProxyType(shard.feats))  # shared between callers: read-only
+        while len(_MEMO) > _MEMO_SIZE:
+            _MEMO.popitem(last=False)
+    _MEMO.move_to_end(key)
+    return replace(_MEMO[key], load_seconds=time.perf_counter() - start)
+
+
+# the per-process memo of `load_shard`: (effective run config, node config, split, disk fingerprint) -> shard
+_MEMO: OrderedDict[tuple, NodeShard] = OrderedDict()
+_MEMO_SIZE = 32  # 10 simulated nodes x (train, dev, test) fit
 
 
 def _disk_fingerprint(data_dir: str, cache_dir: str) -> tuple:
@@ -95,28 +107,17 @@ def _disk_fingerprint(data_dir: str, cache_dir: str) -> tuple:
     return tuple(out)
 
 
-@lru_cache(maxsize=32)
-def _memo_shard(run_config: str, node_config: str, split: str,
-                data_config: Callable[[RunConfig, int], RunConfig] | None, disk: tuple) -> NodeShard:
-    shard = _load_shard(json.loads(run_config), json.loads(node_config), split, data_config)
-    return replace(shard, feats=MappingProxyType(shard.feats))  # shared between callers: read-only
-
-
-def _load_shard(run_config: dict, node_config: dict, split: str,
-                data_config: Callable[[RunConfig, int], RunConfig] | None) -> NodeShard:
-    """Validate the configs, find this node's shard of `split` and load (encoding once) its features.
+def _load_shard(cfg: RunConfig, node_config: dict, split: str) -> NodeShard:
+    """Find this node's shard of `split` and load (encoding once) its features; `cfg` is the run config as the
+    method sees it (`data_config`: centralized loads the whole split, paired).
 
     Node config (`flower-supernode --node-config`) wins over the run config for `data-dir`, `cache-dir` and
     `device`, so that each institution points at its own disk and hardware. A `data-dir` holding a materialised
     shard (`common.data.shards`) is read as is: the node needs no other data, and the shard must have been cut for
     this node and this run config. Otherwise (simulation) the node cuts its partition from the full dataset.
-    `data_config` lets a method change what the node loads (centralized: the whole split, paired).
     """
     start = time.perf_counter()
-    cfg = parse_run_config(run_config)
     node = parse_node_config(node_config)
-    if data_config is not None:
-        cfg = data_config(cfg, node.num_partitions)
     data_dir = node.data_dir or cfg.data_dir
     private = shard_dir(data_dir)
     if private is not None:

@@ -299,6 +299,12 @@ def test_a_process_reuses_a_loaded_shard_until_its_files_change(run_config: dict
     with pytest.raises(TypeError):
         again.feats["txt"] = np.zeros(1)  # type: ignore[index]
     assert load_shard(_context(run_config, pid=1), "train").data is not first.data
+    from fedxmr_client.methods import client_method
+
+    one = {**run_config, "method": "centralized"}
+    whole = load_shard(_context(one, num=1), "train", client_method("centralized").data_config)
+    assert load_shard(_context(one, num=1), "train", client_method("centralized").data_config).data is whole.data, \
+        "two instances of a method's data_config must hit the memo (each message makes a new instance)"
     chunk = next(Path(run_config["cache-dir"]).rglob("chunk-*.npz"))
     st = chunk.stat()
     os.utime(chunk, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
