@@ -1,0 +1,128 @@
+"""Run a results grid (`grids/*.toml`, see scripts/grid_spec.py) and write its results file.
+
+    python -m scripts.grid grids/flickr8k.toml [--jobs 1] [--only dirichlet] [--results-only]
+
+Each cell is one `flwr run .` simulation (scripts/simulate.py). A cell already finished with the same code version
+and config is skipped, so an interrupted grid resumes where it stopped (a half-written cell is run again from
+scratch). Cells run `--jobs` at a time; one progress line per finished cell (done / total, elapsed, estimated
+remaining). A failed cell is reported and the grid goes on; the exit status says whether every cell finished. At the
+end, `scripts.results` writes the results file from every finished cell.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from pathlib import Path
+from typing import Any, Callable
+
+from scripts.grid_spec import RECORD, Cell, Grid, GridError, code_version, head_commit, is_done, load_grid
+
+# (cell, run directory) -> (status, details): "finished:completed" on success
+Runner = Callable[[Cell, Path], tuple[str, str]]
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        if "'" in value:
+            raise GridError(f"run-config value {value!r} contains a single quote")
+        return f"'{value}'"
+    return repr(value)
+
+
+def run_config_text(config: dict[str, Any]) -> str:
+    """A flat run config as Flower's `--run-config` string."""
+    return " ".join(f"{k}={_toml_value(v)}" for k, v in config.items())
+
+
+def simulate_cell(cell: Cell, run_dir: Path) -> tuple[str, str]:
+    """Run one cell as a local simulation (one CPU and one thread per simulated client)."""
+    from scripts.simulate import simulate
+
+    config = {**cell.run_config, "out-dir": str(run_dir.parent), "run-name": run_dir.name}
+    status = simulate(cell.clients, run_config_text(config), cpus_per_client=1)
+    return status.get("status", "unknown"), status.get("status-details", "")
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def run_grid(grid: Grid, code: str, commit: str, runner: Runner = simulate_cell, jobs: int = 1,
+             only: str = "", log: Callable[[str], None] = print) -> dict[str, int]:
+    """Run every unfinished cell of `grid`; returns counts of skipped, finished and failed cells."""
+    cells = [c for c in grid.cells() if only in c.name]
+    # seed by seed: an interrupted grid has every method with the same number of seeds
+    todo = sorted((c for c in cells if not is_done(grid.out_dir, c, code)), key=lambda c: c.seed)
+    counts = {"cells": len(cells), "skipped": len(cells) - len(todo), "finished": 0, "failed": 0}
+    log(f"grid {grid.path.name}: {len(cells)} cells, {counts['skipped']} already finished at code {code}, "
+        f"{len(todo)} to run, {jobs} at a time")
+    start, durations = time.time(), []
+
+    def one(cell: Cell) -> tuple[Cell, str, str, float]:
+        run_dir = grid.out_dir / cell.name
+        shutil.rmtree(run_dir, ignore_errors=True)  # a cell killed half-way starts again from nothing
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        t0 = time.time()
+        status, details = runner(cell, run_dir)
+        wall = time.time() - t0
+        record = {"status": "finished" if status == "finished:completed" else "failed", "key": cell.key(code),
+                  "code": code, "commit": commit, "cell": cell.name, "clients": cell.clients,
+                  "run-config": cell.run_config, "wall-s": round(wall, 1), "flower-status": status}
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / RECORD).write_text(json.dumps(record, indent=2))
+        return cell, status, details, wall
+
+    queue, running, done = list(todo), set(), 0
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        while queue or running:
+            while queue and len(running) < max(1, jobs):  # submit lazily: after Ctrl-C no new cell starts
+                running.add(pool.submit(one, queue.pop(0)))
+            finished, running = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                cell, status, details, wall = future.result()
+                done += 1
+                durations.append(wall)
+                ok = status == "finished:completed"
+                counts["finished" if ok else "failed"] += 1
+                left = (len(todo) - done) * (sum(durations) / len(durations)) / max(1, min(jobs, len(todo)))
+                log(f"[{counts['skipped'] + done}/{len(cells)}] {cell.name}: "
+                    f"{'done' if ok else 'FAILED (' + status + ')'} in {wall:.0f} s · "
+                    f"elapsed {_clock(time.time() - start)} · ~{_clock(left)} left")
+                if not ok:
+                    log(f"  {cell.name}: {details[-1500:]}")
+    return counts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("grid", help="the grid file, e.g. grids/flickr8k.toml")
+    parser.add_argument("--jobs", type=int, default=1, help="cells run at the same time (default 1: on 2 cores one "
+                        "10-client simulation already keeps both busy)")
+    parser.add_argument("--only", default="", help="run only the cells whose name contains this text")
+    parser.add_argument("--results-only", action="store_true", help="only (re)write the results file")
+    args = parser.parse_args()
+    from scripts.results import write_results
+
+    try:
+        grid = load_grid(args.grid)
+        counts = {"failed": 0}
+        if not args.results_only:
+            counts = run_grid(grid, code_version(), head_commit(), jobs=args.jobs, only=args.only)
+            print(f"grid done: {counts}", flush=True)
+        path = write_results(grid)
+    except GridError as exc:
+        sys.exit(f"error: {exc}")
+    print(f"results: {path}")
+    sys.exit(1 if counts["failed"] else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,155 @@
+"""A results grid as data: the TOML file that names settings, methods (with swept knobs) and seeds, expanded into
+cells, and the record each finished cell leaves beside its run directory.
+
+A grid file (`grids/*.toml`):
+
+    title = "..."                        # heading of the generated results file
+    clients = 10                         # simulated SuperNodes per cell
+    seeds = [0, 1, 2]
+    out-dir = "runs/grid-flickr8k"       # run directories, relative to the project
+    results = "docs/RESULTS.md"          # the generated file (plots beside it)
+    [run-config]                         # keys every cell shares (relative data-dir / cache-dir: to the project)
+    [settings.<name>]                    # title and run-config of one setting (partition x modality mix x ...)
+    [[methods]]                          # name; optional: sweep = {key = [values]} (chosen on dev),
+                                         # run-config, settings = [...], seeds = [...], clients, label
+
+A cell is one run: setting x method x swept values x seed. Its record (`cell.json`) holds the code version and the
+full config; a cell whose record matches both is finished and is skipped when the grid runs again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import subprocess
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+PROJECT = Path(__file__).resolve().parents[1]
+# what decides a cell's numbers: a change here reruns the grid; a change elsewhere (docs, scripts) does not
+CODE_PATHS = ("common", "fedxmr_client", "fedxmr_server", "pyproject.toml", "requirements.lock")
+RECORD = "cell.json"
+
+
+class GridError(ValueError):
+    """A grid file that cannot be run; the message names the file and the key."""
+
+
+@dataclass(frozen=True)
+class Cell:
+    setting: str
+    method: str  # the method's label (its name, unless the grid gives one)
+    variant: dict[str, Any]  # swept keys of this cell (e.g. {"fedprox-mu": 0.1}); {} if none
+    seed: int
+    clients: int
+    run_config: dict[str, Any]  # the whole run config of the cell, run-name and out-dir excepted
+
+    @property
+    def name(self) -> str:
+        """Also the run directory's name (Flower's run-name: letters, digits, '.', '_', '-')."""
+        parts = [self.setting, self.method, *(f"{k}-{v}" for k, v in sorted(self.variant.items())), f"seed{self.seed}"]
+        return ".".join(parts)
+
+    def key(self, code: str) -> str:
+        """What makes a finished cell reusable: the code version and the exact config."""
+        text = json.dumps({"code": code, "clients": self.clients, "run-config": self.run_config}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass
+class Grid:
+    path: Path
+    title: str
+    clients: int
+    seeds: list[int]
+    out_dir: Path
+    results: Path
+    settings: dict[str, dict[str, Any]]  # name -> {"title": ..., "run-config": {...}}
+    methods: list[dict[str, Any]]
+    run_config: dict[str, Any] = field(default_factory=dict)
+
+    def cells(self) -> list[Cell]:
+        out = []
+        for method in self.methods:
+            sweep = method.get("sweep", {})
+            for setting in method.get("settings", list(self.settings)):
+                for values in itertools.product(*sweep.values()):
+                    variant = dict(zip(sweep, values))
+                    for seed in method.get("seeds", self.seeds):
+                        config = {**self.run_config, **self.settings[setting].get("run-config", {}),
+                                  **method.get("run-config", {}), "method": method["name"], **variant, "seed": seed}
+                        out.append(Cell(setting, method.get("label", method["name"]), variant, seed,
+                                        method.get("clients", self.clients), config))
+        return out
+
+
+def _resolve(value: Any) -> Any:
+    return str((PROJECT / value).resolve()) if isinstance(value, str) and value and not value.startswith("/") else value
+
+
+def load_grid(path: str | Path) -> Grid:
+    """Parse and check a grid file; relative paths are taken from the project root."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise GridError(f"grid file {path}: {exc}") from None
+    for key in ("title", "seeds", "settings", "methods"):
+        if key not in raw:
+            raise GridError(f"grid file {path}: key {key!r} is missing")
+    run_config = dict(raw.get("run-config", {}))
+    for key in ("data-dir", "cache-dir"):
+        if key in run_config:
+            run_config[key] = _resolve(run_config[key])
+    for key in ("run-name", "out-dir", "seed", "method"):
+        if key in run_config:
+            raise GridError(f"grid file {path}: run-config key {key!r} is set by the grid itself")
+    settings = raw["settings"]
+    for i, method in enumerate(raw["methods"]):
+        if "name" not in method:
+            raise GridError(f"grid file {path}: methods[{i}] has no 'name'")
+        unknown = [s for s in method.get("settings", []) if s not in settings]
+        if unknown:
+            raise GridError(f"grid file {path}: method {method['name']!r} names unknown settings {unknown}")
+        bad = [k for k, v in method.get("sweep", {}).items() if not isinstance(v, list) or not v]
+        if bad:
+            raise GridError(f"grid file {path}: method {method['name']!r} sweep keys {bad} need a non-empty list")
+    return Grid(path=path, title=raw["title"], clients=int(raw.get("clients", 10)), seeds=list(raw["seeds"]),
+                out_dir=Path(_resolve(raw.get("out-dir", f"runs/grid-{path.stem}"))),
+                results=Path(_resolve(raw.get("results", f"docs/RESULTS-{path.stem}.md"))),
+                settings=settings, methods=raw["methods"], run_config=run_config)
+
+
+def code_version(root: Path = PROJECT) -> str:
+    """The git tree ids of the paths that decide the numbers (`CODE_PATHS`); refuses uncommitted changes there, so a
+    cell's record always names code that can be checked out again."""
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", *CODE_PATHS], cwd=root, capture_output=True,
+                           text=True, check=True).stdout.strip()
+    if dirty:
+        raise GridError(f"uncommitted changes in {CODE_PATHS}: commit them first (a cell must name its code):\n"
+                        f"{dirty}")
+    ids = [subprocess.run(["git", "rev-parse", f"HEAD:{p}"], cwd=root, capture_output=True, text=True,
+                          check=True).stdout.strip() for p in CODE_PATHS]
+    return hashlib.sha256(" ".join(ids).encode()).hexdigest()[:12]
+
+
+def head_commit(root: Path = PROJECT) -> str:
+    return subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def read_record(out_dir: Path, cell: Cell) -> dict[str, Any] | None:
+    """The cell's record if it finished (whatever the code version), else None."""
+    path = out_dir / cell.name / RECORD
+    if not path.exists():
+        return None
+    record = json.loads(path.read_text())
+    return record if record.get("status") == "finished" else None
+
+
+def is_done(out_dir: Path, cell: Cell, code: str) -> bool:
+    record = read_record(out_dir, cell)
+    return record is not None and record.get("key") == cell.key(code)

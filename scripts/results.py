@@ -1,0 +1,234 @@
+"""The results file of a grid (e.g. docs/RESULTS.md), generated from its finished cells.
+
+Per setting, one table of methods: mean ± std over seeds (sample std, ddof=1) of the test numbers at each run's
+selected (best-dev) round, a mark for differences to FedAvg larger than the seed noise (paired t-test over seeds,
+two-sided, p < 0.05; the seed fixes the partition, so seeds pair up), bytes per round and wall time; a method with
+a swept knob is shown with the value of best mean dev score (the others in a table of their own); convergence plots
+with a ± std band over seeds beside the file; and a list of every cell with its commit, config and wall time.
+
+    python -m scripts.results grids/flickr8k.toml      # also run at the end of scripts.grid
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from scripts.grid_spec import Cell, Grid, load_grid, read_record
+
+# (column, how to get it from a cell's outputs); test numbers are at the run's selected round
+COLUMNS = {
+    "test rsum": lambda f: f["test"].get("rsum"),
+    "64-bit rsum": lambda f: f["test"].get("hash_rsum"),
+    "MAP@all i2t": lambda f: f["test"].get("hash_map_i2t"),
+    "MAP@all t2i": lambda f: f["test"].get("hash_map_t2i"),
+    "client mean": lambda f: _summary(f, "all-global-mean"),
+    "client worst": lambda f: _summary(f, "all-global-worst"),
+    "paired": lambda f: _summary(f, "paired-global-mean"),
+    "image-only": lambda f: _summary(f, "image-only-global-mean"),
+    "text-only": lambda f: _summary(f, "text-only-global-mean"),
+    "+personal mean": lambda f: _summary(f, "all-personal-mean"),
+}
+DIGITS = {"MAP@all i2t": 3, "MAP@all t2i": 3}
+SIGNIFICANCE = ("test rsum", "client mean")  # marked against FedAvg
+BASELINE = "fedavg"
+
+
+def _summary(final: dict, key: str) -> float | None:
+    return final.get("per-client", {}).get("summary", {}).get(key)
+
+
+def cell_numbers(run_dir: Path) -> dict[str, Any]:
+    """One finished cell's numbers: the table columns, its dev score, bytes per round and the convergence curves."""
+    final = json.loads((run_dir / "final.json").read_text())
+    rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    trained = [r["train"] for r in rounds if r.get("train")]
+    selected = next((r for r in rounds if r["round"] == final["best-round"]), {})
+    client_dev = selected.get("client-dev", {}).get("summary", {}).get("all-global-mean")
+    return {
+        **{name: get(final) for name, get in COLUMNS.items()},
+        "dev": final.get("dev", {}).get("rsum", client_dev),
+        "best-round": final["best-round"],
+        "MB/round": (np.mean([t.get("download-bytes", 0) + t.get("upload-bytes", 0) for t in trained]) / 1e6
+                     if trained else None),
+        "dev-curve": {r["round"]: r["dev"]["rsum"] for r in rounds if r.get("dev")},
+        "client-curve": {r["round"]: r["client-dev"]["summary"]["all-global-mean"] for r in rounds
+                         if r.get("client-dev", {}).get("summary", {}).get("all-global-mean") is not None},
+    }
+
+
+def mean_std(values: list[float | None]) -> tuple[float, float, int]:
+    """Mean and sample std (ddof=1; 0 for one value) over the values present; nan if none."""
+    xs = np.array([v for v in values if v is not None and not math.isnan(v)], dtype=np.float64)
+    if not len(xs):
+        return math.nan, math.nan, 0
+    return float(xs.mean()), float(xs.std(ddof=1)) if len(xs) > 1 else 0.0, len(xs)
+
+
+def paired_mark(ours: dict[int, float | None], base: dict[int, float | None], alpha: float = 0.05) -> str:
+    """▲ / ▼ if the paired difference over common seeds is significant (two-sided paired t-test, p < alpha),
+    '' if not, '?' if fewer than 2 common seeds."""
+    from scipy.stats import ttest_rel
+
+    seeds = sorted(s for s in ours if s in base and ours[s] is not None and base[s] is not None)
+    if len(seeds) < 2:
+        return "?"
+    a, b = np.array([ours[s] for s in seeds]), np.array([base[s] for s in seeds])
+    if np.allclose(a, b):
+        return ""
+    p = ttest_rel(a, b).pvalue
+    return ("▲" if a.mean() > b.mean() else "▼") if p < alpha else ""
+
+
+def _fmt(name: str, values: list[float | None], mark: str = "") -> str:
+    mean, std, n = mean_std(values)
+    if not n:
+        return "–"
+    d = DIGITS.get(name, 1)
+    return f"{mean:.{d}f} ± {std:.{d}f}{(' ' + mark) if mark else ''}"
+
+
+def _groups(grid: Grid) -> dict[str, dict[tuple[str, str], list[tuple[Cell, dict | None, dict | None]]]]:
+    """setting -> (method, variant text) -> [(cell, record, numbers)] over seeds, in grid order."""
+    out: dict[str, dict[tuple[str, str], list]] = {}
+    for cell in grid.cells():
+        record = read_record(grid.out_dir, cell)
+        numbers = cell_numbers(grid.out_dir / cell.name) if record else None
+        variant = ", ".join(f"{k}={v}" for k, v in sorted(cell.variant.items()))
+        out.setdefault(cell.setting, {}).setdefault((cell.method, variant), []).append((cell, record, numbers))
+    return out
+
+
+def _chosen(rows: dict[tuple[str, str], list]) -> dict[tuple[str, str], list]:
+    """Per method, the variant with the best mean dev score (methods without a sweep have one variant)."""
+    best: dict[str, tuple[str, str]] = {}
+    for key, cells in rows.items():
+        dev = mean_std([n["dev"] for _, _, n in cells if n])[0]
+        if key[0] not in best or dev > mean_std([n["dev"] for _, _, n in rows[best[key[0]]] if n])[0]:
+            best[key[0]] = key
+    return {key: rows[key] for key in best.values()}
+
+
+def setting_table(rows: dict[tuple[str, str], list], seeds: int) -> list[str]:
+    chosen = _chosen(rows)
+    base = next((cells for (method, _), cells in chosen.items() if method == BASELINE), [])
+    base_by = {name: {c.seed: n[name] for c, _, n in base if n} for name in SIGNIFICANCE}
+    head = ["method", "seeds", *COLUMNS, "MB/round", "wall s", "best round"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (method, variant), cells in chosen.items():
+        done = [(c, r, n) for c, r, n in cells if n]
+        label = method + (f" ({variant}, chosen on dev)" if variant else "")
+        row = [label, f"{len(done)}/{len(cells)}"]
+        for name in COLUMNS:
+            mark = (paired_mark({c.seed: n[name] for c, _, n in done}, base_by[name])
+                    if name in SIGNIFICANCE and method != BASELINE else "")
+            row.append(_fmt(name, [n[name] for _, _, n in done], mark))
+        row += [_fmt("MB/round", [n["MB/round"] for _, _, n in done]).split(" ±")[0],
+                _fmt("wall", [r["wall-s"] for _, r, _ in done]), ", ".join(str(n["best-round"]) for _, _, n in done)]
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def sweep_table(rows: dict[tuple[str, str], list]) -> list[str]:
+    swept = {k: v for k, v in rows.items() if k[1]}
+    if not swept:
+        return []
+    lines = ["Swept knobs (the row above is the value with the best mean dev score):", "",
+             "| method | value | seeds | dev score | test rsum |", "|---|---|---|---|---|"]
+    for (method, variant), cells in swept.items():
+        done = [n for _, _, n in cells if n]
+        lines.append(f"| {method} | {variant} | {len(done)}/{len(cells)} | {_fmt('dev', [n['dev'] for n in done])} | "
+                     f"{_fmt('test rsum', [n['test rsum'] for n in done])} |")
+    return lines + [""]
+
+
+def plot_setting(rows: dict[tuple[str, str], list], title: str, path: Path) -> Path | None:
+    """Dev rsum of the global model (left) and mean per-client dev score (right) per round: mean over seeds with
+    a ± std band, for each method (its chosen variant)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    drawn = False
+    for (method, _), cells in _chosen(rows).items():
+        for ax, curve in zip(axes, ("dev-curve", "client-curve")):
+            curves = [n[curve] for _, _, n in cells if n and n[curve]]
+            rounds = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+            if not rounds:
+                continue
+            values = np.array([[c[r] for r in rounds] for c in curves])
+            mean, std = values.mean(0), values.std(0, ddof=1) if len(values) > 1 else np.zeros(len(rounds))
+            ax.plot(rounds, mean, "o-", ms=3, label=f"{method} ({len(curves)} seeds)")
+            ax.fill_between(rounds, mean - std, mean + std, alpha=0.2)
+            drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    axes[0].set(xlabel="round", ylabel="dev rsum (global model)", title="Server dev, global model")
+    axes[1].set(xlabel="round", ylabel="mean per-client dev score", title="Per-client dev (own model for local/fedproto)")
+    for ax in axes:
+        if ax.lines:
+            ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def write_results(grid: Grid) -> Path:
+    groups = _groups(grid)
+    out = grid.results
+    lines = [f"# {grid.title}", "",
+             f"Generated by `python -m scripts.grid {grid.path.relative_to(grid.path.parents[1]) if len(grid.path.parents) > 1 else grid.path}`"
+             " from its finished cells; do not edit by hand.", "",
+             "Every number is the mean ± sample std (ddof=1) over seeds (the seed also draws the partition). Test is "
+             "scored once per run, at the round selected on dev. ▲ / ▼: the paired difference to FedAvg over the "
+             "same seeds is significant (two-sided paired t-test, p < 0.05); no mark: within the seed noise; "
+             "?: fewer than 2 common seeds. Per-client columns: mean R@1/5/10 of each client's own test queries "
+             "(global model; `local`/`fedproto`: the client's own model), mean over clients and by client type; "
+             "`+personal mean` with the client's personal adapters. MAP@all: 64-bit Hamming ranking over DERIVED "
+             "concept labels. MB/round: arrays of the train messages, down + up, all clients (evaluation galleries "
+             "not counted). Wall: the whole simulation on 2 cores, one cell at a time.", ""]
+    all_cells = []
+    for setting, rows in groups.items():
+        spec = grid.settings[setting]
+        lines += [f"## {spec.get('title', setting)}", "",
+                  "Run config of the setting: `" + " ".join(f"{k}={v}" for k, v in spec.get("run-config", {}).items())
+                  + "`", ""]
+        lines += setting_table(rows, len(grid.seeds)) + [""] + sweep_table(rows)
+        png = plot_setting(rows, spec.get("title", setting), out.parent / f"{out.stem}-{setting}.png")
+        if png:
+            lines += [f"![convergence, {setting}]({png.name})", ""]
+        all_cells += [c for cells in rows.values() for c in cells]
+    shared = {k: v for k, v in grid.run_config.items() if k not in ("data-dir", "cache-dir")}
+    lines += ["## Cells", "", "Shared run config: `" + " ".join(f"{k}={v}" for k, v in shared.items()) + "`, "
+              f"{grid.clients} simulated clients unless noted.", "",
+              "| cell | status | commit | code | clients | wall s |", "|---|---|---|---|---|---|"]
+    for cell, record, _ in all_cells:
+        lines.append(f"| {cell.name} | {record['status'] if record else 'missing'} | "
+                     f"{record['commit'] if record else '–'} | {record['code'] if record else '–'} | {cell.clients} | "
+                     f"{record['wall-s'] if record else '–'} |")
+    total = sum(r["wall-s"] for _, r, _ in all_cells if r)
+    lines += ["", f"Total wall time of the finished cells: {total / 60:.0f} min.", ""]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("grid")
+    print(write_results(load_grid(parser.parse_args().grid)))
+
+
+if __name__ == "__main__":
+    main()
