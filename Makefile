@@ -10,7 +10,7 @@ ROUNDS    ?= 20
 RUN_NAME  ?= $(shell date +%Y%m%d-%H%M%S)
 COMMON    := data-dir='$(DATA_DIR)' cache-dir='$(CACHE_DIR)' out-dir='$(RUNS_DIR)'
 
-.PHONY: install demo centralized test bench clean
+.PHONY: install demo centralized results test bench clean
 
 install: $(VENV)/.installed
 
@@ -27,7 +27,7 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 # A real federated run: FedAvg, $(CLIENTS) IID clients, $(ROUNDS) rounds, real Flickr8k, offline default backbone.
 demo: install
 	$(BIN)/python -m scripts.simulate --clients $(CLIENTS) \
-	  --run-config "num-server-rounds=$(ROUNDS) $(COMMON) run-name='demo-$(RUN_NAME)'"
+	  --run-config "num-server-rounds=$(ROUNDS) client-eval-every=4 $(COMMON) run-name='demo-$(RUN_NAME)'"
 	@cat $(RUNS_DIR)/demo-$(RUN_NAME)/summary.md
 
 # Method `centralized`: one node holding the whole train split, with its own budget (centralized-*).
@@ -35,6 +35,10 @@ centralized: install
 	$(BIN)/python -m scripts.simulate --clients 1 \
 	  --run-config "method='centralized' num-server-rounds=$(ROUNDS) $(COMMON) run-name='centralized-$(RUN_NAME)'"
 	@cat $(RUNS_DIR)/centralized-$(RUN_NAME)/summary.md
+
+# The multi-seed results grid (every method, two settings, 3 seeds) -> docs/RESULTS.md; reruns only unfinished cells.
+results: install
+	$(BIN)/python -m scripts.grid grids/flickr8k.toml
 
 test: install
 	$(BIN)/python -m pytest -q

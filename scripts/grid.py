@@ -18,35 +18,23 @@ import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
-from scripts.grid_spec import RECORD, Cell, Grid, GridError, code_version, head_commit, is_done, load_grid
+from scripts.grid_spec import (RECORD, Cell, Grid, GridError, code_version, head_commit, is_done, load_grid,
+                               run_config_text)
 
 # (cell, run directory) -> (status, details): "finished:completed" on success
 Runner = Callable[[Cell, Path], tuple[str, str]]
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        if "'" in value:
-            raise GridError(f"run-config value {value!r} contains a single quote")
-        return f"'{value}'"
-    return repr(value)
-
-
-def run_config_text(config: dict[str, Any]) -> str:
-    """A flat run config as Flower's `--run-config` string."""
-    return " ".join(f"{k}={_toml_value(v)}" for k, v in config.items())
-
-
 def simulate_cell(cell: Cell, run_dir: Path) -> tuple[str, str]:
-    """Run one cell as a local simulation (one CPU and one thread per simulated client)."""
+    """Run one cell as a local simulation (one CPU and one thread per simulated client); its log goes to
+    `<run dir>.log`."""
     from scripts.simulate import simulate
 
     config = {**cell.run_config, "out-dir": str(run_dir.parent), "run-name": run_dir.name}
-    status = simulate(cell.clients, run_config_text(config), cpus_per_client=1)
+    status = simulate(cell.clients, run_config_text(config), cpus_per_client=1,
+                      log_path=run_dir.with_name(run_dir.name + ".log"))
     return status.get("status", "unknown"), status.get("status-details", "")
 
 

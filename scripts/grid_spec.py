@@ -86,6 +86,21 @@ class Grid:
         return out
 
 
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        if "'" in value:
+            raise GridError(f"run-config value {value!r} contains a single quote")
+        return f"'{value}'"
+    return repr(value)
+
+
+def run_config_text(config: dict[str, Any]) -> str:
+    """A flat run config as Flower's `--run-config` string."""
+    return " ".join(f"{k}={_toml_value(v)}" for k, v in config.items())
+
+
 def _resolve(value: Any) -> Any:
     return str((PROJECT / value).resolve()) if isinstance(value, str) and value and not value.startswith("/") else value
 

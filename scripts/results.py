@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from scripts.grid_spec import Cell, Grid, load_grid, read_record
+from scripts.grid_spec import Cell, Grid, load_grid, read_record, run_config_text
 
 # (column, how to get it from a cell's outputs); test numbers are at the run's selected round
 COLUMNS = {
@@ -114,7 +114,7 @@ def _chosen(rows: dict[tuple[str, str], list]) -> dict[tuple[str, str], list]:
     return {key: rows[key] for key in best.values()}
 
 
-def setting_table(rows: dict[tuple[str, str], list], seeds: int) -> list[str]:
+def setting_table(rows: dict[tuple[str, str], list]) -> list[str]:
     chosen = _chosen(rows)
     base = next((cells for (method, _), cells in chosen.items() if method == BASELINE), [])
     base_by = {name: {c.seed: n[name] for c, _, n in base if n} for name in SIGNIFICANCE}
@@ -126,7 +126,7 @@ def setting_table(rows: dict[tuple[str, str], list], seeds: int) -> list[str]:
         row = [label, f"{len(done)}/{len(cells)}"]
         for name in COLUMNS:
             mark = (paired_mark({c.seed: n[name] for c, _, n in done}, base_by[name])
-                    if name in SIGNIFICANCE and method != BASELINE else "")
+                    if name in SIGNIFICANCE and method != BASELINE and base else "")
             row.append(_fmt(name, [n[name] for _, _, n in done], mark))
         row += [_fmt("MB/round", [n["MB/round"] for _, _, n in done]).split(" ±")[0],
                 _fmt("wall", [r["wall-s"] for _, r, _ in done]), ", ".join(str(n["best-round"]) for _, _, n in done)]
@@ -202,15 +202,14 @@ def write_results(grid: Grid) -> Path:
     for setting, rows in groups.items():
         spec = grid.settings[setting]
         lines += [f"## {spec.get('title', setting)}", "",
-                  "Run config of the setting: `" + " ".join(f"{k}={v}" for k, v in spec.get("run-config", {}).items())
-                  + "`", ""]
-        lines += setting_table(rows, len(grid.seeds)) + [""] + sweep_table(rows)
+                  f"Run config of the setting: `{run_config_text(spec.get('run-config', {}))}`", ""]
+        lines += setting_table(rows) + [""] + sweep_table(rows)
         png = plot_setting(rows, spec.get("title", setting), out.parent / f"{out.stem}-{setting}.png")
         if png:
             lines += [f"![convergence, {setting}]({png.name})", ""]
         all_cells += [c for cells in rows.values() for c in cells]
     shared = {k: v for k, v in grid.run_config.items() if k not in ("data-dir", "cache-dir")}
-    lines += ["## Cells", "", "Shared run config: `" + " ".join(f"{k}={v}" for k, v in shared.items()) + "`, "
+    lines += ["## Cells", "", f"Shared run config: `{run_config_text(shared)}`, "
               f"{grid.clients} simulated clients unless noted.", "",
               "| cell | status | commit | code | clients | wall s |", "|---|---|---|---|---|---|"]
     for cell, record, _ in all_cells:

@@ -96,8 +96,9 @@ def run_status(env: dict[str, str], connection: str | None = None) -> dict:
 
 
 def simulate(clients: int, run_config: str, cpus_per_client: int = 1, timeout: float = 7200,
-             flwr_home: Path | None = None) -> dict:
-    """Run one simulation; return the run's `flwr ls` entry (status 'finished:completed' on success)."""
+             flwr_home: Path | None = None, log_path: Path | None = None) -> dict:
+    """Run one simulation; return the run's `flwr ls` entry (status 'finished:completed' on success). The run's
+    stream goes to `log_path` if given, else to this process's stdout."""
     home = Path(flwr_home or tempfile.mkdtemp(prefix="fedxmr-flwr-"))
     env = flower_env(home)
     env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(free_port())
@@ -107,7 +108,12 @@ def simulate(clients: int, run_config: str, cpus_per_client: int = 1, timeout: f
     if run_config:
         cmd += ["--run-config", run_config]
     try:
-        subprocess.run(cmd, cwd=PROJECT, env=env, timeout=timeout, check=False)
+        if log_path is None:
+            subprocess.run(cmd, cwd=PROJECT, env=env, timeout=timeout, check=False)
+        else:
+            with open(log_path, "w", encoding="utf-8") as log:
+                subprocess.run(cmd, cwd=PROJECT, env=env, timeout=timeout, check=False, stdout=log,
+                               stderr=subprocess.STDOUT)
         return run_status(env)
     finally:
         kill_tree(processes_matching(str(home / "local-superlink")))

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from scripts.grid import run_config_text, run_grid
-from scripts.grid_spec import GridError, load_grid
+from scripts.grid import run_grid
+from scripts.grid_spec import GridError, load_grid, run_config_text
 from scripts.results import mean_std, paired_mark, write_results
 
 GRID = """
