@@ -56,7 +56,7 @@ def cell_numbers(run_dir: Path) -> dict[str, Any]:
         "best-round": final["best-round"],
         "MB/round": (np.mean([t.get("download-bytes", 0) + t.get("upload-bytes", 0) for t in trained]) / 1e6
                      if trained else None),
-        "dev-curve": {r["round"]: r["dev"]["rsum"] for r in rounds if r.get("dev")},
+        "dev-curve": {r["round"]: r["dev"]["rsum"] for r in rounds if r.get("dev") and r["round"] > 0},
         "client-curve": {r["round"]: r["client-dev"]["summary"]["all-global-mean"] for r in rounds
                          if r.get("client-dev", {}).get("summary", {}).get("all-global-mean") is not None},
     }
