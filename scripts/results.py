@@ -128,7 +128,8 @@ def setting_table(rows: dict[tuple[str, str], list]) -> list[str]:
             mark = (paired_mark({c.seed: n[name] for c, _, n in done}, base_by[name])
                     if name in SIGNIFICANCE and method != BASELINE and base else "")
             row.append(_fmt(name, [n[name] for _, _, n in done], mark))
-        row += [_fmt("MB/round", [n["MB/round"] for _, _, n in done]).split(" ±")[0],
+        mb = mean_std([n["MB/round"] for _, _, n in done])[0]  # the same every seed: the mean alone
+        row += ["–" if math.isnan(mb) else f"{mb:.1f}",
                 _fmt("wall", [r["wall-s"] for _, r, _ in done]), ", ".join(str(n["best-round"]) for _, _, n in done)]
         lines.append("| " + " | ".join(row) + " |")
     return lines
