@@ -63,6 +63,16 @@ class FedProtoSection(Section):
     proto_ema: float = Field(0.0, ge=0.0, lt=1.0)  # 0: the global table is this round's count-weighted mean
 
 
+class UniAlignSection(Section):
+    """FedAvg whose unimodal clients stay in the shared space (`common/unimodal.py`; issue 11). Defaults chosen on dev
+    (README, "Unimodal clients")."""
+
+    distill_weight: float = Field(1.0, ge=0.0)  # unimodal clients' distillation from the round's global model; 0: off
+    distill_kind: Literal["embedding", "relational"] = "embedding"
+    train_parts: Literal["all", "adapter-hash"] = "all"  # what of its tower a unimodal client trains (and sends)
+    weighting: Literal["size", "agreement"] = "size"  # agreement: size x max(0, cos to the paired mean update)
+
+
 # The registry of method names: every name here has a server strategy and a client method (tests check both).
 SECTIONS: dict[str, type[Section] | None] = {
     "fedavg": None,
@@ -72,4 +82,5 @@ SECTIONS: dict[str, type[Section] | None] = {
     "paired-only": None,
     "centralized": CentralizedSection,
     "fedproto": FedProtoSection,
+    "unialign": UniAlignSection,
 }

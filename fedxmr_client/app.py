@@ -88,7 +88,8 @@ def train(msg: Message, context: Context) -> Message:
         for name, record in extra_records.items():
             records[name] = record
     state = model.state_dict()
-    sent = upload_keys(state, shard.modalities) if plan.train and method.sends_weights else []
+    sent = [k for k in upload_keys(state, shard.modalities) if k not in plan.frozen]
+    sent = sent if plan.train and method.sends_weights else []
     arrays = ArrayRecord({k: state[k] for k in sent})
     records[P.ARRAYS] = arrays
     metrics |= {

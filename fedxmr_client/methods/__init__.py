@@ -9,6 +9,7 @@ from fedxmr_client.methods.fedprox import FedProxClient
 from fedxmr_client.methods.fedproto import FedProtoClient
 from fedxmr_client.methods.paired_only import PairedOnlyClient
 from fedxmr_client.methods.rcsr import RcsrClient
+from fedxmr_client.methods.unialign import UniAlignClient
 
 
 class LocalClient(ClientMethod):
@@ -17,7 +18,7 @@ class LocalClient(ClientMethod):
 
 CLIENT_METHODS: dict[str, type[ClientMethod]] = {
     cls.name: cls for cls in (ClientMethod, FedProxClient, RcsrClient, LocalClient, PairedOnlyClient,
-                              CentralizedClient, FedProtoClient)}
+                              CentralizedClient, FedProtoClient, UniAlignClient)}
 
 
 def client_method(name: str) -> ClientMethod:

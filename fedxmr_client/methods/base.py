@@ -21,11 +21,13 @@ from fedxmr_client.node import NodeShard, shared_state
 
 @dataclass
 class Plan:
-    """One train message's plan: the items to train on, the method's extra loss terms, whether to train at all."""
+    """One train message's plan: the items to train on, the method's extra loss terms, whether to train at all,
+    and which shared arrays stay frozen (the method sets `requires_grad` off on them in `begin`)."""
 
     shard: NodeShard
     terms: list[LossTerm] = field(default_factory=list)
     train: bool = True  # False: the node does not train and sends nothing this round (paired-only's unimodal nodes)
+    frozen: frozenset[str] = frozenset()  # shared keys the node neither trains nor sends (their global value stays)
 
 
 class ClientMethod:

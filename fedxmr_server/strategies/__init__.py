@@ -11,9 +11,11 @@ from fedxmr_server.strategies.fedproto import FedProtoXmr
 from fedxmr_server.strategies.local import LocalXmr
 from fedxmr_server.strategies.paired_only import PairedOnlyXmr
 from fedxmr_server.strategies.rcsr import RcsrXmr
+from fedxmr_server.strategies.unialign import UniAlignXmr
 
 STRATEGIES: dict[str, type[XmrStrategy]] = {
-    cls.name: cls for cls in (FedAvgXmr, FedProxXmr, RcsrXmr, LocalXmr, PairedOnlyXmr, CentralizedXmr, FedProtoXmr)}
+    cls.name: cls for cls in (FedAvgXmr, FedProxXmr, RcsrXmr, LocalXmr, PairedOnlyXmr, CentralizedXmr, FedProtoXmr,
+                               UniAlignXmr)}
 
 
 def build_strategy(cfg: RunConfig) -> XmrStrategy:

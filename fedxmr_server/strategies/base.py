@@ -312,6 +312,11 @@ def _due(server_round: int, every: int, num_rounds: int) -> bool:
     return server_round % every == 0 or server_round == num_rounds
 
 
+def is_paired(msg: Message) -> bool:
+    """Whether a reply's client holds both modalities (`has-img` / `has-txt`, both 1 when not reported)."""
+    return all(msg.content[P.METRICS].get(P.HAS[m], 1) for m in P.HAS)
+
+
 def _average(key: str, old: np.ndarray, weights: np.ndarray, client_arrays: list[Arrays]) -> np.ndarray:
     """Weighted mean over the clients that sent `key`, weights renormalised over them; else the old value."""
     held = [(w, a[key]) for w, a in zip(weights, client_arrays) if key in a]

@@ -5,7 +5,7 @@ import numpy as np
 from flwr.app import Message
 
 from common import protocol as P
-from fedxmr_server.strategies.base import XmrStrategy
+from fedxmr_server.strategies.base import XmrStrategy, is_paired
 
 
 class PairedOnlyXmr(XmrStrategy):
@@ -13,15 +13,11 @@ class PairedOnlyXmr(XmrStrategy):
     description = "FedAvg over paired clients only; unimodal clients train nothing and send no arrays"
 
     def reply_problem(self, msg: Message) -> str | None:
-        paired = P.METRICS not in msg.content.metric_records or _paired(msg)
+        paired = P.METRICS not in msg.content.metric_records or is_paired(msg)
         problem = self._base_problem(msg, arrays_required=paired)
         if problem is None and not paired and P.ARRAYS in msg.content.array_records and len(msg.content[P.ARRAYS]):
             return "a unimodal client sent arrays under method 'paired-only'"
         return problem
 
     def client_weights(self, replies: list[Message]) -> np.ndarray:
-        return np.array([float(m.content[P.METRICS][P.NUM_EXAMPLES]) * _paired(m) for m in replies])
-
-
-def _paired(msg: Message) -> bool:
-    return all(msg.content[P.METRICS].get(P.HAS[m], 1) for m in P.HAS)
+        return np.array([float(m.content[P.METRICS][P.NUM_EXAMPLES]) * is_paired(m) for m in replies])
