@@ -8,6 +8,9 @@ A grid file (`grids/*.toml`):
     seeds = [0, 1, 2]
     out-dir = "runs/grid-flickr8k"       # run directories, relative to the project
     results = "docs/RESULTS.md"          # the generated file (plots beside it)
+    baseline = "fedavg"                  # optional: the method the ▲/▼ marks compare with (default fedavg)
+    gap = ["paired-only", "all-paired/fedavg"]  # optional: report how much of the gap from a method to a
+                                         # reference (setting/method) each method recovers, per setting
     [run-config]                         # keys every cell shares (relative data-dir / cache-dir: to the project)
     [settings.<name>]                    # title and run-config of one setting (partition x modality mix x ...)
     [[methods]]                          # name; optional: sweep = {key = [values]} (chosen on dev),
@@ -70,6 +73,8 @@ class Grid:
     settings: dict[str, dict[str, Any]]  # name -> {"title": ..., "run-config": {...}}
     methods: list[dict[str, Any]]
     run_config: dict[str, Any] = field(default_factory=dict)
+    baseline: str = "fedavg"
+    gap: tuple[str, str, str] | None = None  # (from method, reference setting, reference method)
 
     def cells(self) -> list[Cell]:
         out = []
@@ -132,10 +137,18 @@ def load_grid(path: str | Path) -> Grid:
         bad = [k for k, v in method.get("sweep", {}).items() if not isinstance(v, list) or not v]
         if bad:
             raise GridError(f"grid file {path}: method {method['name']!r} sweep keys {bad} need a non-empty list")
+    gap = raw.get("gap")
+    if gap is not None:
+        if not (isinstance(gap, list) and len(gap) == 2 and gap[1].count("/") == 1):
+            raise GridError(f"grid file {path}: 'gap' must be [method, 'setting/method'], got {gap!r}")
+        if gap[1].split("/")[0] not in settings:
+            raise GridError(f"grid file {path}: 'gap' names an unknown setting {gap[1].split('/')[0]!r}")
+        gap = (gap[0], *gap[1].split("/"))
     return Grid(path=path, title=raw["title"], clients=int(raw.get("clients", 10)), seeds=list(raw["seeds"]),
                 out_dir=Path(_resolve(raw.get("out-dir", f"runs/grid-{path.stem}"))),
                 results=Path(_resolve(raw.get("results", f"docs/RESULTS-{path.stem}.md"))),
-                settings=settings, methods=raw["methods"], run_config=run_config)
+                settings=settings, methods=raw["methods"], run_config=run_config,
+                baseline=str(raw.get("baseline", "fedavg")), gap=gap)
 
 
 def code_version(root: Path = PROJECT) -> str:

@@ -1,7 +1,8 @@
 """The results file of a grid (e.g. docs/RESULTS.md), generated from its finished cells.
 
 Per setting, one table of methods: mean ± std over seeds (sample std, ddof=1) of the test numbers at each run's
-selected (best-dev) round, a mark for differences to FedAvg larger than the seed noise (paired t-test over seeds,
+selected (best-dev) round, a mark for differences to the grid's baseline (FedAvg unless it names another) larger
+than the seed noise (paired t-test over seeds,
 two-sided, p < 0.05; the seed fixes the partition, so seeds pair up), bytes per round and wall time; a method with
 a swept knob is shown with the value of best mean dev score (the others in a table of their own); convergence plots
 with a ± std band over seeds beside the file; and a list of every cell with its commit, config and wall time.
@@ -30,13 +31,15 @@ COLUMNS = {
     "client mean": lambda f: _summary(f, "all-global-mean"),
     "client worst": lambda f: _summary(f, "all-global-worst"),
     "paired": lambda f: _summary(f, "paired-global-mean"),
+    "paired worst": lambda f: _summary(f, "paired-global-worst"),
     "image-only": lambda f: _summary(f, "image-only-global-mean"),
+    "image-only worst": lambda f: _summary(f, "image-only-global-worst"),
     "text-only": lambda f: _summary(f, "text-only-global-mean"),
+    "text-only worst": lambda f: _summary(f, "text-only-global-worst"),
     "+personal mean": lambda f: _summary(f, "all-personal-mean"),
 }
 DIGITS = {"MAP@all i2t": 3, "MAP@all t2i": 3}
-SIGNIFICANCE = ("test rsum", "client mean")  # marked against FedAvg
-BASELINE = "fedavg"
+SIGNIFICANCE = ("test rsum", "client mean", "image-only", "text-only")  # marked against the grid's baseline
 
 
 def _summary(final: dict, key: str) -> float | None:
@@ -114,9 +117,9 @@ def _chosen(rows: dict[tuple[str, str], list]) -> dict[tuple[str, str], list]:
     return {key: rows[key] for key in best.values()}
 
 
-def setting_table(rows: dict[tuple[str, str], list]) -> list[str]:
+def setting_table(rows: dict[tuple[str, str], list], baseline: str) -> list[str]:
     chosen = _chosen(rows)
-    base = next((cells for (method, _), cells in chosen.items() if method == BASELINE), [])
+    base = next((cells for (method, _), cells in chosen.items() if method == baseline), [])
     base_by = {name: {c.seed: n[name] for c, _, n in base if n} for name in SIGNIFICANCE}
     head = ["method", "seeds", *COLUMNS, "MB/round", "wall s", "best round"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -126,13 +129,40 @@ def setting_table(rows: dict[tuple[str, str], list]) -> list[str]:
         row = [label, f"{len(done)}/{len(cells)}"]
         for name in COLUMNS:
             mark = (paired_mark({c.seed: n[name] for c, _, n in done}, base_by[name])
-                    if name in SIGNIFICANCE and method != BASELINE and base else "")
+                    if name in SIGNIFICANCE and method != baseline and base else "")
             row.append(_fmt(name, [n[name] for _, _, n in done], mark))
         mb = mean_std([n["MB/round"] for _, _, n in done])[0]  # the same every seed: the mean alone
         row += ["–" if math.isnan(mb) else f"{mb:.1f}",
                 _fmt("wall", [r["wall-s"] for _, r, _ in done]), ", ".join(str(n["best-round"]) for _, _, n in done)]
         lines.append("| " + " | ".join(row) + " |")
     return lines
+
+
+def _by_seed(cells: list, name: str = "test rsum") -> dict[int, float]:
+    return {c.seed: n[name] for c, _, n in cells if n and n[name] is not None}
+
+
+def gap_table(rows: dict[tuple[str, str], list], reference: list, start: str, ref_name: str) -> list[str]:
+    """How much of the test-rsum gap from method `start` to the reference run (`reference`, same seeds) each method
+    closes: (method - start) / (reference - start), on the seeds all three share; per-seed differences beside."""
+    chosen = _chosen(rows)
+    base = next((_by_seed(cells) for (m, _), cells in chosen.items() if m == start), {})
+    ref = _by_seed(reference)
+    if not base or not ref:
+        return []
+    lines = [f"Gap from {start} to {ref_name} (test rsum, same seeds) closed by each method:", "",
+             f"| method | seeds | {ref_name} − {start} | method − {start}, per seed | gap closed |",
+             "|---|---|---|---|---|"]
+    for (method, _), cells in chosen.items():
+        ours = _by_seed(cells)
+        seeds = sorted(set(ours) & set(base) & set(ref))
+        if method == start or not seeds:
+            continue
+        gap = np.mean([ref[s] - base[s] for s in seeds])
+        diffs = [ours[s] - base[s] for s in seeds]
+        closed = f"{100 * np.mean(diffs) / gap:.0f}%" if gap > 0 else "–"
+        lines.append(f"| {method} | {len(seeds)} | {gap:.1f} | {', '.join(f'{d:+.1f}' for d in diffs)} | {closed} |")
+    return lines + [""]
 
 
 def sweep_table(rows: dict[tuple[str, str], list]) -> list[str]:
@@ -200,9 +230,9 @@ def write_results(grid: Grid) -> Path:
              f"Generated by `python -m scripts.grid {_shown(grid.path)}`"
              " from its finished cells; do not edit by hand.", "",
              "Every number is the mean ± sample std (ddof=1) over seeds (the seed also draws the partition). Test is "
-             "scored once per run, at the round selected on dev. ▲ / ▼: the paired difference to FedAvg over the "
-             "same seeds is significant (two-sided paired t-test, p < 0.05); no mark: within the seed noise; "
-             "?: fewer than 2 common seeds. Per-client columns: mean R@1/5/10 of each client's own test queries "
+             "scored once per run, at the round selected on dev. ▲ / ▼: the paired difference to "
+             f"{grid.baseline} over the same seeds is significant (two-sided paired t-test, p < 0.05); no mark: "
+             "within the seed noise; ?: fewer than 2 common seeds. Per-client columns: mean R@1/5/10 of each client's own test queries "
              "(global model; `local`/`fedproto`: the client's own model), mean over clients and by client type; "
              "`+personal mean` with the client's personal adapters. MAP@all: 64-bit Hamming ranking over DERIVED "
              "concept labels. MB/round: arrays of the train messages, down + up, all clients (evaluation galleries "
@@ -212,7 +242,10 @@ def write_results(grid: Grid) -> Path:
         spec = grid.settings[setting]
         lines += [f"## {spec.get('title', setting)}", "",
                   f"Run config of the setting: `{run_config_text(spec.get('run-config', {}))}`", ""]
-        lines += setting_table(rows) + [""] + sweep_table(rows)
+        lines += setting_table(rows, grid.baseline) + [""] + sweep_table(rows)
+        if grid.gap and setting != grid.gap[1]:
+            reference = groups.get(grid.gap[1], {}).get((grid.gap[2], ""), [])
+            lines += gap_table(rows, reference, grid.gap[0], f"{grid.gap[1]}/{grid.gap[2]}")
         png = plot_setting(rows, spec.get("title", setting), out.parent / f"{out.stem}-{setting}.png")
         if png:
             lines += [f"![convergence, {setting}]({png.name})", ""]
