@@ -69,7 +69,9 @@ class UniAlignSection(Section):
 
     distill_weight: float = Field(1.0, ge=0.0)  # unimodal clients' distillation from the round's global model; 0: off
     distill_kind: Literal["embedding", "relational"] = "embedding"
-    train_parts: Literal["all", "adapter-hash"] = "all"  # what of its tower a unimodal client trains (and sends)
+    # what of its tower a unimodal client trains and sends; "none", a control: it sends its tower as it arrived, so
+    # it weighs in the mean without moving it (what its weight alone does: a smaller server step on that tower)
+    train_parts: Literal["all", "adapter-hash", "none"] = "all"
     weighting: Literal["size", "agreement"] = "size"  # agreement: size x max(0, cos to the paired mean update)
 
 

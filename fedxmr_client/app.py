@@ -89,7 +89,7 @@ def train(msg: Message, context: Context) -> Message:
             records[name] = record
     state = model.state_dict()
     sent = [k for k in upload_keys(state, shard.modalities) if k not in plan.frozen]
-    sent = sent if plan.train and method.sends_weights else []
+    sent = sent if (plan.train if plan.send is None else plan.send) and method.sends_weights else []
     arrays = ArrayRecord({k: state[k] for k in sent})
     records[P.ARRAYS] = arrays
     metrics |= {

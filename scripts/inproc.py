@@ -112,29 +112,40 @@ def agreement_weighted(global_arrays: Arrays, updates: list[Update]) -> Arrays:
     return weighted_mean(global_arrays, updates, lambda u, key: by_id[u.partition_id])
 
 
-def screen(run_config: dict, rounds: int) -> list[float]:
+def _untrained(fed: Federation, k: int, g: Arrays) -> Update:
+    shard = fed.shards[k]
+    return Update(k, shard.client_type, {key: g[key] for key in upload_keys(g, shard.modalities)},
+                  float(len(shard.data.images)))
+
+
+def screen(run_config: dict, rounds: int, frozen_unimodal: bool = False) -> list[float]:
     """Dev rsum of the global model after each of `rounds` rounds of the run config's method (FedAvg aggregation,
-    or `unialign`'s agreement weighting)."""
+    or `unialign`'s agreement weighting). `frozen_unimodal`: a control, unimodal clients send the global arrays of
+    their tower back untrained (they weigh in the mean but move nothing: a smaller server step on each tower)."""
     fed = Federation(run_config)
     agreement = fed.cfg.method == "unialign" and fed.cfg.options.weighting == "agreement"
     g, curve = fed.initial, []
     for r in range(1, rounds + 1):
-        updates = [fed.local_update(k, g, r) for k in range(len(fed.shards))]
+        updates = [_untrained(fed, k, g) if frozen_unimodal and fed.shards[k].client_type != "paired"
+                   else fed.local_update(k, g, r) for k in range(len(fed.shards))]
         g = agreement_weighted(g, updates) if agreement else weighted_mean(g, updates)
         curve.append(fed.dev_scores(g)["rsum"])
     return curve
 
 
 def main() -> None:
-    """python -m scripts.inproc ROUNDS OUT.json key=value ... (run-config overrides; dev only)."""
+    """python -m scripts.inproc ROUNDS OUT.json [--frozen-unimodal] key=value ... (run-config overrides; dev
+    only)."""
     rounds, out, *pairs = sys.argv[1:]
+    frozen = "--frozen-unimodal" in pairs
+    pairs = [p for p in pairs if p != "--frozen-unimodal"]
     overrides = {k: json.loads(v) if v[:1].isdigit() or v in ("true", "false") else v
                  for k, v in (p.split("=", 1) for p in pairs)}
     run_config = {"partitioner": "dirichlet", "partition-beta": 0.1, "modality-mix": "0.5,0.25,0.25",
                   "data-dir": "../shared/data/flickr8k", "cache-dir": ".cache/features"} | overrides
     start = time.perf_counter()
-    curve = screen(run_config, int(rounds))
-    result = {"run-config": run_config, "dev-rsum": curve, "best": max(curve), "best-round": int(np.argmax(curve)) + 1,
+    curve = screen(run_config, int(rounds), frozen)
+    result = {"run-config": run_config, "frozen-unimodal": frozen, "dev-rsum": curve, "best": max(curve), "best-round": int(np.argmax(curve)) + 1,
               "seconds": time.perf_counter() - start}
     Path(out).write_text(json.dumps(result))
     print(json.dumps(result))

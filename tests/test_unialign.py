@@ -143,3 +143,23 @@ def test_a_unimodal_node_distils_and_sends_only_the_parts_it_trains(
     assert {k.split(".")[1] for k in sent} == sent_layers and all(k.startswith("txt.") for k in sent)
     assert any(not np.array_equal(sent[k], before[k]) for k in sent if ".adapter." in k)
     assert out.content["metrics"]["train-loss-distill-txt"] > 0
+
+
+def test_the_control_sends_its_tower_untouched(flickr8k_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """`unialign-train-parts = none`: a unimodal node trains nothing and sends its tower exactly as it arrived."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = 1
+    run_config = parse_run_config({
+        "backbone": BACKBONE, "data-dir": str(flickr8k_dir), "max-train-images": 40, "embed-dim": 32,
+        "cache-dir": str(tmp_path_factory.getbasetemp() / "client-app-cache"), "adapter-dim": 8, "hash-bits": 16,
+        "modality-mix": "0,1,0", "method": "unialign", "unialign-train-parts": "none"}).as_flat_dict()
+    arrays, before = _global_arrays(run_config)
+    ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 1, "num-partitions": 2}, state=RecordDict(),
+                  run_config=run_config)
+    out = app(_message(arrays, MessageType.TRAIN), ctx)
+    assert not out.has_error(), out.error
+    sent = {k: a.numpy() for k, a in out.content["arrays"].items()}
+    assert sorted(sent) == sorted(k for k in before if k.startswith("img."))
+    assert all(np.array_equal(sent[k], before[k]) for k in sent)
+    assert out.content["metrics"]["trained"] == 0

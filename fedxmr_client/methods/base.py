@@ -27,6 +27,7 @@ class Plan:
     shard: NodeShard
     terms: list[LossTerm] = field(default_factory=list)
     train: bool = True  # False: the node does not train and sends nothing this round (paired-only's unimodal nodes)
+    send: bool | None = None  # None: send iff trained; True without training: send the arrays as they arrived
     frozen: frozenset[str] = frozenset()  # shared keys the node neither trains nor sends (their global value stays)
 
 

@@ -1,6 +1,6 @@
 """The client side of `unialign` (see `common/unimodal.py`): paired nodes train as in FedAvg; a unimodal node adds a
 distillation term toward the round's global model on its own items and, if `unialign-train-parts` says so, trains
-and sends only part of its tower."""
+and sends only part of its tower (or, as a control, none of it, sending its tower back untouched)."""
 
 from __future__ import annotations
 
@@ -27,6 +27,8 @@ class UniAlignClient(ClientMethod):
         if len(shard.modalities) == 2:
             return Plan(shard)
         opts, mod = shard.cfg.options, shard.modalities[0]
+        if opts.train_parts == "none":  # the control: weigh in without moving anything
+            return Plan(shard, train=False, send=True)
         terms = []
         if opts.distill_weight > 0:  # the teacher: the model as it arrived, i.e. the round's global model
             emb = model.encode(mod, shard.feats[mod])[0]
