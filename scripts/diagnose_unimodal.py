@@ -1,7 +1,9 @@
 """Why do unimodal clients' updates hurt FedAvg? Measured inside every round of an in-process FedAvg run (issue 11).
 
-  python -m scripts.diagnose_unimodal --seed 0 --rounds 8 --out runs/diagnose-unimodal-seed0.json
-  python -m scripts.diagnose_unimodal --summary runs/diagnose-unimodal-seed*.json   # the README's table
+  python -m scripts.diagnose_unimodal --seed 0 --rounds 8 --out runs/diagnose-fedavg-seed0.json
+  python -m scripts.diagnose_unimodal --seed 0 --rounds 8 --out runs/diagnose-unialign-seed0.json \
+      --set method=unialign unialign-distill-weight=1        # the same, on unialign's trajectory
+  python -m scripts.diagnose_unimodal --summary runs/diagnose-fedavg-seed*.json   # the README's table
 
 Per round, from the same global model and the same client updates:
 - per unimodal client (modality m), on the paired dev items (diagnosis only: dev is never trained on):
