@@ -16,6 +16,7 @@ from common.data.partition import PARTITIONERS
 from common.losses import LossWeights
 from common.model import ModelConfig
 from common.method_config import SECTIONS, Section, kebab
+from common.robust import AGGREGATIONS
 from common.train import TrainConfig
 
 
@@ -31,8 +32,14 @@ class RunConfig(BaseModel):
     num_server_rounds: int = Field(20, ge=1, le=10_000)
     fraction_train: float = Field(1.0, gt=0.0, le=1.0)
     fraction_evaluate: float = Field(1.0, ge=0.0, le=1.0)
-    min_nodes: int = Field(2, ge=1)
+    min_nodes: int = Field(2, ge=1)  # fewer usable train replies in a round: the round keeps the model
+    max_failed_rounds: int = Field(3, ge=1)  # that many such rounds in a row fail the run
     round_timeout: float = Field(3600.0, gt=0.0)
+    # what the server trusts (common/robust.py): how updates are combined, and which replies it screens out
+    aggregation: Literal[AGGREGATIONS] = "mean"  # type: ignore[valid-type]
+    trim_fraction: float = Field(0.1, ge=0.0, lt=0.5)  # trimmed-mean: weight share cut at each end
+    update_norm_limit: float = Field(10.0, ge=0.0)  # screen out an update > this x the round's median norm; 0: off
+    max_num_examples: int = Field(1_000_000, ge=1)  # a reply claiming more examples is screened out
     # score the global model on dev / run the per-client dev evaluation every k rounds (and always in the last
     # round); selection only sees scored rounds, so 1 (every round) is the protocol, larger is for fast grids
     eval_every: int = Field(1, ge=1)
@@ -69,6 +76,8 @@ class RunConfig(BaseModel):
     max_train_images: int = Field(0, ge=0)
     max_eval_images: int = Field(0, ge=0)
     encode_batch_size: int = Field(32, ge=1, le=4096)
+    # fault drills (tests, rehearsals): "partition:kind,..." with kind raise | nan | poison (fedxmr_client/faults.py)
+    faults: str = Field("", pattern=r"^(\d+:(raise|nan|poison)(,\d+:(raise|nan|poison))*)?$")
 
     _options: Section = PrivateAttr(default_factory=Section)
 

@@ -28,6 +28,7 @@ from common.data.federation import TYPE_CODES
 from common.metrics import query_recalls
 from common.model import XmrModel, upload_keys
 from common.train import TrainConfig, train_paired, train_unimodal
+from fedxmr_client.faults import apply_fault, fault_of
 from fedxmr_client.methods import ClientMethod, client_method
 from fedxmr_client.methods.base import Plan
 from fedxmr_client.node import (MODEL_STATE, PERSONAL_STATE, NodeShard, load_shard, model_for, node_state,
@@ -66,6 +67,9 @@ def train(msg: Message, context: Context) -> Message:
     config = msg.content[P.CONFIG]
     server_round = int(config.get(P.SERVER_ROUND, 0))
     sync_selected(context, int(config.get(P.BEST_ROUND, -1)))
+    fault = fault_of(shard.cfg.faults, shard.partition_id)
+    if fault == "raise":
+        apply_fault(fault, {}, {}, 0)
     model, _ = _model(shard, method, msg.content, context)
     cfg = method.train_config(shard.cfg)
     rng = np.random.default_rng([shard.cfg.seed, shard.partition_id, server_round])
@@ -90,10 +94,13 @@ def train(msg: Message, context: Context) -> Message:
     state = model.state_dict()
     sent = [k for k in upload_keys(state, shard.modalities) if k not in plan.frozen]
     sent = sent if (plan.train if plan.send is None else plan.send) and method.sends_weights else []
-    arrays = ArrayRecord({k: state[k] for k in sent})
+    got = P.ARRAYS in msg.content.array_records
+    received = {k: a.numpy() for k, a in msg.content[P.ARRAYS].items()} if got else {}
+    state, num_examples = apply_fault(fault, {k: state[k] for k in sent}, received, len(plan.shard.data.images))
+    arrays = ArrayRecord(state)
     records[P.ARRAYS] = arrays
     metrics |= {
-        P.NUM_EXAMPLES: len(plan.shard.data.images),
+        P.NUM_EXAMPLES: num_examples,
         P.PARTITION_ID: shard.partition_id,
         P.CLIENT_TYPE: TYPE_CODES[shard.client_type],
         P.HAS["img"]: int("img" in shard.modalities),
@@ -104,8 +111,8 @@ def train(msg: Message, context: Context) -> Message:
         P.UPLOAD_BYTES: sum(a.numpy().nbytes for rec in records.array_records.values() for a in rec.values()),
         P.SENT_CHECKSUM: P.checksum({k: a.numpy() for k, a in arrays.items()}),
     }
-    if P.ARRAYS in msg.content.array_records:
-        metrics[P.RECEIVED_CHECKSUM] = P.checksum({k: a.numpy() for k, a in msg.content[P.ARRAYS].items()})
+    if got:
+        metrics[P.RECEIVED_CHECKSUM] = P.checksum(received)
     records[P.METRICS] = MetricRecord(metrics)
     return Message(records, reply_to=msg)
 

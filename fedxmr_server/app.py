@@ -21,7 +21,7 @@ from common.model import XmrModel
 from fedxmr_server.evaluator import ServerEvaluator
 from fedxmr_server.report import RunRecorder
 from fedxmr_server.strategies import build_strategy
-from fedxmr_server.strategies.base import from_array_record
+from fedxmr_server.strategies.base import RunFailed, from_array_record
 
 app = ServerApp()
 
@@ -63,8 +63,12 @@ def _run(grid: Grid, context: Context) -> None:
                             "best-round": strategy.best.round, **(strategy.timings if server_round else {})})
         round_start[0] = now
 
-    strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=cfg.num_server_rounds,
-                   timeout=cfg.round_timeout, evaluate_fn=evaluate_fn, round_fn=round_fn)
+    try:
+        strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=cfg.num_server_rounds,
+                       timeout=cfg.round_timeout, evaluate_fn=evaluate_fn, round_fn=round_fn)
+    except RunFailed as exc:  # the run ends failed (Flower: finished:failed, the wrapper exits 1), marked on disk
+        recorder.fail(str(exc))
+        raise
 
     best = strategy.best
     dev = next((r["dev"] for r in recorder.rounds if r["round"] == best.round), {})

@@ -130,6 +130,13 @@ class RunRecorder:
         fig.suptitle(f"{self.dir.name}: per-client weights ({self.cfg.options.router} router)")
         return self._save(fig, "router.png")
 
+    def fail(self, reason: str) -> None:
+        """Mark the run dir failed (`final.json` status and `summary.md`), with the rounds that were logged."""
+        (self.dir / "final.json").write_text(json.dumps({"status": "failed", "reason": reason,
+                                                         "rounds-logged": len(self.rounds)}, indent=2))
+        (self.dir / "summary.md").write_text("\n".join([f"# {self.dir.name}", "", f"**Run failed**: {reason}",
+                                                        *_rejection_lines(self.rounds), ""]))
+
     def summary(self, best_round: int, dev: dict[str, float], test: dict[str, float], extra: dict[str, Any]) -> str:
         bits = self.cfg.hash_bits
         head = "| split | ranking | " + " | ".join(k.replace("_", " ") for k in _TABLE_KEYS) + " |"
@@ -155,11 +162,29 @@ class RunRecorder:
                "| split | MAP@all i2t | MAP@all t2i | MAP@R i2t | MAP@R t2i | std MAP i2t | std MAP t2i |",
                "|---|---|---|---|---|---|---|", *maps, ""] if test else []),
             *_client_lines(extra.get("per-client", {}).get("summary", {})),
+            *_rejection_lines(self.rounds),
         ])
         (self.dir / "summary.md").write_text(text)
         (self.dir / "final.json").write_text(json.dumps(
             {"best-round": best_round, "dev": dev, "test": test, **extra}, indent=2))
         return text
+
+
+def _rejection_lines(rounds: list[dict[str, Any]]) -> list[str]:
+    """Train replies left out (failed nodes, screened-out updates), per node: in how many rounds and why."""
+    by_node: dict[Any, list[tuple[int, str]]] = {}
+    for r in rounds:
+        for rej in r.get("train", {}).get("rejected", []):
+            by_node.setdefault(rej["node-id"], []).append((r["round"], rej["reason"]))
+    if not by_node:
+        return ["", "Train replies left out: none."]
+    total = sum(len(v) for v in by_node.values())
+    lines = ["", f"Train replies left out: {total} (node, rounds, first reason; every one is in metrics.jsonl):", "",
+             "| node | rounds | first reason |", "|---|---|---|"]
+    for node, items in sorted(by_node.items(), key=lambda kv: str(kv[0])):
+        reason = items[0][1][:200].replace("|", "/")
+        lines.append(f"| {node} | {', '.join(str(rnd) for rnd, _ in items)} | {reason} |")
+    return lines
 
 
 def _client_lines(summary: dict[str, float]) -> list[str]:

@@ -135,3 +135,32 @@ def test_a_failing_run_is_reported_as_failed(tmp_path: Path) -> None:
                       flwr_home=tmp_path / "flwr-home")
     assert status["status"] == "finished:failed"
     assert processes_matching(str(tmp_path / "flwr-home")) == []
+
+
+def test_failing_and_nan_clients_are_recorded_and_the_run_completes(flickr8k_dir: Path,
+                                                                     tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Fault drills: partition 1 raises in every train message, partition 2 always sends NaN; the other two train."""
+    base = tmp_path_factory.mktemp("faults")
+    config = (f"num-server-rounds=2 max-train-images=240 max-eval-images=100 batch-size=32 local-epochs=1 "
+              f"data-dir='{flickr8k_dir}' cache-dir='{base.parent / 'e2e-cache'}' out-dir='{base / 'runs'}' "
+              f"run-name='faults' faults='1:raise,2:nan' client-eval-every=2")
+    status = simulate(clients=4, run_config=config, timeout=900, flwr_home=base / "flwr-home", cpus_per_client=1)
+    assert status["status"] == "finished:completed", status.get("status-details")
+    rounds = _rounds(base / "runs" / "faults")[1:]
+    for r in rounds:
+        reasons = {rej["partition-id"]: rej["reason"] for rej in r["train"]["rejected"]}
+        assert set(reasons) == {None, 2} or set(reasons) == {1, 2}, reasons  # a failed node sends no metrics
+        assert "non-finite" in reasons[2] and any("fault drill" in v for v in reasons.values())
+        assert r["train"]["usable"] == 2 and not r["train"]["under-quorum"]
+    assert "Train replies left out: 4" in (base / "runs" / "faults" / "summary.md").read_text()
+
+
+def test_a_run_in_which_every_client_fails_ends_failed(flickr8k_dir: Path, tmp_path: Path) -> None:
+    config = (f"num-server-rounds=2 max-train-images=240 max-eval-images=100 data-dir='{flickr8k_dir}' "
+              f"cache-dir='{tmp_path.parent / 'e2e-cache'}' out-dir='{tmp_path / 'runs'}' run-name='all-fail' "
+              f"faults='0:raise,1:raise'")
+    status = simulate(clients=2, run_config=config, timeout=900, flwr_home=tmp_path / "flwr-home")
+    assert status["status"] == "finished:failed"
+    final = json.loads((tmp_path / "runs" / "all-fail" / "final.json").read_text())
+    assert final["status"] == "failed" and "no client ever sent a usable train reply" in final["reason"]
+    assert processes_matching(str(tmp_path / "flwr-home")) == []

@@ -74,7 +74,7 @@ G = {"img.w": np.zeros(4), "txt.w": np.zeros(4), "logit_scale": np.zeros(1)}
 
 
 def _paired(img: list[float], txt: list[float]) -> dict[str, np.ndarray]:
-    return {"img.w": np.array(img), "txt.w": np.array(txt), "logit_scale": np.ones(1)}
+    return {"img.w": np.array(img, dtype=float), "txt.w": np.array(txt, dtype=float), "logit_scale": np.ones(1)}
 
 
 def test_a_drifting_update_is_down_weighted_and_an_agreeing_one_kept() -> None:

@@ -14,12 +14,18 @@ A method is one subclass (one file) that overrides some of these hooks:
   round after validation, once the weights are accepted, before `aggregate` (so `state.arrays` is still the model
   the clients started from); returns extra per-client report fields.
 A method keeps its state in `self.state` (`StrategyState`, serialisable); the selection (`self.best`) is kept beside
-it (checkpointing and resuming runs is a later step). Selection: the round with the best dev score (server-side dev rsum of the global model, or, for methods without one, the mean per-client dev
-score) is kept in `self.best`; test is scored once, for that round's models (`final_test`).
+it (checkpointing and resuming runs is a later step). Selection: the round with the best dev score (server-side dev
+rsum of the global model, or, for methods without one, the mean per-client dev score) is kept in `self.best`; test is
+scored once, for that round's models (`final_test`).
+Failures: every reply left out is recorded (`last_train["rejected"]`: node id, partition id, reason). A round with
+fewer usable train replies than `min-nodes` (or than the nodes asked, if fewer) keeps the model (`under-quorum`);
+`max-failed-rounds` such rounds in a row, or a run in which no reply was ever usable, raise `RunFailed`: the run ends
+failed, never "completed".
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
@@ -36,9 +42,14 @@ from common.config import RunConfig
 from common.data.federation import TYPE_CODES
 from common.evaluate import client_summary
 from common import protocol as P
+from common.robust import combine, norm_outliers
 from fedxmr_server.strategies.state import StrategyState
 
 Arrays = dict[str, np.ndarray]
+
+
+class RunFailed(RuntimeError):
+    """The run cannot produce an honest result (see the quorum rule in the module docstring)."""
 
 
 def to_array_record(arrays: Arrays) -> ArrayRecord:
@@ -112,7 +123,8 @@ class XmrStrategy(Strategy):
 
     def aggregate(self, server_round: int, replies: list[Message], weights: np.ndarray) -> None:
         client_arrays = [from_array_record(m.content[P.ARRAYS]) for m in replies]
-        self.state.arrays = {key: _average(key, old, weights, client_arrays) for key, old in self.state.arrays.items()}
+        self.state.arrays = combine(self.state.arrays, client_arrays, weights, self.cfg.aggregation,
+                                    self.cfg.trim_fraction)
 
     def update_state(self, server_round: int, replies: list[Message], weights: np.ndarray) -> dict[str, dict]:
         return {}
@@ -123,8 +135,10 @@ class XmrStrategy(Strategy):
         if P.METRICS not in content.metric_records:
             return f"reply lacks the {P.METRICS!r} MetricRecord"
         n = content[P.METRICS].get(P.NUM_EXAMPLES)
-        if not isinstance(n, (int, float)) or not n > 0:
-            return f"metric {P.NUM_EXAMPLES!r} must be a positive number, got {n!r}"
+        if not isinstance(n, (int, float)) or not math.isfinite(n) or not n > 0:
+            return f"metric {P.NUM_EXAMPLES!r} must be a positive finite number, got {n!r}"
+        if n > self.cfg.max_num_examples:
+            return f"metric {P.NUM_EXAMPLES!r} = {n:g} exceeds max-num-examples = {self.cfg.max_num_examples}"
         if P.ARRAYS not in content.array_records:
             return f"reply lacks the {P.ARRAYS!r} ArrayRecord" if arrays_required else None
         arrays = content[P.ARRAYS]
@@ -139,26 +153,45 @@ class XmrStrategy(Strategy):
             return f"arrays not in the global model: {sorted(set(arrays.keys()) - set(reference))[:4]}"
         for key, arr in arrays.items():
             value = arr.numpy()
+            if value.dtype.kind != "f":  # int, bool or complex would be cast silently (complex: truncated)
+                return f"array {key!r} has dtype {value.dtype}, expected floating point"
             if reference and value.shape != reference[key].shape:
                 return f"array {key!r} has shape {value.shape}, expected {reference[key].shape}"
+            if reference:  # finite *as the global model stores it*: 1e300 in float64 is inf in float32
+                with np.errstate(over="ignore"):
+                    value = value.astype(reference[key].dtype)
             if not np.all(np.isfinite(value)):
-                return f"array {key!r} has non-finite values"
+                return f"array {key!r} has non-finite values (as {value.dtype})"
         return None
 
-    def _usable(self, replies: Iterable[Message]) -> list[Message]:
-        ok = []
+    def _usable(self, replies: Iterable[Message]) -> tuple[list[Message], list[dict[str, Any]]]:
+        """The usable replies, in a fixed order (partition id, then node id: aggregation sums never depend on
+        arrival order), and one record (node id, partition id, reason) per reply left out, each also logged."""
+        ok, rejected = [], []
+
+        def reject(msg: Message, reason: str) -> None:
+            log(WARNING, "node %s is left out this round: %s", msg.metadata.src_node_id, reason)
+            metrics = msg.content.metric_records.get(P.METRICS) if not msg.has_error() else None
+            pid = metrics.get(P.PARTITION_ID) if metrics is not None else None
+            rejected.append({"node-id": msg.metadata.src_node_id, "reason": reason,
+                             P.PARTITION_ID: pid if isinstance(pid, (int, float)) else None})
+
         for msg in replies:
-            node = msg.metadata.src_node_id
-            if msg.has_error():
-                log(WARNING, "node %s failed this round and is left out: %s", node, msg.error.reason)
-                continue
-            problem = self.reply_problem(msg)
+            problem = f"the node failed: {msg.error.reason}" if msg.has_error() else self.reply_problem(msg)
             if problem:
-                log(WARNING, "node %s sent an unusable reply and is left out: %s", node, problem)
-                continue
-            ok.append(msg)
-        # a fixed order (partition id, then node id): aggregation sums never depend on arrival order
-        return sorted(ok, key=lambda m: (m.content[P.METRICS].get(P.PARTITION_ID, -1), m.metadata.src_node_id))
+                reject(msg, problem)
+            else:
+                ok.append(msg)
+        ok.sort(key=lambda m: (_scalar(m.content[P.METRICS].get(P.PARTITION_ID, -1)), m.metadata.src_node_id))
+        with_arrays = [m for m in ok if P.ARRAYS in m.content.array_records and len(m.content[P.ARRAYS])]
+        if self.cfg.update_norm_limit > 0 and self.state.arrays and with_arrays:
+            reasons = norm_outliers(self.state.arrays, [from_array_record(m.content[P.ARRAYS]) for m in with_arrays],
+                                    self.cfg.update_norm_limit)
+            for msg, reason in zip(with_arrays, reasons):
+                if reason:
+                    reject(msg, reason)
+                    ok.remove(msg)
+        return ok, rejected
 
     # ---- Flower's Strategy API -------------------------------------------------------------------------------------
     def _sample(self, grid: Grid, fraction: float) -> list[int]:
@@ -187,9 +220,9 @@ class XmrStrategy(Strategy):
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        ok = self._usable(replies)
+        ok, rejected = self._usable(replies)
         log(INFO, "aggregate_train: %d usable replies of %d", len(ok), len(replies))
-        self.last_train = {"replies": len(replies), "usable": len(ok), "clients": [],
+        self.last_train = {"replies": len(replies), "usable": len(ok), "rejected": rejected, "clients": [],
                            "download-bytes": self._download_bytes,
                            "upload-bytes": sum(record_bytes(m.content) for m in replies if not m.has_error())}
         if not ok:
@@ -255,8 +288,9 @@ class XmrStrategy(Strategy):
               evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
               round_fn: Callable[[int, dict[str, float] | None], None] | None = None) -> Result:
         """Per round: train, aggregate, score the global model on dev (`evaluate_fn`, every `eval-every` rounds),
-        per-client dev evaluation (every `client-eval-every` rounds), selection, then `round_fn(round, dev)` (reporting). Round 0 scores the initial model. Flower's
-        `train_config` / `evaluate_config` are not used: every message's config comes from `payload`."""
+        per-client dev evaluation (every `client-eval-every` rounds), selection, then `round_fn(round, dev)`
+        (reporting); the quorum rule (module docstring). Round 0 scores the initial model. Flower's `train_config` /
+        `evaluate_config` are not used: every message's config comes from `payload`."""
         self.summary()
         result = Result()
         self.state.arrays = from_array_record(initial_arrays)
@@ -265,6 +299,7 @@ class XmrStrategy(Strategy):
             result.evaluate_metrics_serverapp[0] = dev0
             if round_fn:
                 round_fn(0, dict(dev0) if dev0 else None)
+        failed_in_a_row, ever_usable = 0, False
         for rnd in range(1, num_rounds + 1):
             log(INFO, "[ROUND %s/%s]", rnd, num_rounds)
             clock = [time.perf_counter()]  # phase boundaries of the round, for `self.timings`
@@ -272,6 +307,16 @@ class XmrStrategy(Strategy):
                                             timeout=timeout)
             clock.append(time.perf_counter())
             arrays, metrics = self.aggregate_train(rnd, replies)
+            usable = self.last_train.get("usable", 0)
+            ever_usable |= usable > 0
+            # one node (centralized) is its own quorum; replies that never came count against it
+            need = min(self.cfg.min_nodes, max(self.last_train.get("replies", 0), 1))
+            quorum = usable >= need and metrics is not None
+            self.last_train["under-quorum"] = not quorum
+            failed_in_a_row = 0 if quorum else failed_in_a_row + 1
+            if not quorum:
+                log(WARNING, "round %d: %d usable train replies of %d, fewer than min-nodes=%d; the model is kept",
+                    rnd, usable, self.last_train.get("replies", 0), self.cfg.min_nodes)
             if arrays is not None:
                 result.arrays = arrays
             if metrics is not None:
@@ -294,6 +339,13 @@ class XmrStrategy(Strategy):
             self._select(rnd, dev)
             if round_fn:
                 round_fn(rnd, dev)
+            if failed_in_a_row >= self.cfg.max_failed_rounds:
+                raise RunFailed(f"{failed_in_a_row} rounds in a row (to round {rnd}) had fewer usable train replies "
+                                f"than min-nodes={self.cfg.min_nodes}; last reasons: "
+                                f"{[r['reason'] for r in self.last_train.get('rejected', [])][:3]}")
+        if not ever_usable:
+            raise RunFailed(f"no client ever sent a usable train reply in {num_rounds} rounds; last reasons: "
+                            f"{[r['reason'] for r in self.last_train.get('rejected', [])][:3]}")
         if self.best.round < 0:  # no dev score at all (e.g. every dev reply failed): report the last round, say so
             log(WARNING, "no round could be scored on dev; the last round is reported")
             self.best = Selection(num_rounds, float("nan"), dict(self.state.arrays), dict(self.state.clients))
@@ -317,13 +369,9 @@ def is_paired(msg: Message) -> bool:
     return all(msg.content[P.METRICS].get(P.HAS[m], 1) for m in P.HAS)
 
 
-def _average(key: str, old: np.ndarray, weights: np.ndarray, client_arrays: list[Arrays]) -> np.ndarray:
-    """Weighted mean over the clients that sent `key`, weights renormalised over them; else the old value."""
-    held = [(w, a[key]) for w, a in zip(weights, client_arrays) if key in a]
-    total = sum(w for w, _ in held)
-    if not held or total <= 0:
-        return old
-    return np.sum([w / total * v.astype(np.float64) for w, v in held], axis=0).astype(old.dtype)
+def _scalar(value: Any, default: float = -1) -> float:
+    """A metric value as a number for sorting (a list, which MetricRecord allows, or anything else: `default`)."""
+    return float(value) if isinstance(value, (int, float)) else default
 
 
 def _effective_weights(weights: np.ndarray, sent: list[set[str]]) -> list[dict[str, float]]:

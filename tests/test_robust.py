@@ -1,0 +1,218 @@
+"""What the server trusts (issue 12): reply screening and robust aggregation, on constructed replies."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from common.robust import combine, norm_outliers, update_norms
+from tests.messages import reply
+from tests.test_methods import strategy
+
+G = {"img.w": np.zeros((2, 3), np.float32), "txt.b": np.zeros(3, np.float32), "logit_scale": np.zeros(1, np.float32)}
+PAIRED = {"has-img": 1, "has-txt": 1}
+
+
+def full(value: float, dtype=np.float32) -> dict[str, np.ndarray]:
+    return {k: np.full(v.shape, value, dtype=dtype) for k, v in G.items()}
+
+
+def honest(node: int, value: float = 1.0, n: float = 10) -> object:
+    return reply(node, full(value), {**PAIRED, "num-examples": n, "partition-id": node})
+
+
+def _rejected(s) -> dict[int, str]:
+    return {r["node-id"]: r["reason"] for r in s.last_train["rejected"]}
+
+
+# ---- screening ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arrays,reason", [
+    (full(1e300, np.float64), "non-finite values (as float32)"),
+    (full(1, np.int8), "dtype int8"),
+    (full(1, bool), "dtype bool"),
+    ({k: np.full(v.shape, 1 + 2j) for k, v in G.items()}, "dtype complex128"),
+])
+def test_arrays_are_checked_as_the_global_model_would_store_them(arrays: dict, reason: str) -> None:
+    s = strategy("fedavg")
+    s.aggregate_train(1, [honest(1), honest(2, 3.0), reply(3, arrays, {**PAIRED, "num-examples": 10})])
+    assert reason in _rejected(s)[3]
+    np.testing.assert_allclose(s.state.arrays["img.w"], 2.0)
+
+
+@pytest.mark.parametrize("n,reason", [(1e15, "exceeds max-num-examples"), (float("inf"), "positive finite"),
+                                      (0, "positive finite"), (-3, "positive finite")])
+def test_num_examples_must_be_a_plausible_count(n: object, reason: str) -> None:
+    s = strategy("fedavg")
+    s.aggregate_train(1, [honest(1), honest(2, 3.0), reply(3, full(1e3), {**PAIRED, "num-examples": n})])
+    assert reason in _rejected(s)[3]
+    np.testing.assert_allclose(s.state.arrays["txt.b"], 2.0)
+
+
+def test_an_update_far_longer_than_the_rounds_median_is_screened_out_and_recorded() -> None:
+    s = strategy("fedavg")
+    replies = [honest(1, 1.0), honest(2, 1.2), honest(3, 0.9), reply(4, full(1e3), {**PAIRED, "num-examples": 10,
+                                                                                   "partition-id": 7})]
+    s.aggregate_train(1, replies)
+    assert "update norm" in _rejected(s)[4] and s.last_train["rejected"][0]["partition-id"] == 7
+    assert s.last_train["usable"] == 3
+    assert float(s.state.arrays["img.w"].max()) < 2
+    off = strategy("fedavg", **{"update-norm-limit": 0.0})
+    off.aggregate_train(1, replies)
+    assert off.last_train["rejected"] == [] and float(off.state.arrays["img.w"].max()) > 100
+
+
+def test_a_failing_node_is_recorded_with_its_reason() -> None:
+    s = strategy("fedavg")
+    s.aggregate_train(1, [honest(1), reply(2, None, {}, error="ClientApp raised ValueError: bad image x.jpg")])
+    assert _rejected(s) == {2: "the node failed: ClientApp raised ValueError: bad image x.jpg"}
+
+
+def test_list_valued_metrics_do_not_crash_the_round() -> None:
+    s = strategy("fedavg")
+    odd = reply(2, full(3.0), {**PAIRED, "num-examples": 10, "partition-id": [1, 2], "train-loss": [0.5, 0.7]})
+    arrays, metrics = s.aggregate_train(1, [honest(1), odd])
+    np.testing.assert_allclose(arrays["img.w"].numpy(), 2.0)
+    assert "train-loss" not in metrics or np.isfinite(metrics["train-loss"])
+
+
+def test_norm_outliers_need_company_and_look_per_tower() -> None:
+    clients = [{"img.w": np.full((2, 3), 1.0)}, {"img.w": np.full((2, 3), 50.0)}]
+    assert norm_outliers(G, clients, 10.0) == [None, None]  # two updates: no median to speak of
+    clients += [{"img.w": np.full((2, 3), 1.1)}, {"txt.b": np.full(3, 100.0)}]
+    reasons = norm_outliers(G, clients, 10.0)
+    assert reasons[1] and "img update norm" in reasons[1] and reasons[0] is None and reasons[3] is None
+    assert update_norms(G, {"img.w": np.ones((2, 3)), "logit_scale": np.full(1, 2.0)}) == {
+        "img": pytest.approx(np.sqrt(6)), "shared": pytest.approx(2.0)}
+
+
+# ---- robust aggregation ------------------------------------------------------------------------------------------
+def _clients(values: list[float]) -> list[dict[str, np.ndarray]]:
+    return [{"img.w": np.full((2, 3), v, np.float32)} for v in values]
+
+
+def test_mean_is_fedavg_and_trim_zero_is_the_mean() -> None:
+    clients, w = _clients([1.0, 2.0, 10.0]), np.array([0.5, 0.25, 0.25])
+    mean = combine(G, clients, w)["img.w"]
+    np.testing.assert_allclose(mean, 0.5 + 0.5 + 2.5)
+    np.testing.assert_allclose(combine(G, clients, w, "trimmed-mean", trim=0.0)["img.w"], mean, rtol=1e-6)
+    np.testing.assert_array_equal(combine(G, clients, w)["txt.b"], G["txt.b"])  # nobody sent it
+
+
+def test_median_and_trimmed_mean_resist_one_poisoned_client() -> None:
+    clients, w = _clients([1.0, 1.2, 0.8, 1e6]), np.full(4, 0.25)
+    assert combine(G, clients, w)["img.w"].max() > 1e5
+    np.testing.assert_allclose(combine(G, clients, w, "median")["img.w"], 1.0)
+    np.testing.assert_allclose(combine(G, clients, w, "trimmed-mean", trim=0.25)["img.w"], 1.1, rtol=1e-6)
+    # a poisoned client with most of the weight still carries the median: weights are honoured
+    np.testing.assert_allclose(combine(G, clients, np.array([0.1, 0.1, 0.1, 0.7]), "median")["img.w"], 1e6)
+
+
+def test_norm_clip_bounds_each_update_by_the_rounds_median_norm() -> None:
+    clients, w = _clients([1.0, 2.0, 100.0]), np.full(3, 1 / 3)
+    out = combine(G, clients, w, "norm-clip")["img.w"]
+    np.testing.assert_allclose(out, (1.0 + 2.0 + 2.0) / 3, rtol=1e-6)  # the 100 update is clipped to norm of 2
+
+
+def test_every_aggregation_works_under_every_weight_sharing_method() -> None:
+    for method in ("fedavg", "fedprox", "paired-only", "unialign"):
+        for aggregation in ("mean", "trimmed-mean", "median", "norm-clip"):
+            s = strategy(method, aggregation=aggregation)
+            arrays, _ = s.aggregate_train(1, [honest(1, 1.0), honest(2, 2.0), honest(3, 3.0)])
+            assert 1.0 <= float(arrays["img.w"].numpy().mean()) <= 3.0, (method, aggregation)
+
+
+def test_bad_aggregation_settings_are_refused() -> None:
+    with pytest.raises(ValueError, match="aggregation"):
+        combine(G, _clients([1.0]), np.ones(1), "mode")
+    with pytest.raises(ValueError, match="trim"):
+        combine(G, _clients([1.0]), np.ones(1), "trimmed-mean", trim=0.5)
+
+
+def test_the_run_summary_counts_the_replies_left_out() -> None:
+    from fedxmr_server.report import _rejection_lines
+
+    rounds = [{"round": 1, "train": {"rejected": [{"node-id": 5, "reason": "the node failed: a|b"}]}},
+              {"round": 2, "train": {"rejected": [{"node-id": 5, "reason": "later"}, {"node-id": 6, "reason": "x"}]}},
+              {"round": 3, "train": {"rejected": []}}]
+    text = "\n".join(_rejection_lines(rounds))
+    assert "left out: 3" in text and "| 5 | 1, 2 | the node failed: a/b |" in text and "| 6 | 2 | x |" in text
+    assert "none" in "\n".join(_rejection_lines(rounds[2:]))
+
+
+# ---- honest run status -------------------------------------------------------------------------------------------
+def _run(method: str, nodes: list[int], failing: set[int], rounds: int, **keys: object):
+    """`start` against a grid whose nodes in `failing` always fail their train message; returns the strategy and
+    the per-round records `round_fn` saw."""
+    from flwr.app import Array, ArrayRecord
+
+    from tests.messages import grid
+
+    s = strategy(method, **keys)
+    g, seen = grid(nodes), []
+
+    def send_and_receive(messages, timeout):
+        messages = list(messages)
+        if messages[0].metadata.message_type != "train":
+            return []
+        return [reply(m.metadata.dst_node_id, None, {}, error="boom") if m.metadata.dst_node_id in failing else
+                reply(m.metadata.dst_node_id, full(1.0), {**PAIRED, "num-examples": 5,
+                                                          "partition-id": m.metadata.dst_node_id})
+                for m in messages]
+
+    g.send_and_receive.side_effect = send_and_receive
+    s.gallery_fn = lambda arrays, split: {"caption-image": np.zeros(1, np.int64), "img-emb": np.ones((1, 1)),
+                                          "txt-emb": np.ones((1, 1))}
+    round_fn = lambda rnd, dev: seen.append(dict(s.last_train))  # noqa: E731
+    s.start(grid=g, initial_arrays=ArrayRecord({k: Array(v) for k, v in G.items()}), num_rounds=rounds,
+            round_fn=round_fn, **{"evaluate_fn": lambda rnd, arrays: {"rsum": float(rnd)}})
+    return s, seen
+
+
+def test_a_failing_client_is_recorded_every_round_and_the_run_goes_on() -> None:
+    s, seen = _run("fedavg", [1, 2, 3], {2}, rounds=3, **{"client-eval-every": 100})
+    assert [len(r["rejected"]) for r in seen[1:]] == [1, 1, 1]
+    assert all(r["rejected"][0]["node-id"] == 2 and not r["under-quorum"] for r in seen[1:])
+
+
+def test_rounds_below_quorum_fail_the_run_after_max_failed_rounds() -> None:
+    from fedxmr_server.strategies.base import RunFailed
+
+    with pytest.raises(RunFailed, match="2 rounds in a row .* min-nodes=2"):
+        _run("fedavg", [1, 2, 3], {2, 3}, rounds=5, **{"max-failed-rounds": 2, "client-eval-every": 100})
+    with pytest.raises(RunFailed, match="rounds in a row"):
+        _run("fedavg", [1, 2], {1, 2}, rounds=5, **{"client-eval-every": 100})
+
+
+def test_a_run_in_which_no_client_ever_trained_fails() -> None:
+    from fedxmr_server.strategies.base import RunFailed
+
+    with pytest.raises(RunFailed, match="no client ever sent a usable train reply"):
+        _run("fedavg", [1, 2], {1, 2}, rounds=2, **{"max-failed-rounds": 10, "client-eval-every": 100})
+
+
+def test_a_single_node_is_its_own_quorum() -> None:
+    s, seen = _run("centralized", [1], set(), rounds=3, **{"client-eval-every": 100})
+    assert not any(r["under-quorum"] for r in seen[1:])
+
+
+def test_fault_drills() -> None:
+    import torch
+
+    from fedxmr_client.faults import InjectedFault, apply_fault, fault_of
+
+    assert fault_of("1:raise,3:poison", 3) == "poison" and fault_of("1:raise", 2) is None and fault_of("", 0) is None
+    state, received = {"a": torch.tensor([2.0, 3.0])}, {"a": np.array([1.0, 1.0], np.float32)}
+    assert apply_fault(None, state, received, 7) == (state, 7)
+    poisoned, n = apply_fault("poison", state, received, 7)
+    assert n == 7000 and torch.allclose(poisoned["a"], torch.tensor([1001.0, 2001.0]))
+    assert torch.isnan(apply_fault("nan", state, received, 7)[0]["a"]).all()
+    with pytest.raises(InjectedFault, match="fault drill"):
+        apply_fault("raise", state, received, 7)
+
+
+def test_fault_drills_are_validated_in_the_run_config() -> None:
+    from common.config import ConfigError, parse_run_config
+
+    assert parse_run_config({"faults": "0:raise,12:nan"}).faults == "0:raise,12:nan"
+    with pytest.raises(ConfigError, match="faults"):
+        parse_run_config({"faults": "0:explode"})
