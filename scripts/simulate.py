@@ -3,7 +3,8 @@
 What it adds around `flwr run . --stream`: a private FLWR_HOME and free ports (runs never meet a stale managed
 SuperLink), Flower's runtime dependency installation, telemetry and update check switched off, the run's final
 status read from `flwr ls --format json` (`flwr run` exits 0 even when the run fails), and the managed SuperLink
-(with everything it started) stopped afterwards, also on error or Ctrl-C.
+(with everything it started) stopped afterwards, also on error, Ctrl-C, SIGTERM or SIGHUP (what `timeout`, a CI
+cancel or a service manager sends): the exit code is then 128 + the signal number.
 
     python -m scripts.simulate --clients 10 --run-config "num-server-rounds=20 data-dir='/abs/flickr8k'"
 """
@@ -121,15 +122,29 @@ def simulate(clients: int, run_config: str, cpus_per_client: int = 1, timeout: f
             shutil.rmtree(home, ignore_errors=True)
 
 
+def exit_on_signals() -> None:
+    """SIGTERM and SIGHUP unwind like Ctrl-C (every `finally` runs: `subprocess.run` kills its child, `simulate`
+    stops the managed SuperLink) and exit with 128 + the signal number. Without this, Python dies at once."""
+    def handler(signum: int, frame: object) -> None:
+        signal.signal(signum, signal.SIG_IGN)  # a second signal must not interrupt the clean-up
+        raise SystemExit(128 + signum)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, handler)
+
+
 def main() -> None:
+    exit_on_signals()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, default=10, help="simulated SuperNodes (default 10)")
     parser.add_argument("--cpus-per-client", type=int, default=1,
                         help="Ray CPUs (and torch threads) per ClientApp (default 1: as many actors as cores)")
     parser.add_argument("--run-config", default="", help='overrides, e.g. "num-server-rounds=5 lr=0.001"')
     parser.add_argument("--timeout", type=float, default=7200, help="seconds before the run is abandoned")
+    parser.add_argument("--flwr-home", type=Path, default=None,
+                        help="Flower's home for this run (default: a temporary directory, removed afterwards)")
     args = parser.parse_args()
-    status = simulate(args.clients, args.run_config, args.cpus_per_client, args.timeout)
+    status = simulate(args.clients, args.run_config, args.cpus_per_client, args.timeout, flwr_home=args.flwr_home)
     print(f"run {status.get('run-id', '?')}: {status.get('status')}", flush=True)
     if status.get("status") != "finished:completed":
         print(status.get("status-details", ""), file=sys.stderr)

@@ -164,3 +164,26 @@ def test_a_run_in_which_every_client_fails_ends_failed(flickr8k_dir: Path, tmp_p
     final = json.loads((tmp_path / "runs" / "all-fail" / "final.json").read_text())
     assert final["status"] == "failed" and "no client ever sent a usable train reply" in final["reason"]
     assert processes_matching(str(tmp_path / "flwr-home")) == []
+
+
+def test_sigterm_stops_the_wrapper_and_everything_it_started(flickr8k_dir: Path, tmp_path: Path) -> None:
+    """What `timeout`, a CI cancel or a service manager sends: the run must not go on unattended."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    home = tmp_path / "flwr-home"
+    config = (f"num-server-rounds=50 max-train-images=240 max-eval-images=100 data-dir='{flickr8k_dir}' "
+              f"cache-dir='{tmp_path.parent / 'e2e-cache'}' out-dir='{tmp_path / 'runs'}'")
+    proc = subprocess.Popen([sys.executable, "-m", "scripts.simulate", "--clients", "2", "--flwr-home", str(home),
+                             "--run-config", config], cwd=Path(__file__).resolve().parents[1],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not processes_matching(str(home / "local-superlink")):
+        time.sleep(1)
+    assert processes_matching(str(home / "local-superlink")), "the managed SuperLink never started"
+    time.sleep(5)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+    assert processes_matching(str(home)) == []
