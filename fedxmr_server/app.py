@@ -16,7 +16,8 @@ from flwr.serverapp import Grid, ServerApp
 from threadpoolctl import threadpool_limits
 
 from common.backbones import build_backbone
-from common.config import parse_run_config
+from common.config import ConfigError, parse_run_config
+from common.preflight import path_problems
 from common.model import XmrModel
 from fedxmr_server.evaluator import ServerEvaluator
 from fedxmr_server.report import RunRecorder
@@ -38,6 +39,9 @@ def main(grid: Grid, context: Context) -> None:
 
 def _run(grid: Grid, context: Context) -> None:
     cfg = parse_run_config(context.run_config)  # fails before round 1, naming the bad key
+    problems = path_problems(cfg)  # before anything is encoded or a run dir is made
+    if problems:
+        raise ConfigError("; ".join(problems))
     strategy = build_strategy(cfg)
     backbone = build_backbone(cfg.backbone, cfg.device)
     torch.manual_seed(cfg.seed)

@@ -122,6 +122,32 @@ def simulate(clients: int, run_config: str, cpus_per_client: int = 1, timeout: f
             shutil.rmtree(home, ignore_errors=True)
 
 
+def preflight(run_config: str) -> list[str]:
+    """What would fail the run, found before Flower starts (one line each): unknown keys, bad values, unusable
+    paths (relative ones taken from the project, as the simulation sees them)."""
+    from flwr.common.config import flatten_dict, get_project_config, parse_config_args
+
+    from common.config import ConfigError, parse_run_config
+    from common.preflight import path_problems
+
+    defaults = flatten_dict(get_project_config(PROJECT)["tool"]["flwr"]["app"]["config"])
+    try:
+        overrides = parse_config_args([run_config]) if run_config.strip() else {}
+    except Exception as exc:  # Flower's parser raises bare ValueErrors and TOML errors alike
+        return [f"--run-config {run_config!r} cannot be parsed: {exc}"]
+    unknown = sorted(set(overrides) - set(defaults))
+    if unknown:
+        return [f"unknown run config keys {unknown} (every key has a default in pyproject.toml)"]
+    here = os.getcwd()
+    os.chdir(PROJECT)
+    try:
+        return path_problems(parse_run_config(defaults | overrides))
+    except ConfigError as exc:
+        return [str(exc).replace("\n", " ")]
+    finally:
+        os.chdir(here)
+
+
 def exit_on_signals() -> None:
     """SIGTERM and SIGHUP unwind like Ctrl-C (every `finally` runs: `subprocess.run` kills its child, `simulate`
     stops the managed SuperLink) and exit with 128 + the signal number. Without this, Python dies at once."""
@@ -144,6 +170,10 @@ def main() -> None:
     parser.add_argument("--flwr-home", type=Path, default=None,
                         help="Flower's home for this run (default: a temporary directory, removed afterwards)")
     args = parser.parse_args()
+    problems = preflight(args.run_config)
+    if problems:
+        print("\n".join(f"fedxmr: {p}" for p in problems), file=sys.stderr)
+        sys.exit(2)
     status = simulate(args.clients, args.run_config, args.cpus_per_client, args.timeout, flwr_home=args.flwr_home)
     print(f"run {status.get('run-id', '?')}: {status.get('status')}", flush=True)
     if status.get("status") != "finished:completed":

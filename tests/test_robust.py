@@ -216,3 +216,27 @@ def test_fault_drills_are_validated_in_the_run_config() -> None:
     assert parse_run_config({"faults": "0:raise,12:nan"}).faults == "0:raise,12:nan"
     with pytest.raises(ConfigError, match="faults"):
         parse_run_config({"faults": "0:explode"})
+
+
+# ---- early checks ------------------------------------------------------------------------------------------------
+def test_unusable_paths_are_found_before_anything_runs(tmp_path) -> None:
+    from common.config import parse_run_config
+    from common.preflight import path_problems
+
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    problems = path_problems(parse_run_config({"data-dir": str(tmp_path / "nowhere"), "cache-dir": str(a_file),
+                                               "out-dir": "/proc/fedxmr-cannot-exist"}))
+    assert len(problems) == 3
+    assert "'data-dir'" in problems[0] and "missing" in problems[0]
+    assert "'cache-dir'" in problems[1] and "not a directory" in problems[1]
+    assert "'out-dir'" in problems[2] and "cannot create or write" in problems[2]
+
+
+def test_the_wrapper_refuses_a_bad_run_config_in_one_line_before_flower_starts(flickr8k_dir) -> None:
+    from scripts.simulate import preflight
+
+    assert preflight(f"data-dir='{flickr8k_dir}' num-server-rounds=2") == []
+    assert "num-server-rounds" in preflight(f"data-dir='{flickr8k_dir}' num-server-rounds=0")[0]
+    assert "unknown run config keys ['num-rounds']" in preflight("num-rounds=3")[0]
+    assert all("\n" not in p for p in preflight("data-dir='/nowhere' lr=-1"))

@@ -1,0 +1,37 @@
+"""Checks of a run's paths before anything is encoded or created (issue 12): the dataset folder, the feature cache
+and the output folder. Each problem is one line naming the key and the path; the ServerApp and `scripts.simulate`
+refuse to start on any."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from common.config import RunConfig
+from common.data.flickr8k import DatasetError, resolve_data_dir
+from common.features import resolve_cache_dir
+
+
+def _writable_dir(key: str, path: Path) -> str | None:
+    """None if `path` is (or could be made) a directory we can write a file into; it is created if missing."""
+    if path.exists() and not path.is_dir():
+        return f"run config key {key!r}: {path} exists and is not a directory"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        return f"run config key {key!r}: cannot create or write into {path} ({exc.strerror or exc})"
+    return None
+
+
+def path_problems(cfg: RunConfig) -> list[str]:
+    """Everything wrong with the run's paths, one line each (empty: good to go)."""
+    problems = []
+    try:
+        resolve_data_dir(cfg.data_dir)
+    except DatasetError as exc:
+        problems.append(f"run config key 'data-dir': {exc}")
+    problems += filter(None, [_writable_dir("cache-dir", resolve_cache_dir(cfg.cache_dir)),
+                              _writable_dir("out-dir", Path(cfg.out_dir).expanduser().resolve())])
+    return problems
