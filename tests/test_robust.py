@@ -240,3 +240,21 @@ def test_the_wrapper_refuses_a_bad_run_config_in_one_line_before_flower_starts(f
     assert "num-server-rounds" in preflight(f"data-dir='{flickr8k_dir}' num-server-rounds=0")[0]
     assert "unknown run config keys ['num-rounds']" in preflight("num-rounds=3")[0]
     assert all("\n" not in p for p in preflight("data-dir='/nowhere' lr=-1"))
+
+
+def test_a_missing_train_image_fails_only_the_node_that_holds_it(tmp_path, make_fake_flickr8k) -> None:
+    from common.config import parse_run_config
+    from common.data.flickr8k import DatasetError
+    from common.data.shards import cut_shard
+
+    names = [f"img{i}.jpg" for i in range(8)]
+    root = make_fake_flickr8k(tmp_path / "f8k", {n: [f"a dog {n}", f"a cat {n}"] for n in names},
+                              {"train": names, "dev": names[:2], "test": names[2:4]})
+    cfg = parse_run_config({"data-dir": str(root), "partitioner": "iid"})
+    holder = next(pid for pid in range(2) if "img5.jpg" in cut_shard(cfg, pid, 2, root, "train").data.images)
+    (root / "images" / "img5.jpg").unlink()
+    with pytest.raises(DatasetError, match=r"partition \d \(train\): 1 image file\(s\).*img5.jpg"):
+        cut_shard(cfg, holder, 2, root, "train")
+    assert len(cut_shard(cfg, 1 - holder, 2, root, "train").data.images) == 4
+    text_only = parse_run_config({"data-dir": str(root), "partitioner": "iid", "modality-mix": "0,0,1"})
+    assert len(cut_shard(text_only, holder, 2, root, "train").data.images) == 4  # never touches image files

@@ -66,15 +66,23 @@ def cut_shard(cfg: RunConfig, partition_id: int, num_partitions: int, data_dir: 
     mix."""
     client_type = client_types(num_partitions, cfg.mix(), cfg.seed)[partition_id]
     modalities = CLIENT_TYPES[client_type]
-    train = load_split(data_dir, "train", cfg.max_train_images, check_images="img" in modalities)
+    # image files are checked for this node's images only (below): one missing file fails the node holding it,
+    # not every node of the federation
+    train = load_split(data_dir, "train", cfg.max_train_images, check_images=False)
     parts = partition(cfg.partitioner, len(train.images), num_partitions, cfg.seed, labels=train.labels,
                       beta=cfg.partition_beta, ways=cfg.partition_ways)
     pool = train
     if split != "train":
-        pool = load_split(data_dir, split, cfg.max_eval_images, check_images="img" in modalities)
+        pool = load_split(data_dir, split, cfg.max_eval_images, check_images=False)
         parts = follow_partition(dominant_class(train.labels), parts, dominant_class(pool.labels, train.labels),
                                  cfg.seed)
     idx = parts[partition_id]
+    if "img" in modalities:
+        missing = [pool.root / "images" / pool.images[i] for i in idx
+                   if not (pool.root / "images" / pool.images[i]).is_file()]
+        if missing:
+            raise DatasetError(f"partition {partition_id} ({split}): {len(missing)} image file(s) of this node do "
+                               f"not exist, e.g. {[str(p) for p in missing[:3]]}")
     return Shard(partition_id, num_partitions, client_type, idx, node_split(pool, idx, modalities))
 
 
