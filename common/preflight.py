@@ -1,5 +1,5 @@
-"""Checks of a run's paths before anything is encoded or created (issue 12): the dataset folder, the feature cache
-and the output folder. Each problem is one line naming the key and the path; the ServerApp and `scripts.simulate`
+"""Checks of a run's paths before anything is encoded or created (issue 12): the dataset folder, the feature cache,
+the output folder and the run's own folder (an existing run is never written over). Each problem is one line naming the key and the path; the ServerApp and `scripts.simulate`
 refuse to start on any."""
 
 from __future__ import annotations
@@ -32,6 +32,11 @@ def path_problems(cfg: RunConfig) -> list[str]:
         resolve_data_dir(cfg.data_dir)
     except DatasetError as exc:
         problems.append(f"run config key 'data-dir': {exc}")
+    out_dir = Path(cfg.out_dir).expanduser().resolve()
     problems += filter(None, [_writable_dir("cache-dir", resolve_cache_dir(cfg.cache_dir)),
-                              _writable_dir("out-dir", Path(cfg.out_dir).expanduser().resolve())])
+                              _writable_dir("out-dir", out_dir)])
+    run_dir = out_dir / cfg.run_name if cfg.run_name else None
+    if run_dir is not None and any((run_dir / name).exists() for name in ("metrics.jsonl", "final.json")):
+        problems.append(f"run config key 'run-name': {run_dir} already holds a run; pick another name (a run is "
+                        f"never written over)")
     return problems

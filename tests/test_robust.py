@@ -258,3 +258,15 @@ def test_a_missing_train_image_fails_only_the_node_that_holds_it(tmp_path, make_
     assert len(cut_shard(cfg, 1 - holder, 2, root, "train").data.images) == 4
     text_only = parse_run_config({"data-dir": str(root), "partitioner": "iid", "modality-mix": "0,0,1"})
     assert len(cut_shard(text_only, holder, 2, root, "train").data.images) == 4  # never touches image files
+
+
+def test_an_existing_run_is_never_written_over(tmp_path, flickr8k_dir) -> None:
+    from common.config import parse_run_config
+    from common.preflight import path_problems
+
+    cfg = parse_run_config({"data-dir": str(flickr8k_dir), "out-dir": str(tmp_path), "run-name": "r1",
+                            "cache-dir": str(tmp_path / "cache")})
+    assert path_problems(cfg) == []
+    (tmp_path / "r1").mkdir()
+    (tmp_path / "r1" / "metrics.jsonl").write_text("")
+    assert "already holds a run" in path_problems(cfg)[0]
