@@ -270,3 +270,14 @@ def test_an_existing_run_is_never_written_over(tmp_path, flickr8k_dir) -> None:
     (tmp_path / "r1").mkdir()
     (tmp_path / "r1" / "metrics.jsonl").write_text("")
     assert "already holds a run" in path_problems(cfg)[0]
+
+
+def test_a_node_that_never_replies_is_recorded_as_lost() -> None:
+    from flwr.app import Array, ArrayRecord, ConfigRecord
+
+    from tests.messages import grid
+
+    s = strategy("fedavg")
+    list(s.configure_train(1, ArrayRecord({k: Array(v) for k, v in G.items()}), ConfigRecord(), grid([1, 2, 3])))
+    s.aggregate_train(1, [honest(1), honest(3)])
+    assert _rejected(s) == {2: "no reply (node lost, or past round-timeout)"} and s.last_train_asked == 3

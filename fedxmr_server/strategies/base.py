@@ -43,6 +43,7 @@ from common.data.federation import TYPE_CODES
 from common.evaluate import client_summary
 from common import protocol as P
 from common.robust import combine, norm_outliers
+from fedxmr_server.strategies.replies import effective_weights, mean_metrics, scalar
 from fedxmr_server.strategies.state import StrategyState
 
 Arrays = dict[str, np.ndarray]
@@ -89,6 +90,8 @@ class XmrStrategy(Strategy):
         self.last_train: dict[str, Any] = {}
         self.last_evaluate: dict[str, Any] = {}
         self._download_bytes = 0  # arrays sent in this round's train messages
+        self._asked: list[int] = []  # the nodes this round's train messages went to
+        self.last_train_asked = 0
         # wall seconds of the last round's phases: train messages (send to last reply), aggregation + server dev
         # scoring, per-client evaluation messages
         self.timings: dict[str, float] = {}
@@ -182,7 +185,7 @@ class XmrStrategy(Strategy):
                 reject(msg, problem)
             else:
                 ok.append(msg)
-        ok.sort(key=lambda m: (_scalar(m.content[P.METRICS].get(P.PARTITION_ID, -1)), m.metadata.src_node_id))
+        ok.sort(key=lambda m: (scalar(m.content[P.METRICS].get(P.PARTITION_ID, -1)), m.metadata.src_node_id))
         with_arrays = [m for m in ok if P.ARRAYS in m.content.array_records and len(m.content[P.ARRAYS])]
         if self.cfg.update_norm_limit > 0 and self.state.arrays and with_arrays:
             reasons = norm_outliers(self.state.arrays, [from_array_record(m.content[P.ARRAYS]) for m in with_arrays],
@@ -209,6 +212,7 @@ class XmrStrategy(Strategy):
                         grid: Grid) -> Iterable[Message]:
         messages = self._messages(self._sample(grid, self.cfg.fraction_train), server_round, "train")
         self._download_bytes = sum(record_bytes(m.content) for m in messages)
+        self._asked = [m.metadata.dst_node_id for m in messages]
         return messages
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -221,6 +225,12 @@ class XmrStrategy(Strategy):
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         ok, rejected = self._usable(replies)
+        replied = {m.metadata.src_node_id for m in replies}
+        for node in (n for n in self._asked if n not in replied):  # a dead node (or actor) sends nothing at all
+            log(WARNING, "node %s did not reply this round (lost, or past round-timeout)", node)
+            rejected.append({"node-id": node, "reason": "no reply (node lost, or past round-timeout)",
+                             P.PARTITION_ID: None})
+        self.last_train_asked, self._asked = len(self._asked), []
         log(INFO, "aggregate_train: %d usable replies of %d", len(ok), len(replies))
         self.last_train = {"replies": len(replies), "usable": len(ok), "rejected": rejected, "clients": [],
                            "download-bytes": self._download_bytes,
@@ -239,13 +249,13 @@ class XmrStrategy(Strategy):
         known = self.state.meta.setdefault("modalities", {})
         for m, mm in zip(ok, metrics):
             known[str(m.metadata.src_node_id)] = [mod for mod in P.HAS if mm.get(P.HAS[mod], 1)]
-        effective = _effective_weights(weights, [set(m.content[P.ARRAYS].keys()) if P.ARRAYS in m.content.array_records
+        effective = effective_weights(weights, [set(m.content[P.ARRAYS].keys()) if P.ARRAYS in m.content.array_records
                                                  else set() for m in ok])
         self.last_train["clients"] = [
             {"node-id": m.metadata.src_node_id, "weight": float(w), **eff, **mm,
              **info.get(str(m.metadata.src_node_id), {})}
             for m, w, eff, mm in zip(ok, weights, effective, metrics)]
-        agg = _mean_metrics(metrics, weights)
+        agg = mean_metrics(metrics, weights)
         self.last_train["aggregate"] = agg
         return (to_array_record(self.state.arrays) if self.state.arrays else None), MetricRecord(agg)
 
@@ -310,7 +320,7 @@ class XmrStrategy(Strategy):
             usable = self.last_train.get("usable", 0)
             ever_usable |= usable > 0
             # one node (centralized) is its own quorum; replies that never came count against it
-            need = min(self.cfg.min_nodes, max(self.last_train.get("replies", 0), 1))
+            need = min(self.cfg.min_nodes, max(self.last_train_asked, 1))
             quorum = usable >= need and metrics is not None
             self.last_train["under-quorum"] = not quorum
             failed_in_a_row = 0 if quorum else failed_in_a_row + 1
@@ -367,34 +377,3 @@ def _due(server_round: int, every: int, num_rounds: int) -> bool:
 def is_paired(msg: Message) -> bool:
     """Whether a reply's client holds both modalities (`has-img` / `has-txt`, both 1 when not reported)."""
     return all(msg.content[P.METRICS].get(P.HAS[m], 1) for m in P.HAS)
-
-
-def _scalar(value: Any, default: float = -1) -> float:
-    """A metric value as a number for sorting (a list, which MetricRecord allows, or anything else: `default`)."""
-    return float(value) if isinstance(value, (int, float)) else default
-
-
-def _effective_weights(weights: np.ndarray, sent: list[set[str]]) -> list[dict[str, float]]:
-    """Each client's weight after per-key renormalisation, per tower: its share of the image and of the text tower
-    (the logged `weight` is before it)."""
-    out: list[dict[str, float]] = [{} for _ in sent]
-    for mod in ("img", "txt"):
-        held = np.array([float(any(k.startswith(f"{mod}.") for k in keys)) for keys in sent]) * weights
-        if held.sum() > 0:
-            for row, w in zip(out, held / held.sum()):
-                row[f"weight-{mod}"] = float(w)
-    return out
-
-
-def _mean_metrics(metrics: list[dict], weights: np.ndarray) -> dict[str, float]:
-    """Weighted mean of every numeric metric over the clients that report it (weights renormalised over them);
-    identifiers and checksums are not averaged."""
-    keys = sorted({k for mm in metrics for k, v in mm.items() if isinstance(v, (int, float))} - set(P.NOT_AVERAGED))
-    agg = {}
-    for key in keys:
-        held = [(w, float(mm[key])) for w, mm in zip(weights, metrics) if isinstance(mm.get(key), (int, float))]
-        total = sum(w for w, _ in held)
-        if total > 0:
-            agg[key] = float(sum(w * v for w, v in held) / total)
-    agg[P.NUM_EXAMPLES] = float(sum(mm[P.NUM_EXAMPLES] for mm in metrics))
-    return agg
