@@ -28,7 +28,7 @@ from common.data.federation import TYPE_CODES
 from common.metrics import query_recalls
 from common.model import XmrModel, upload_keys
 from common.train import TrainConfig, train_paired, train_unimodal
-from fedxmr_client.faults import apply_fault, fault_of
+from fedxmr_client.faults import apply_fault, fail_if_drilled, fault_of
 from fedxmr_client.methods import ClientMethod, client_method
 from fedxmr_client.methods.base import Plan
 from fedxmr_client.node import (MODEL_STATE, PERSONAL_STATE, NodeShard, load_shard, model_for, node_state,
@@ -68,8 +68,7 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(config.get(P.SERVER_ROUND, 0))
     sync_selected(context, int(config.get(P.BEST_ROUND, -1)))
     fault = fault_of(shard.cfg.faults, shard.partition_id)
-    if fault == "raise":
-        apply_fault(fault, {}, {}, 0)
+    fail_if_drilled(fault)
     model, _ = _model(shard, method, msg.content, context)
     cfg = method.train_config(shard.cfg)
     rng = np.random.default_rng([shard.cfg.seed, shard.partition_id, server_round])

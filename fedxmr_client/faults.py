@@ -27,13 +27,18 @@ def fault_of(faults: str, partition_id: int) -> str | None:
     return None
 
 
+def fail_if_drilled(kind: str | None) -> None:
+    """Raise `InjectedFault` if this node is drilled to fail (called before any work)."""
+    if kind == "raise":
+        raise InjectedFault("fault drill: this node raises in every train message (run config `faults`)")
+
+
 def apply_fault(kind: str | None, state: dict[str, torch.Tensor], received: dict[str, np.ndarray],
                 num_examples: int) -> tuple[dict[str, torch.Tensor], int]:
     """The arrays and example count the node sends under drill `kind` (None: unchanged)."""
     if kind is None:
         return state, num_examples
-    if kind == "raise":
-        raise InjectedFault("fault drill: this node raises in every train message (run config `faults`)")
+    fail_if_drilled(kind)
     if kind == "nan":
         return {k: torch.full_like(v, float("nan")) for k, v in state.items()}, num_examples
     if kind == "poison":

@@ -122,24 +122,30 @@ def test_the_strategy_weights_by_agreement_and_reports_the_cosines() -> None:
 
 
 # ---- the client side ---------------------------------------------------------------------------------------------
+def _node_reply(flickr8k_dir: Path, cache: Path, mix: str, parts: str, pid: int) -> tuple[dict, dict, object]:
+    """One train message to a unialign node (tiny backbone, 40 train images, 2 partitions): (sent arrays, the
+    global arrays it was sent, the reply)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = 1
+    run_config = parse_run_config({
+        "backbone": BACKBONE, "data-dir": str(flickr8k_dir), "cache-dir": str(cache), "max-train-images": 40,
+        "local-epochs": 1, "batch-size": 8, "embed-dim": 32, "adapter-dim": 8, "hash-bits": 16,
+        "modality-mix": mix, "method": "unialign", "unialign-train-parts": parts}).as_flat_dict()
+    arrays, before = _global_arrays(run_config)
+    ctx = Context(run_id=1, node_id=1, node_config={"partition-id": pid, "num-partitions": 2}, state=RecordDict(),
+                  run_config=run_config)
+    out = app(_message(arrays, MessageType.TRAIN), ctx)
+    assert not out.has_error(), out.error
+    return {k: a.numpy() for k, a in out.content["arrays"].items()}, before, out
+
+
 @pytest.mark.parametrize("parts,sent_layers", [("all", {"norm", "proj", "adapter", "hash"}),
                                                ("adapter-hash", {"adapter", "hash"})])
 def test_a_unimodal_node_distils_and_sends_only_the_parts_it_trains(
         parts: str, sent_layers: set[str], flickr8k_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = 1
-    cache = tmp_path_factory.getbasetemp() / "client-app-cache"
-    run_config = parse_run_config({
-        "backbone": BACKBONE, "data-dir": str(flickr8k_dir), "cache-dir": str(cache), "max-train-images": 40,
-        "local-epochs": 1, "batch-size": 8, "embed-dim": 32, "adapter-dim": 8, "hash-bits": 16,
-        "modality-mix": "0,0,1", "method": "unialign", "unialign-train-parts": parts}).as_flat_dict()
-    arrays, before = _global_arrays(run_config)
-    ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 2}, state=RecordDict(),
-                  run_config=run_config)
-    out = app(_message(arrays, MessageType.TRAIN), ctx)
-    assert not out.has_error(), out.error
-    sent = {k: a.numpy() for k, a in out.content["arrays"].items()}
+    sent, before, out = _node_reply(flickr8k_dir, tmp_path_factory.getbasetemp() / "client-app-cache", "0,0,1",
+                                    parts, 0)
     assert {k.split(".")[1] for k in sent} == sent_layers and all(k.startswith("txt.") for k in sent)
     assert any(not np.array_equal(sent[k], before[k]) for k in sent if ".adapter." in k)
     assert out.content["metrics"]["train-loss-distill-txt"] > 0
@@ -147,19 +153,8 @@ def test_a_unimodal_node_distils_and_sends_only_the_parts_it_trains(
 
 def test_the_control_sends_its_tower_untouched(flickr8k_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
     """`unialign-train-parts = none`: a unimodal node trains nothing and sends its tower exactly as it arrived."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = 1
-    run_config = parse_run_config({
-        "backbone": BACKBONE, "data-dir": str(flickr8k_dir), "max-train-images": 40, "embed-dim": 32,
-        "cache-dir": str(tmp_path_factory.getbasetemp() / "client-app-cache"), "adapter-dim": 8, "hash-bits": 16,
-        "modality-mix": "0,1,0", "method": "unialign", "unialign-train-parts": "none"}).as_flat_dict()
-    arrays, before = _global_arrays(run_config)
-    ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 1, "num-partitions": 2}, state=RecordDict(),
-                  run_config=run_config)
-    out = app(_message(arrays, MessageType.TRAIN), ctx)
-    assert not out.has_error(), out.error
-    sent = {k: a.numpy() for k, a in out.content["arrays"].items()}
+    sent, before, out = _node_reply(flickr8k_dir, tmp_path_factory.getbasetemp() / "client-app-cache", "0,1,0",
+                                    "none", 1)
     assert sorted(sent) == sorted(k for k in before if k.startswith("img."))
     assert all(np.array_equal(sent[k], before[k]) for k in sent)
     assert out.content["metrics"]["trained"] == 0
