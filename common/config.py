@@ -73,6 +73,7 @@ class RunConfig(BaseModel):
     cache_dir: str = ""
     out_dir: str = "runs"
     run_name: str = Field("", pattern=r"^[A-Za-z0-9._-]*$")
+    resume: str = ""  # a run dir: continue it after its last completed round (same config otherwise)
     max_train_images: int = Field(0, ge=0)
     max_eval_images: int = Field(0, ge=0)
     encode_batch_size: int = Field(32, ge=1, le=4096)

@@ -19,11 +19,15 @@ PROTOTYPES = "prototypes"  # ArrayRecord, both ways: {mod: (1 + C, d) table, f"{
 # config keys (server -> node)
 SERVER_ROUND = "server-round"
 BEST_ROUND = "best-round"  # the round selected on dev so far (-1: none); nodes keep their state of that round
+RUN_KEY = "run-key"  # names the run for the nodes' on-disk state: the same for a resumed run, new for a new one
 SPLIT_KEY = "split"  # which local split an evaluate message scores: "dev" every round, "test" once at the end
 SPLIT = {"train": "train", "evaluate": "dev", "test": "test"}  # message kind -> split
 
 # gallery keys: embeddings of the model the node was sent, or raw backbone features for nodes that embed them
 CAPTION_IMAGE = "caption-image"
+
+# message kinds beyond Flower's train/evaluate: `query` asks a node who it is (at the start of a run and of a resumed
+# run, when node ids are new); the reply's metrics carry PARTITION_ID, CLIENT_TYPE, HAS and NUM_EXAMPLES
 
 # metric keys (node -> server)
 NUM_EXAMPLES = "num-examples"

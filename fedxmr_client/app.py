@@ -2,13 +2,15 @@
 
 - `train`: the method's plan (`methods/`: what to train on, extra loss terms), local epochs on the node's shard
   with the loss its modalities allow (paired InfoNCE, or the unimodal objectives), then, if enabled, its personal
-  adapters (kept in `context.state`). The reply carries the shared arrays of the modalities it trained (`arrays`;
+  adapters (kept on the node's disk, one version per round: `state_store`). The reply carries the shared arrays of the modalities it trained (`arrays`;
   none for methods whose models stay on the node), the method's records, and a MetricRecord (`metrics`) with
   `num-examples`, `has-img` / `has-txt` (so the server renormalises per modality), loss parts, timing and sizes.
 - `evaluate`: the node's own dev shard (every round) or test shard (once, `split` = test, with its state of the
   round selected on dev), as queries in the modalities it holds, against the shared gallery the server sends
   (embedded by the model the node was sent, or raw features the node embeds with its own model): R@K for that
   model and for it + personal adapters.
+- `query`: who the node is (partition id, client type, modalities, shard size), so that the server keys its
+  per-client state by partition, which survives a resumed run (node ids do not).
 No state is kept in memory between messages.
 """
 
@@ -31,8 +33,9 @@ from common.train import TrainConfig, train_paired, train_unimodal
 from fedxmr_client.faults import apply_fault, fail_if_drilled, fault_of
 from fedxmr_client.methods import ClientMethod, client_method
 from fedxmr_client.methods.base import Plan
-from fedxmr_client.node import (MODEL_STATE, PERSONAL_STATE, NodeShard, load_shard, model_for, node_state,
-                                personal_state, save_state, shared_state, sync_selected)
+from fedxmr_client.node import (MODEL_STATE, PERSONAL_STATE, NodeShard, load_shard, model_for, personal_state,
+                                shared_state, state_store)
+from fedxmr_client.state_store import States
 
 app = ClientApp()
 
@@ -48,12 +51,11 @@ def _train(model: XmrModel, shard: NodeShard, cfg: TrainConfig, rng: np.random.G
     return train_unimodal(model, "txt", f["txt"], cfg, rng, caption_image=caps, personal=personal, terms=terms)
 
 
-def _model(shard: NodeShard, method: ClientMethod, content: RecordDict, context: Context,
-           selected: bool = False) -> tuple[XmrModel, bool]:
-    """The model this message works with, and whether it has trained personal adapters."""
-    best = int(content[P.CONFIG].get(P.BEST_ROUND, -1))
-    personal = node_state(context, PERSONAL_STATE, selected, best)
-    own = node_state(context, MODEL_STATE, selected, best) if method.keeps_model else None
+def _model(shard: NodeShard, method: ClientMethod, content: RecordDict, states: States) -> tuple[XmrModel, bool]:
+    """The model this message works with (the arrays sent, the node's state), and whether it has trained personal
+    adapters."""
+    personal = states.get(PERSONAL_STATE)
+    own = states.get(MODEL_STATE) if method.keeps_model else None
     if method.keeps_model and own is None:
         own = method.initial_model(shard)
     sent = content[P.ARRAYS] if P.ARRAYS in content.array_records else None
@@ -66,10 +68,11 @@ def train(msg: Message, context: Context) -> Message:
     shard = load_shard(context, "train", method.data_config)
     config = msg.content[P.CONFIG]
     server_round = int(config.get(P.SERVER_ROUND, 0))
-    sync_selected(context, int(config.get(P.BEST_ROUND, -1)))
     fault = fault_of(shard.cfg.faults, shard.partition_id)
     fail_if_drilled(fault)
-    model, _ = _model(shard, method, msg.content, context)
+    store = state_store(shard, context, config)
+    states = store.load(as_of=server_round - 1)  # as it was before this round, even if a killed attempt saved one
+    model, _ = _model(shard, method, msg.content, states)
     cfg = method.train_config(shard.cfg)
     rng = np.random.default_rng([shard.cfg.seed, shard.partition_id, server_round])
     torch.manual_seed(int(rng.integers(2**31)))
@@ -83,9 +86,11 @@ def train(msg: Message, context: Context) -> Message:
         if shard.cfg.personal_adapters:
             personal_cfg = replace(cfg, epochs=shard.cfg.personal_epochs)
             metrics["personal-loss"] = _train(model, plan.shard, personal_cfg, rng, personal=True)["loss"]
-            save_state(context, PERSONAL_STATE, personal_state(model), server_round)
+            states[PERSONAL_STATE] = personal_state(model)
         if method.keeps_model:
-            save_state(context, MODEL_STATE, shared_state(model), server_round)
+            states[MODEL_STATE] = shared_state(model)
+        if states:
+            store.save(server_round, states, int(config.get(P.BEST_ROUND, -1)))
         extra_metrics, extra_records = method.finish(plan, model)
         metrics |= extra_metrics
         for name, record in extra_records.items():
@@ -144,8 +149,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     config = msg.content[P.CONFIG]
     split = str(config.get(P.SPLIT_KEY, "dev"))
     shard = load_shard(context, split, method.data_config)
-    sync_selected(context, int(config.get(P.BEST_ROUND, -1)))
-    model, has_personal = _model(shard, method, msg.content, context, selected=split == "test")
+    # dev of round r: the state in effect in round r; test: the server sends the selected round as the round
+    states = state_store(shard, context, config).load(as_of=int(config.get(P.SERVER_ROUND, 0)))
+    model, has_personal = _model(shard, method, msg.content, states)
     metrics: dict[str, float] = {P.NUM_EXAMPLES: len(shard.data.images), P.PARTITION_ID: shard.partition_id,
                                  P.CLIENT_TYPE: TYPE_CODES[shard.client_type]}
     if not len(shard.data.images):  # a very skewed partition can leave a client without local dev/test items
@@ -154,4 +160,15 @@ def evaluate(msg: Message, context: Context) -> Message:
     metrics |= {f"global-{k}": v for k, v in _scores(model, shard, gallery, False).items()}
     if shard.cfg.personal_adapters and has_personal:
         metrics |= {f"personal-{k}": v for k, v in _scores(model, shard, gallery, True).items()}
+    return Message(RecordDict({P.METRICS: MetricRecord(metrics)}), reply_to=msg)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Who this node is; loading its train shard also checks, before round 1, that it can."""
+    method = client_method(parse_run_config(context.run_config).method)
+    shard = load_shard(context, "train", method.data_config)
+    metrics = {P.PARTITION_ID: shard.partition_id, P.CLIENT_TYPE: TYPE_CODES[shard.client_type],
+               P.NUM_EXAMPLES: len(shard.data.images), P.HAS["img"]: int("img" in shard.modalities),
+               P.HAS["txt"]: int("txt" in shard.modalities)}
     return Message(RecordDict({P.METRICS: MetricRecord(metrics)}), reply_to=msg)

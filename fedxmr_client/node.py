@@ -2,13 +2,9 @@
 restricted to its modalities, their cached features, and its node state (personal adapters; a method's own model).
 
 Stateless by design: the Deployment Engine starts a fresh process per message, so everything is rebuilt from the
-run config, the node config, the node's on-disk feature cache and `context.state`.
-
-Selection: the server picks the round with the best dev score and tells every message (`best-round`). The node keeps
-a copy of its state as it was in that round (`@selected`), so that the once-only per-client test scores the state
-of the selected round, not the last one. The state only changes in train messages, which first call `sync_selected`;
-so when the selected round is at or after the round the current state dates from, the current state is the one that
-was in effect then.
+run config, the node config, the node's on-disk feature cache and its on-disk state (`state_store`: one version per
+round, so the once-only test scores the state of the round selected on dev, and a resumed run sees the state of the
+round it resumes from).
 """
 
 from __future__ import annotations
@@ -24,7 +20,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context
+from flwr.app import ArrayRecord, ConfigRecord, Context
 
 from common.backbones import Backbone, build_backbone, resolve_device
 from common.config import RunConfig, parse_node_config, parse_run_config
@@ -33,12 +29,11 @@ from common.data.flickr8k import DATA_DIR_ENV, RetrievalSplit
 from common.data.shards import cut_shard, read_shard, shard_dir
 from common.features import resolve_cache_dir, split_features
 from common.model import XmrModel, is_personal, load_numpy_state
+from common import protocol as P
+from fedxmr_client.state_store import NodeStateStore
 
 PERSONAL_STATE = "personal-adapters"  # the node's personal adapters, never uploaded
 MODEL_STATE = "node-model"  # a method's own model of the node (FedProto), never uploaded
-NODE_STATES = (PERSONAL_STATE, MODEL_STATE)
-STATE_INFO = "node-state"  # ConfigRecord: "round" the state dates from, "selected-of" the round its copy is of
-SELECTED = "@selected"
 
 
 @dataclass(frozen=True)
@@ -139,40 +134,16 @@ def _load_shard(cfg: RunConfig, node_config: dict, split: str) -> NodeShard:
                      load_seconds=time.perf_counter() - start)
 
 
-def _copy(record: ArrayRecord) -> ArrayRecord:
-    return ArrayRecord({k: Array(a.numpy().copy()) for k, a in record.items()})
+def state_store(shard: NodeShard, context: Context, config: ConfigRecord) -> NodeStateStore:
+    """Where this node keeps its state for this run: its own cache dir (node config wins), under the run key the
+    server sends (the same for a resumed run)."""
+    node = parse_node_config(context.node_config)
+    run_key = str(config.get(P.RUN_KEY, "")) or f"run-{context.run_id}"
+    return NodeStateStore.of(resolve_cache_dir(node.cache_dir or shard.cfg.cache_dir), run_key, shard.partition_id)
 
 
-def sync_selected(context: Context, best_round: int) -> None:
-    """Keep a copy of the node state if it is the one that was in effect in the selected round."""
-    info = context.state.config_records.get(STATE_INFO)
-    if info is None or best_round < 1 or best_round < int(info["round"]):
-        return
-    for key in NODE_STATES:
-        if key in context.state.array_records:
-            context.state[key + SELECTED] = _copy(context.state[key])
-    info["selected-of"] = best_round
-
-
-def node_state(context: Context, key: str, selected: bool, best_round: int) -> ArrayRecord | None:
-    """The node's current state `key`, or (`selected`) its copy of the selected round (None if it had none)."""
-    if not selected:
-        return context.state.array_records.get(key)
-    info = context.state.config_records.get(STATE_INFO)
-    if info is None or int(info.get("selected-of", -1)) != best_round:
-        return None
-    return context.state.array_records.get(key + SELECTED)
-
-
-def save_state(context: Context, key: str, record: ArrayRecord, server_round: int) -> None:
-    """Store node state (never in a reply) and the round it dates from."""
-    context.state[key] = record
-    info = context.state.config_records.get(STATE_INFO)
-    context.state[STATE_INFO] = ConfigRecord({**(dict(info) if info else {}), "round": server_round})
-
-
-def model_for(shard: NodeShard, global_arrays: ArrayRecord | None, personal: ArrayRecord | None,
-              node_model: ArrayRecord | None = None) -> XmrModel:
+def model_for(shard: NodeShard, global_arrays: ArrayRecord | None, personal: dict[str, np.ndarray] | None,
+              node_model: dict[str, np.ndarray] | None = None) -> XmrModel:
     """The model a node uses: the arrays it was sent (or its own model, `node_model`, for methods whose models
     stay on the node; a fresh model seeded like the server's when it has none yet), plus its personal adapters
     (zero-initialised, i.e. the identity, before it first trained them; seeded per node, without touching the
@@ -180,15 +151,16 @@ def model_for(shard: NodeShard, global_arrays: ArrayRecord | None, personal: Arr
     with torch.random.fork_rng():
         torch.manual_seed(shard.cfg.seed * 1_000_003 + shard.partition_id)
         model = shard.new_model()
-    for record in (global_arrays, node_model, personal if shard.cfg.personal_adapters else None):
-        if record is not None:
-            load_numpy_state(model, {k: a.numpy() for k, a in record.items()}, partial=True)
+    sent = {k: a.numpy() for k, a in global_arrays.items()} if global_arrays is not None else None
+    for arrays in (sent, node_model, personal if shard.cfg.personal_adapters else None):
+        if arrays is not None:
+            load_numpy_state(model, arrays, partial=True)
     return model
 
 
-def shared_state(model: XmrModel) -> ArrayRecord:
-    return ArrayRecord({k: v.detach().cpu() for k, v in model.state_dict().items() if not is_personal(k)})
+def shared_state(model: XmrModel) -> dict[str, np.ndarray]:
+    return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items() if not is_personal(k)}
 
 
-def personal_state(model: XmrModel) -> ArrayRecord:
-    return ArrayRecord({k: v.detach().cpu() for k, v in model.state_dict().items() if is_personal(k)})
+def personal_state(model: XmrModel) -> dict[str, np.ndarray]:
+    return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items() if is_personal(k)}

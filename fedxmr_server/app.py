@@ -1,4 +1,5 @@
-"""The ServerApp: validate the run config, run the selected strategy, score dev every round, test once at the end.
+"""The ServerApp: validate the run config, run the selected strategy, score dev every round, checkpoint every round
+(`resume` continues a stopped run), test once at the end.
 
 `flwr run .` (simulation) or `flwr run . <superlink>` (deployment) both enter `main`.
 """
@@ -17,12 +18,13 @@ from threadpoolctl import threadpool_limits
 
 from common.backbones import build_backbone
 from common.config import ConfigError, parse_run_config
-from common.preflight import path_problems
+from common.preflight import CHECKPOINT, path_problems
 from common.model import XmrModel
 from fedxmr_server.evaluator import ServerEvaluator
 from fedxmr_server.report import RunRecorder
 from fedxmr_server.strategies import build_strategy
 from fedxmr_server.strategies.base import RunFailed, from_array_record
+from fedxmr_server.strategies.state import Checkpoint
 
 app = ServerApp()
 
@@ -49,9 +51,14 @@ def _run(grid: Grid, context: Context) -> None:
     recorder = RunRecorder(cfg, {"model": model.cfg.to_dict(), "flwr": flwr.__version__, "torch": torch.__version__,
                                  "strategy": strategy.description,
                                  "trainable-params": sum(v.numel() for v in model.state_dict().values())})
+    checkpoint_path = recorder.dir / CHECKPOINT
+    resume = Checkpoint.load(checkpoint_path) if cfg.resume else None
+    if resume is not None:
+        recorder.resume_rounds(resume.round)
     evaluator = ServerEvaluator(cfg, backbone)
     strategy.gallery_fn = evaluator.gallery
-    log(INFO, "fedxmr: run dir %s", recorder.dir)
+    strategy.run_key = recorder.run_key
+    log(INFO, "fedxmr: run dir %s%s", recorder.dir, f" (resumed after round {resume.round})" if resume else "")
     round_start = [time.time()]
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
@@ -65,11 +72,13 @@ def _run(grid: Grid, context: Context) -> None:
                             "train": strategy.last_train if server_round else {},
                             "client-dev": strategy.last_evaluate if server_round else {},
                             "best-round": strategy.best.round, **(strategy.timings if server_round else {})})
+        if server_round:  # logged first: a round logged but not checkpointed is cut and run again on resume
+            strategy.checkpoint().save(checkpoint_path)
         round_start[0] = now
 
     try:
         strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=cfg.num_server_rounds,
-                       timeout=cfg.round_timeout, evaluate_fn=evaluate_fn, round_fn=round_fn)
+                       timeout=cfg.round_timeout, evaluate_fn=evaluate_fn, round_fn=round_fn, resume=resume)
     except RunFailed as exc:  # the run ends failed (Flower: finished:failed, the wrapper exits 1), marked on disk
         recorder.fail(str(exc))
         raise

@@ -1,6 +1,7 @@
 """Run outputs under `<out-dir>/<run-id>/`: config.json (resolved config), metrics.jsonl (one line per round),
 weights.safetensors (the trainable weights of the best-dev round: the reported model; per-client models as
-`<node>/<key>` for methods without a global model), strategy-state.npz (the strategy's state after the last round),
+`<client>/<key>` for methods without a global model), strategy-state.npz (the strategy's state after the last round),
+checkpoint.npz (rewritten after every round: what `resume` continues from),
 convergence.png, clients.png (per-client test scores at the selected round),
 router.png (RCSR: per-client router and aggregation weights per round),
 summary.md (also printed) and final.json."""
@@ -8,13 +9,14 @@ summary.md (also printed) and final.json."""
 from __future__ import annotations
 
 import json
+import secrets
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from common.config import RunConfig
+from common.config import ConfigError, RunConfig
 from common.data.federation import CLIENT_TYPES
 
 _TABLE_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
@@ -31,15 +33,41 @@ def _pyplot():
 
 
 class RunRecorder:
+    """A new run dir (`config.json` with a fresh `run-key`, empty `metrics.jsonl`), or, for `resume`, the resumed
+    one (see `resume_rounds`)."""
+
     def __init__(self, cfg: RunConfig, info: dict[str, Any]) -> None:
-        run_id = cfg.run_name or time.strftime("%Y%m%d-%H%M%S") + f"-{cfg.method}"
-        self.dir = Path(cfg.out_dir).expanduser().resolve() / run_id
-        self.dir.mkdir(parents=True, exist_ok=True)
         self.cfg = cfg
         self.start = time.time()
         self.rounds: list[dict[str, Any]] = []
-        (self.dir / "config.json").write_text(json.dumps({"run": cfg.as_flat_dict(), **info}, indent=2))
+        if cfg.resume:
+            self.dir = Path(cfg.resume).expanduser().resolve()
+            saved = json.loads((self.dir / "config.json").read_text())
+            changed = sorted(k for k, v in cfg.as_flat_dict().items() if k != "resume" and saved["run"].get(k) != v)
+            if changed:
+                raise ConfigError(f"run config key 'resume': {self.dir} was run with another config; keys that "
+                                  f"differ: " + ", ".join(f"{k} (was {saved['run'].get(k)!r}, now "
+                                                          f"{cfg.as_flat_dict()[k]!r})" for k in changed[:6]))
+            self.run_key = str(saved["run-key"])
+            return
+        run_id = cfg.run_name or time.strftime("%Y%m%d-%H%M%S") + f"-{cfg.method}"
+        self.dir = Path(cfg.out_dir).expanduser().resolve() / run_id
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.run_key = f"{run_id}-{secrets.token_hex(4)}"  # the nodes' state of this run, never of a namesake
+        (self.dir / "config.json").write_text(json.dumps({"run": cfg.as_flat_dict(), "run-key": self.run_key,
+                                                          **info}, indent=2))
         (self.dir / "metrics.jsonl").write_text("")
+
+    def resume_rounds(self, last_round: int) -> None:
+        """Keep the logged rounds up to the checkpoint's (a round logged after it is run again), and take them
+        as this run's; a failed marker of the stopped run goes."""
+        path = self.dir / "metrics.jsonl"
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        self.rounds = [r for r in map(json.loads, lines) if r["round"] <= last_round]
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rounds))
+        tmp.replace(path)
+        (self.dir / "final.json").unlink(missing_ok=True)
 
     def log_round(self, record: dict[str, Any]) -> None:
         record = {"round": record.pop("round"), "elapsed-s": round(time.time() - self.start, 2), **record}

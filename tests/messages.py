@@ -32,3 +32,12 @@ def grid(node_ids: list[int]) -> Mock:
     g = Mock()
     g.get_node_ids.return_value = list(node_ids)
     return g
+
+
+def identities(messages: list[Message]) -> list[Message] | None:
+    """Replies to the `query` messages a strategy sends at the start of a run (node n holds partition n); None if
+    `messages` are not queries."""
+    if not messages or messages[0].metadata.message_type != "query":
+        return None
+    return [reply(m.metadata.dst_node_id, None, {"partition-id": m.metadata.dst_node_id, "num-examples": 1})
+            for m in messages]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,7 @@ from common.data.concepts import CONCEPT_NAMES
 from common.model import XmrModel, state_to_numpy
 from fedxmr_client.app import app
 from fedxmr_client.node import load_shard
+from fedxmr_client.state_store import NodeStateStore
 
 BACKBONE = "openclip:fedxmr-tiny"
 
@@ -32,6 +35,21 @@ def _task_identity() -> None:
     TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = 1
 
 
+@pytest.fixture(autouse=True)
+def _fresh_run_key(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> None:
+    """Each test is its own run for the nodes' on-disk state (the cache dir is shared between tests)."""
+    monkeypatch.setattr(sys.modules[__name__], "RUN_KEY", f"{request.node.name[:60]}-{uuid.uuid4().hex[:8]}",
+                        raising=False)
+
+
+RUN_KEY = "unset"
+
+
+def _stored(run_config: dict, as_of: int, pid: int = 0) -> dict:
+    """What the node keeps on its disk (`state_store`) as of round `as_of`."""
+    return NodeStateStore.of(Path(run_config["cache-dir"]), RUN_KEY, pid).load(as_of)
+
+
 def _global_arrays(run_config: dict) -> tuple[ArrayRecord, dict[str, np.ndarray]]:
     model = XmrModel(parse_run_config(run_config).model_cfg(64, 64))
     return ArrayRecord(model.state_dict()), state_to_numpy(model)
@@ -45,7 +63,7 @@ def _context(run_config: dict, pid: int = 0, num: int = 2) -> Context:
 def _message(arrays: ArrayRecord | None, kind: str, server_round: int = 1, gallery: ArrayRecord | None = None,
              split: str = "dev", best_round: int = -1) -> Message:
     content = RecordDict({"config": ConfigRecord({"server-round": server_round, "split": split,
-                                                  "best-round": best_round})})
+                                                  "best-round": best_round, "run-key": RUN_KEY})})
     if arrays is not None:
         content["arrays"] = arrays
     if gallery is not None:
@@ -79,7 +97,7 @@ def test_train_returns_updated_arrays_and_metrics(run_config: dict) -> None:
     assert metrics["partition-id"] == 0
     assert metrics["upload-bytes"] == sum(v.nbytes for v in before.values())
     assert np.isfinite(metrics["train-loss"]) and metrics["train-steps"] >= 2
-    assert len(ctx.state) == 0, "without personal adapters the ClientApp keeps no state at all"
+    assert len(ctx.state) == 0 and not _stored(run_config, 1), "without personal adapters a node keeps no state"
 
 
 def test_train_is_deterministic_per_partition_and_round(run_config: dict) -> None:
@@ -139,9 +157,9 @@ def test_personal_adapters_stay_on_the_node(run_config: dict) -> None:
     reply = app(_message(arrays, MessageType.TRAIN), ctx)
     assert not reply.has_error(), reply.error
     assert set(reply.content["arrays"].keys()) == set(before), "personal adapters must not be uploaded"
-    personal = ctx.state["personal-adapters"]
+    personal = _stored(run_config, 1)["personal-adapters"]
     assert personal and all(".personal." in k for k in personal.keys())
-    assert any(np.abs(a.numpy()).sum() > 0 for k, a in personal.items() if "up" in k), "personal adapters untrained"
+    assert any(np.abs(a).sum() > 0 for k, a in personal.items() if "up" in k), "personal adapters untrained"
     ev = app(_message(arrays, MessageType.EVALUATE, gallery=_gallery(run_config)), ctx)
     assert "personal-score" in ev.content["metrics"] and "global-score" in ev.content["metrics"]
 
@@ -218,13 +236,13 @@ def test_fedproto_node_keeps_its_model_and_sends_only_prototypes(run_config: dic
     assert len(reply.content["arrays"]) == 0, "FedProto must not upload weights"
     protos = reply.content["prototypes"]
     assert set(protos.keys()) == {"img", "img-count", "txt", "txt-count"}
-    kept = {k: a.numpy() for k, a in ctx.state["node-model"].items()}
+    kept = _stored(run_config, 1)["node-model"]
     assert set(kept) == set(init) and any(not np.array_equal(kept[k], init[k]) for k in init)
     msg = _message(None, MessageType.TRAIN, server_round=2)
     msg.content["prototypes"] = protos
     metrics = app(msg, ctx).content["metrics"]
     assert metrics["train-loss-proto"] > 0
-    again = {k: a.numpy() for k, a in ctx.state["node-model"].items()}
+    again = _stored(run_config, 2)["node-model"]
     assert any(not np.array_equal(again[k], kept[k]) for k in kept)
 
 
@@ -239,7 +257,7 @@ def test_fedproto_fresh_model_is_the_servers_initialisation(run_config: dict) ->
     torch.manual_seed(parse_run_config(run_config).seed)
     server = state_to_numpy(XmrModel(parse_run_config(run_config).model_cfg(shard.backbone.img_dim,
                                                                             shard.backbone.txt_dim)))
-    fresh = {k: a.numpy() for k, a in FedProtoClient().initial_model(shard).items()}
+    fresh = FedProtoClient().initial_model(shard)
     assert all(np.array_equal(fresh[k], server[k]) for k in server)
 
 
@@ -266,26 +284,42 @@ def test_centralized_loads_the_whole_split_paired_on_its_one_node(run_config: di
 
 
 def test_the_once_only_test_uses_the_node_state_of_the_selected_round(run_config: dict) -> None:
-    """Personal adapters trained in round 1 (selected) and changed in round 2: the test message must score the
-    round-1 adapters, dev messages the current ones."""
-    from fedxmr_client.node import node_state, sync_selected
-
+    """Personal adapters trained in round 1 (selected) and changed in round 2: the test message (sent as round 1,
+    the selected one) must score the round-1 adapters, dev messages of round 2 the round-2 ones; versions no
+    message can need any more are deleted."""
     run_config = {**run_config, "personal-adapters": True, "personal-epochs": 1, "max-eval-images": 20}
     arrays, _ = _global_arrays(run_config)
+    gallery = _gallery(run_config)
     ctx = _context(run_config)
     app(_message(arrays, MessageType.TRAIN, server_round=1), ctx)
-    round1 = {k: a.numpy().copy() for k, a in ctx.state["personal-adapters"].items()}
+    round1 = _stored(run_config, 1)["personal-adapters"]
     app(_message(arrays, MessageType.TRAIN, server_round=2, best_round=1), ctx)  # round 1 selected so far
-    round2 = {k: a.numpy() for k, a in ctx.state["personal-adapters"].items()}
+    round2 = _stored(run_config, 2)["personal-adapters"]
     assert any(not np.array_equal(round1[k], round2[k]) for k in round1)
-    sync_selected(ctx, 1)
-    selected = node_state(ctx, "personal-adapters", True, 1)
-    assert all(np.array_equal(selected[k].numpy(), round1[k]) for k in round1)
-    assert node_state(ctx, "personal-adapters", True, 2) is None  # no copy of round 2 was taken yet
-    sync_selected(ctx, 2)  # round 2 becomes the best: the current state is that round's
-    assert all(np.array_equal(node_state(ctx, "personal-adapters", True, 2)[k].numpy(), round2[k]) for k in round2)
-    ev = app(_message(arrays, MessageType.EVALUATE, gallery=_gallery(run_config), split="test", best_round=2), ctx)
-    assert "personal-score" in ev.content["metrics"]
+
+    def personal_score(server_round: int, split: str) -> float:
+        msg = _message(arrays, MessageType.EVALUATE, server_round=server_round, gallery=gallery, split=split,
+                       best_round=1)
+        return app(msg, _context(run_config)).content["metrics"]["personal-score"]  # a fresh process: disk only
+
+    assert personal_score(1, "test") != personal_score(2, "dev")
+    store = NodeStateStore.of(Path(run_config["cache-dir"]), RUN_KEY, 0)
+    assert store.versions() == [1, 2]
+    app(_message(arrays, MessageType.TRAIN, server_round=3, best_round=2), ctx)  # round 2 selected: 1 is not needed
+    assert store.versions() == [2, 3]
+
+
+def test_a_round_run_again_after_a_kill_starts_from_the_state_before_it(run_config: dict) -> None:
+    """A run killed during round 2 (after the node saved its round-2 state) and resumed sends round 2 again: the
+    node must train it from its round-1 state, giving the same reply and state as the first attempt."""
+    run_config = {**run_config, "personal-adapters": True, "personal-epochs": 1}
+    arrays, _ = _global_arrays(run_config)
+    app(_message(arrays, MessageType.TRAIN, server_round=1), _context(run_config))
+    first = app(_message(arrays, MessageType.TRAIN, server_round=2, best_round=1), _context(run_config))
+    kept = _stored(run_config, 2)["personal-adapters"]
+    again = app(_message(arrays, MessageType.TRAIN, server_round=2, best_round=1), _context(run_config))
+    assert first.content["metrics"]["personal-loss"] == again.content["metrics"]["personal-loss"]
+    assert all(np.array_equal(kept[k], v) for k, v in _stored(run_config, 2)["personal-adapters"].items())
 
 
 def test_a_process_reuses_a_loaded_shard_until_its_files_change(run_config: dict) -> None:

@@ -10,7 +10,7 @@ from flwr.app import Array, ArrayRecord
 from common.config import parse_run_config
 from common.prototypes import fuse_prototypes
 from fedxmr_server.strategies import build_strategy
-from tests.messages import grid, reply
+from tests.messages import grid, identities, reply
 
 GLOBAL = {"img.w": np.zeros((2, 3), np.float32), "txt.b": np.zeros(3, np.float32), "logit_scale": np.zeros(1)}
 PAIRED = {"num-examples": 10, "has-img": 1, "has-txt": 1, "train-loss": 1.0}
@@ -78,12 +78,13 @@ def test_methods_without_a_global_model_select_on_the_mean_client_dev_score() ->
 
 # ---- local ---------------------------------------------------------------------------------------------------------
 def test_local_keeps_one_model_per_client_and_sends_each_node_its_own() -> None:
+    """Per-client models are keyed by partition (node ids change when a run is resumed)."""
     s = strategy("local")
-    s.aggregate_train(1, [reply(1, full(1.0), PAIRED), reply(2, {"img.w": np.full((2, 3), 3.0, np.float32)},
-                                                               IMAGE_ONLY)])
+    s.aggregate_train(1, [reply(1, full(1.0), {**PAIRED, "partition-id": 5}),
+                          reply(2, {"img.w": np.full((2, 3), 3.0, np.float32)}, {**IMAGE_ONLY, "partition-id": 7})])
     assert s.state.arrays["img.w"].max() == 0, "local never aggregates into the initial model"
-    assert s.state.clients["1"]["img.w"].max() == 1.0 and s.state.clients["2"]["img.w"].max() == 3.0
-    assert s.state.clients["2"]["txt.b"].max() == 0.0, "keys a node does not train stay at the initialisation"
+    assert s.state.clients["client-5"]["img.w"].max() == 1.0 and s.state.clients["client-7"]["img.w"].max() == 3.0
+    assert s.state.clients["client-7"]["txt.b"].max() == 0.0, "keys a node does not train stay at the initialisation"
     msgs = s.configure_train(2, ArrayRecord(), None, grid([1, 2, 3]))
     sent = {m.metadata.dst_node_id: m.content["arrays"]["img.w"].numpy().max() for m in msgs}
     assert sent == {1: 1.0, 2: 3.0, 3: 0.0}  # node 3 never trained: the common initialisation
@@ -187,6 +188,8 @@ def test_a_run_without_any_dev_score_reports_its_last_round() -> None:
 
     def send_and_receive(messages, timeout):
         messages = list(messages)
+        if identities(messages):
+            return identities(messages)
         if messages[0].metadata.message_type == "train":
             return [reply(m.metadata.dst_node_id, full(float(m.metadata.dst_node_id)),
                           {**PAIRED, "partition-id": m.metadata.dst_node_id}) for m in messages]
@@ -197,7 +200,7 @@ def test_a_run_without_any_dev_score_reports_its_last_round() -> None:
                                           "txt-emb": np.ones((1, 1))}
     s.start(grid=g, initial_arrays=ArrayRecord({k: Array(v) for k, v in GLOBAL.items()}), num_rounds=2)
     assert s.best.round == 2
-    assert {n: a["img.w"].max() for n, a in s.best.clients.items()} == {"1": 1.0, "2": 2.0}
+    assert {n: a["img.w"].max() for n, a in s.best.clients.items()} == {"client-1": 1.0, "client-2": 2.0}
 
 
 def _scripted_grid(client_scores: dict[int, float]) -> tuple:
@@ -207,6 +210,8 @@ def _scripted_grid(client_scores: dict[int, float]) -> tuple:
 
     def send_and_receive(messages, timeout):
         messages = list(messages)
+        if identities(messages):
+            return identities(messages)
         rnd = int(messages[0].content["config"]["server-round"])
         if messages[0].metadata.message_type == "train":
             return [reply(m.metadata.dst_node_id, full(float(rnd)), {**PAIRED, "partition-id": m.metadata.dst_node_id})
@@ -246,4 +251,4 @@ def test_a_round_without_client_evaluation_never_reuses_the_previous_score() -> 
                                           "txt-emb": np.ones((1, 1))}
     s.start(grid=g, initial_arrays=ArrayRecord({k: Array(v) for k, v in GLOBAL.items()}), num_rounds=4)
     assert evaluated == [2, 4] and s.best.round == 2 and s.best.score == 50.0
-    assert {n: a["img.w"].max() for n, a in s.best.clients.items()} == {"1": 2.0, "2": 2.0}
+    assert {n: a["img.w"].max() for n, a in s.best.clients.items()} == {"client-1": 2.0, "client-2": 2.0}

@@ -261,6 +261,28 @@ def test_a_missing_train_image_fails_only_the_node_that_holds_it(tmp_path, make_
     assert len(cut_shard(text_only, holder, 2, root, "train").data.images) == 4  # never touches image files
 
 
+def test_a_corrupt_train_image_fails_only_the_node_that_holds_it_naming_the_file(tmp_path, make_fake_flickr8k) -> None:
+    """An unreadable image (here: not a JPEG at all) surfaces when its holder encodes its shard, naming the file;
+    the other node never reads it."""
+    from common.backbones import BackboneError, build_backbone
+    from common.config import parse_run_config
+    from common.data.shards import cut_shard
+    from common.features import split_features
+
+    names = [f"img{i}.jpg" for i in range(8)]
+    root = make_fake_flickr8k(tmp_path / "f8k", {n: [f"a dog {n}", f"a cat {n}"] for n in names},
+                              {"train": names, "dev": names[:2], "test": names[2:4]})
+    cfg = parse_run_config({"data-dir": str(root), "partitioner": "iid"})
+    shards = [cut_shard(cfg, pid, 2, root, "train") for pid in range(2)]
+    holder = next(pid for pid in range(2) if "img5.jpg" in shards[pid].data.images)
+    (root / "images" / "img5.jpg").write_bytes(b"not an image")
+    backbone = build_backbone("openclip:fedxmr-tiny", "cpu")
+    with pytest.raises(BackboneError, match=r"cannot read image .*img5.jpg"):
+        split_features(shards[holder].data, backbone, tmp_path / "cache", modalities=("img", "txt"))
+    feats = split_features(shards[1 - holder].data, backbone, tmp_path / "cache", modalities=("img", "txt"))
+    assert len(feats["img"]) == 4
+
+
 def test_an_existing_run_is_never_written_over(tmp_path, flickr8k_dir) -> None:
     from common.config import parse_run_config
     from common.preflight import path_problems
@@ -282,3 +304,22 @@ def test_a_node_that_never_replies_is_recorded_as_lost() -> None:
     list(s.configure_train(1, ArrayRecord({k: Array(v) for k, v in G.items()}), ConfigRecord(), grid([1, 2, 3])))
     s.aggregate_train(1, [honest(1), honest(3)])
     assert _rejected(s) == {2: "no reply (node lost, or past round-timeout)"} and s.last_train_asked == 3
+
+
+def test_the_superlinks_error_for_an_unavailable_node_is_counted_once_for_that_node() -> None:
+    """A SuperNode killed mid-round: the SuperLink answers for it with an error from node id 1 that replies to the
+    message sent to it (seen in `make compose-test`); the loss must be recorded once, against the lost node."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord
+
+    from tests.messages import grid
+
+    s = strategy("fedavg")
+    messages = list(s.configure_train(1, ArrayRecord({k: Array(v) for k, v in G.items()}), ConfigRecord(),
+                                      grid([5, 6])))
+    for i, msg in enumerate(messages):  # what the grid does when it sends them
+        msg.metadata.__dict__["_message_id"] = f"id-{i}"
+    lost = next(m for m in messages if m.metadata.dst_node_id == 6)
+    unavailable = reply(1, None, {}, error="Error: Node Unavailable")
+    unavailable.metadata.reply_to_message_id = lost.metadata.message_id
+    s.aggregate_train(1, [honest(5), unavailable])
+    assert _rejected(s) == {6: "the node failed: Error: Node Unavailable"}

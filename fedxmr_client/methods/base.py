@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, RecordDict
 
@@ -49,7 +50,7 @@ class ClientMethod:
         """Extra metrics and records (name -> ArrayRecord) of the reply."""
         return {}, {}
 
-    def initial_model(self, shard: NodeShard) -> ArrayRecord:
+    def initial_model(self, shard: NodeShard) -> dict[str, np.ndarray]:
         """For `keeps_model` methods, before the node has a model: initialised as the server initialises the
         global one (same seed), without touching the training RNG."""
         with torch.random.fork_rng():

@@ -1,8 +1,11 @@
 """Base of every fedxmr strategy: the round loop, reply validation and reporting, with hooks for the methods.
 
+Clients: the server knows a client by its partition (`client-<id>`, learnt from a `query` message at the start
+of a run and from every reply), not by its node id, which a resumed simulation renews; all per-client state is
+keyed so.
 A method is one subclass (one file) that overrides some of these hooks:
-- `payload(node, server_round, kind)`: the RecordDict one node receives (kind "train", "evaluate" or "test"), built
-  fresh per node (never a shared object mutated in place). Default: the model of that node (`model_for`) and the
+- `payload(client, server_round, kind)`: the RecordDict one client receives (kind "train", "evaluate" or "test"),
+  built fresh per client (never a shared object mutated in place). Default: the model of that node (`model_for`) and the
   config; evaluate/test messages add the shared dev/test gallery embedded by that model (`gallery`).
 - `reply_problem(msg)`: method-specific checks on top of the base's (`_base_problem`); a reply with a problem is
   logged with its node id and left out, so one failing client never kills a round.
@@ -13,8 +16,8 @@ A method is one subclass (one file) that overrides some of these hooks:
 - `update_state(server_round, replies, weights)`: the method's own state (prototypes, routers, ...), called once per
   round after validation, once the weights are accepted, before `aggregate` (so `state.arrays` is still the model
   the clients started from); returns extra per-client report fields.
-A method keeps its state in `self.state` (`StrategyState`, serialisable); the selection (`self.best`) is kept beside
-it (checkpointing and resuming runs is a later step). Selection: the round with the best dev score (server-side dev
+A method keeps *all* its state in `self.state` (`StrategyState`, serialisable: `checkpoint()` after every round,
+`start(resume=...)` continues from one); the selection (`self.best`) is kept beside it. Selection: the round with the best dev score (server-side dev
 rsum of the global model, or, for methods without one, the mean per-client dev score) is kept in `self.best`; test is
 scored once, for that round's models (`final_test`).
 Failures: every reply left out is recorded (`last_train["rejected"]`: node id, partition id, reason). A round with
@@ -25,7 +28,6 @@ failed, never "completed".
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
@@ -43,8 +45,9 @@ from common.data.federation import TYPE_CODES
 from common.evaluate import client_summary
 from common import protocol as P
 from common.robust import combine, norm_outliers
-from fedxmr_server.strategies.replies import effective_weights, mean_metrics, scalar
-from fedxmr_server.strategies.state import StrategyState
+from fedxmr_server.strategies.clients import ClientRegistry
+from fedxmr_server.strategies.replies import content_problem, effective_weights, mean_metrics, scalar
+from fedxmr_server.strategies.state import Checkpoint, StrategyState, capture_rng, restore_rng
 
 Arrays = dict[str, np.ndarray]
 
@@ -76,7 +79,7 @@ class Selection:
     clients: dict[str, Arrays] = field(default_factory=dict)
 
 
-class XmrStrategy(Strategy):
+class XmrStrategy(ClientRegistry, Strategy):
     """Round loop, validation, weighting/aggregation hooks and a single serialisable state object."""
 
     name = "base"
@@ -84,38 +87,41 @@ class XmrStrategy(Strategy):
     has_global_model = True  # False: no global model (selection and dev/test scores are per client)
 
     def __init__(self, cfg: RunConfig) -> None:
+        super().__init__()
         self.cfg = cfg
         self.state = StrategyState()
         self.best = Selection()
         self.last_train: dict[str, Any] = {}
         self.last_evaluate: dict[str, Any] = {}
         self._download_bytes = 0  # arrays sent in this round's train messages
-        self._asked: list[int] = []  # the nodes this round's train messages went to
+        self._asked: list[Message] = []  # this round's train messages (the grid gives them ids when it sends them)
         self.last_train_asked = 0
+        self._sent_to: dict[str, int] = {}  # message id -> node id, of this round's train messages
         # wall seconds of the last round's phases: train messages (send to last reply), aggregation + server dev
         # scoring, per-client evaluation messages
         self.timings: dict[str, float] = {}
         # set by the ServerApp: (arrays, split) -> gallery arrays (embedded by `arrays`, or raw features if None)
         self.gallery_fn: Callable[[Arrays | None, str], Arrays] | None = None
+        self.run_key = ""  # set by the ServerApp: names the run for the nodes' on-disk state (`P.RUN_KEY`)
 
     def summary(self) -> None:
         log(INFO, "fedxmr strategy %r: %s", self.name, self.description)
 
     # ---- hooks ---------------------------------------------------------------------------------------------------
-    def model_for(self, node: str, selected: bool = False) -> Arrays | None:
-        """The arrays a node is sent (`selected`: of the round selected on dev); None for methods that never
+    def model_for(self, client: str, selected: bool = False) -> Arrays | None:
+        """The arrays a client is sent (`selected`: of the round selected on dev); None for methods that never
         send weights."""
         return self.best.arrays if selected else self.state.arrays
 
-    def payload(self, node: str, server_round: int, kind: str) -> RecordDict:
+    def payload(self, client: str, server_round: int, kind: str) -> RecordDict:
         config = ConfigRecord({P.SERVER_ROUND: server_round, P.BEST_ROUND: self.best.round,
-                               P.SPLIT_KEY: P.SPLIT[kind]})
+                               P.SPLIT_KEY: P.SPLIT[kind], P.RUN_KEY: self.run_key})
         content = RecordDict({P.CONFIG: config})
-        arrays = self.model_for(node, selected=kind == "test")
+        arrays = self.model_for(client, selected=kind == "test")
         if arrays is not None:
             content[P.ARRAYS] = to_array_record(arrays)
         if kind != "train" and self.gallery_fn is not None:
-            content[P.GALLERY] = to_array_record(self._gallery_for(node, arrays, P.SPLIT[kind]))
+            content[P.GALLERY] = to_array_record(self._gallery_for(client, arrays, P.SPLIT[kind]))
         return content
 
     def reply_problem(self, msg: Message) -> str | None:
@@ -134,38 +140,7 @@ class XmrStrategy(Strategy):
 
     # ---- validation ------------------------------------------------------------------------------------------------
     def _base_problem(self, msg: Message, arrays_required: bool) -> str | None:
-        content = msg.content
-        if P.METRICS not in content.metric_records:
-            return f"reply lacks the {P.METRICS!r} MetricRecord"
-        n = content[P.METRICS].get(P.NUM_EXAMPLES)
-        if not isinstance(n, (int, float)) or not math.isfinite(n) or not n > 0:
-            return f"metric {P.NUM_EXAMPLES!r} must be a positive finite number, got {n!r}"
-        if n > self.cfg.max_num_examples:
-            return f"metric {P.NUM_EXAMPLES!r} = {n:g} exceeds max-num-examples = {self.cfg.max_num_examples}"
-        if P.ARRAYS not in content.array_records:
-            return f"reply lacks the {P.ARRAYS!r} ArrayRecord" if arrays_required else None
-        arrays = content[P.ARRAYS]
-        if arrays_required and not len(arrays):
-            return "reply carries no arrays"
-        undeclared = [k for k in arrays.keys() if k.split(".", 1)[0] in P.HAS
-                      and not content[P.METRICS].get(P.HAS[k.split(".", 1)[0]], 1)]
-        if undeclared:
-            return f"arrays of a modality the client says it does not hold: {undeclared[:4]}"
-        reference = self.state.arrays
-        if reference and not set(arrays.keys()) <= set(reference):
-            return f"arrays not in the global model: {sorted(set(arrays.keys()) - set(reference))[:4]}"
-        for key, arr in arrays.items():
-            value = arr.numpy()
-            if value.dtype.kind != "f":  # int, bool or complex would be cast silently (complex: truncated)
-                return f"array {key!r} has dtype {value.dtype}, expected floating point"
-            if reference and value.shape != reference[key].shape:
-                return f"array {key!r} has shape {value.shape}, expected {reference[key].shape}"
-            if reference:  # finite *as the global model stores it*: 1e300 in float64 is inf in float32
-                with np.errstate(over="ignore"):
-                    value = value.astype(reference[key].dtype)
-            if not np.all(np.isfinite(value)):
-                return f"array {key!r} has non-finite values (as {value.dtype})"
-        return None
+        return content_problem(msg.content, self.state.arrays, self.cfg.max_num_examples, arrays_required)
 
     def _usable(self, replies: Iterable[Message]) -> tuple[list[Message], list[dict[str, Any]]]:
         """The usable replies, in a fixed order (partition id, then node id: aggregation sums never depend on
@@ -173,13 +148,14 @@ class XmrStrategy(Strategy):
         ok, rejected = [], []
 
         def reject(msg: Message, reason: str) -> None:
-            log(WARNING, "node %s is left out this round: %s", msg.metadata.src_node_id, reason)
+            log(WARNING, "node %s is left out this round: %s", self._sender(msg), reason)
             metrics = msg.content.metric_records.get(P.METRICS) if not msg.has_error() else None
             pid = metrics.get(P.PARTITION_ID) if metrics is not None else None
-            rejected.append({"node-id": msg.metadata.src_node_id, "reason": reason,
+            rejected.append({"node-id": self._sender(msg), "reason": reason,
                              P.PARTITION_ID: pid if isinstance(pid, (int, float)) else None})
 
         for msg in replies:
+            self._learn_partition(msg)
             problem = f"the node failed: {msg.error.reason}" if msg.has_error() else self.reply_problem(msg)
             if problem:
                 reject(msg, problem)
@@ -196,6 +172,11 @@ class XmrStrategy(Strategy):
                     ok.remove(msg)
         return ok, rejected
 
+    def _sender(self, msg: Message) -> int:
+        """The node a reply answers for: the error the SuperLink sends for an unavailable node comes from the
+        SuperLink itself (node id 1), so it is matched to the message it answers."""
+        return self._sent_to.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
+
     # ---- Flower's Strategy API -------------------------------------------------------------------------------------
     def _sample(self, grid: Grid, fraction: float) -> list[int]:
         available = len(list(grid.get_node_ids()))
@@ -205,14 +186,14 @@ class XmrStrategy(Strategy):
 
     def _messages(self, nodes: list[int], server_round: int, kind: str) -> list[Message]:
         mtype = MessageType.TRAIN if kind == "train" else MessageType.EVALUATE
-        return [Message(content=self.payload(str(n), server_round, kind), message_type=mtype, dst_node_id=n)
-                for n in nodes]
+        return [Message(content=self.payload(self.client_key(n), server_round, kind), message_type=mtype,
+                        dst_node_id=n) for n in nodes]
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         messages = self._messages(self._sample(grid, self.cfg.fraction_train), server_round, "train")
         self._download_bytes = sum(record_bytes(m.content) for m in messages)
-        self._asked = [m.metadata.dst_node_id for m in messages]
+        self._asked = messages
         return messages
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -224,9 +205,11 @@ class XmrStrategy(Strategy):
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
+        self._sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in self._asked if m.metadata.message_id}
         ok, rejected = self._usable(replies)
-        replied = {m.metadata.src_node_id for m in replies}
-        for node in (n for n in self._asked if n not in replied):  # a dead node (or actor) sends nothing at all
+        replied = {self._sender(m) for m in replies}
+        for node in (m.metadata.dst_node_id for m in self._asked if m.metadata.dst_node_id not in replied):
+            # a dead simulation actor sends nothing at all
             log(WARNING, "node %s did not reply this round (lost, or past round-timeout)", node)
             rejected.append({"node-id": node, "reason": "no reply (node lost, or past round-timeout)",
                              P.PARTITION_ID: None})
@@ -244,16 +227,14 @@ class XmrStrategy(Strategy):
         weights = weights / weights.sum()
         info = self.update_state(server_round, ok, weights)  # sees the model the clients started from
         self.aggregate(server_round, ok, weights)
-        self.state.round = server_round
         metrics = [dict(m.content[P.METRICS]) for m in ok]
         known = self.state.meta.setdefault("modalities", {})
         for m, mm in zip(ok, metrics):
-            known[str(m.metadata.src_node_id)] = [mod for mod in P.HAS if mm.get(P.HAS[mod], 1)]
+            known[self.client_of(m)] = [mod for mod in P.HAS if mm.get(P.HAS[mod], 1)]
         effective = effective_weights(weights, [set(m.content[P.ARRAYS].keys()) if P.ARRAYS in m.content.array_records
                                                  else set() for m in ok])
         self.last_train["clients"] = [
-            {"node-id": m.metadata.src_node_id, "weight": float(w), **eff, **mm,
-             **info.get(str(m.metadata.src_node_id), {})}
+            {"node-id": m.metadata.src_node_id, "weight": float(w), **eff, **mm, **info.get(self.client_of(m), {})}
             for m, w, eff, mm in zip(ok, weights, effective, metrics)]
         agg = mean_metrics(metrics, weights)
         self.last_train["aggregate"] = agg
@@ -262,6 +243,7 @@ class XmrStrategy(Strategy):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         clients = []
         for msg in replies:
+            self._learn_partition(msg)
             if msg.has_error() or P.METRICS not in msg.content.metric_records:
                 log(WARNING, "node %s: no evaluation this round (%s)", msg.metadata.src_node_id,
                     msg.error.reason if msg.has_error() else "reply without metrics")
@@ -273,11 +255,11 @@ class XmrStrategy(Strategy):
         return MetricRecord(summary) if summary else None
 
     # ---- the round loop ----------------------------------------------------------------------------------------------
-    def _gallery_for(self, node: str, arrays: Arrays | None, split: str) -> Arrays:
-        """The shared gallery of `split` as `node` needs it: embedded by `arrays` (raw features if None), only
-        the modalities the node can query against."""
+    def _gallery_for(self, client: str, arrays: Arrays | None, split: str) -> Arrays:
+        """The shared gallery of `split` as `client` needs it: embedded by `arrays` (raw features if None), only
+        the modalities the client can query against."""
         gallery = self.gallery_fn(arrays, split)
-        mods = self.state.meta.get("modalities", {}).get(node, ["img", "txt"])
+        mods = self.state.meta.get("modalities", {}).get(client, ["img", "txt"])
         suffix = "emb" if arrays is not None else "feat"
         keys = [P.CAPTION_IMAGE] + [f"txt-{suffix}"] * ("img" in mods) + [f"img-{suffix}"] * ("txt" in mods)
         return {k: gallery[k] for k in keys}
@@ -293,37 +275,57 @@ class XmrStrategy(Strategy):
             self.best = Selection(server_round, float(score), {k: v.copy() for k, v in self.state.arrays.items()},
                                   {n: {k: v.copy() for k, v in a.items()} for n, a in self.state.clients.items()})
 
+    def checkpoint(self) -> Checkpoint:
+        """The run as of the last completed round (state, selection, RNG states): `start(resume=...)` continues
+        from it."""
+        best = StrategyState(self.best.round, self.best.arrays, self.best.clients, meta={"score": self.best.score})
+        return Checkpoint(self.state.round, self.state, best, capture_rng())
+
+    def _restore(self, ckpt: Checkpoint) -> None:
+        self.state = ckpt.state
+        self.best = Selection(ckpt.best.round, float(ckpt.best.meta["score"]), ckpt.best.arrays, ckpt.best.clients)
+        restore_rng(ckpt.rng)
+
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,
               train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
               evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
-              round_fn: Callable[[int, dict[str, float] | None], None] | None = None) -> Result:
-        """Per round: train, aggregate, score the global model on dev (`evaluate_fn`, every `eval-every` rounds),
-        per-client dev evaluation (every `client-eval-every` rounds), selection, then `round_fn(round, dev)`
-        (reporting); the quorum rule (module docstring). Round 0 scores the initial model. Flower's `train_config` /
-        `evaluate_config` are not used: every message's config comes from `payload`."""
+              round_fn: Callable[[int, dict[str, float] | None], None] | None = None,
+              resume: Checkpoint | None = None) -> Result:
+        """Ask the nodes who they are (`identify`); then per round: train, aggregate, score the global model on dev
+        (`evaluate_fn`, every `eval-every` rounds), per-client dev evaluation (every `client-eval-every` rounds),
+        selection, then `round_fn(round, dev)` (reporting, checkpointing); the quorum rule (module docstring).
+        Round 0 scores the initial model. `resume`: continue after its round instead (nothing of rounds up to it is
+        repeated). Flower's `train_config` / `evaluate_config` are not used: every message's config comes from
+        `payload`."""
         self.summary()
         result = Result()
-        self.state.arrays = from_array_record(initial_arrays)
-        if evaluate_fn and self.has_global_model:
+        if resume is not None:
+            self._restore(resume)
+            log(INFO, "resuming after round %d (selected so far: round %d)", resume.round, self.best.round)
+        else:
+            self.state.arrays = from_array_record(initial_arrays)
+        self.identify(grid, timeout)
+        if resume is None and evaluate_fn and self.has_global_model:
             dev0 = evaluate_fn(0, initial_arrays)
             result.evaluate_metrics_serverapp[0] = dev0
             if round_fn:
                 round_fn(0, dict(dev0) if dev0 else None)
-        failed_in_a_row, ever_usable = 0, False
-        for rnd in range(1, num_rounds + 1):
+        meta = self.state.meta  # the quorum rule's counters live in the state, so a resumed run keeps them
+        for rnd in range(self.state.round + 1, num_rounds + 1):
             log(INFO, "[ROUND %s/%s]", rnd, num_rounds)
             clock = [time.perf_counter()]  # phase boundaries of the round, for `self.timings`
             replies = grid.send_and_receive(self.configure_train(rnd, initial_arrays, ConfigRecord(), grid),
                                             timeout=timeout)
             clock.append(time.perf_counter())
             arrays, metrics = self.aggregate_train(rnd, replies)
+            self.state.round = rnd  # also when nothing was usable: the round happened
             usable = self.last_train.get("usable", 0)
-            ever_usable |= usable > 0
+            meta["ever-usable"] = bool(meta.get("ever-usable")) or usable > 0
             # one node (centralized) is its own quorum; replies that never came count against it
             need = min(self.cfg.min_nodes, max(self.last_train_asked, 1))
             quorum = usable >= need and metrics is not None
             self.last_train["under-quorum"] = not quorum
-            failed_in_a_row = 0 if quorum else failed_in_a_row + 1
+            meta["failed-in-a-row"] = 0 if quorum else int(meta.get("failed-in-a-row", 0)) + 1
             if not quorum:
                 log(WARNING, "round %d: %d usable train replies of %d, fewer than min-nodes=%d; the model is kept",
                     rnd, usable, self.last_train.get("replies", 0), self.cfg.min_nodes)
@@ -349,11 +351,11 @@ class XmrStrategy(Strategy):
             self._select(rnd, dev)
             if round_fn:
                 round_fn(rnd, dev)
-            if failed_in_a_row >= self.cfg.max_failed_rounds:
-                raise RunFailed(f"{failed_in_a_row} rounds in a row (to round {rnd}) had fewer usable train replies "
-                                f"than min-nodes={self.cfg.min_nodes}; last reasons: "
+            if meta["failed-in-a-row"] >= self.cfg.max_failed_rounds:
+                raise RunFailed(f"{meta['failed-in-a-row']} rounds in a row (to round {rnd}) had fewer usable train "
+                                f"replies than min-nodes={self.cfg.min_nodes}; last reasons: "
                                 f"{[r['reason'] for r in self.last_train.get('rejected', [])][:3]}")
-        if not ever_usable:
+        if not meta.get("ever-usable"):
             raise RunFailed(f"no client ever sent a usable train reply in {num_rounds} rounds; last reasons: "
                             f"{[r['reason'] for r in self.last_train.get('rejected', [])][:3]}")
         if self.best.round < 0:  # no dev score at all (e.g. every dev reply failed): report the last round, say so

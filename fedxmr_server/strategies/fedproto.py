@@ -30,11 +30,11 @@ class FedProtoXmr(XmrStrategy):
         super().__init__(cfg)
         self.opts: FedProtoSection = cfg.options  # type: ignore[assignment]
 
-    def model_for(self, node: str, selected: bool = False) -> Arrays | None:
+    def model_for(self, client: str, selected: bool = False) -> Arrays | None:
         return None
 
-    def payload(self, node: str, server_round: int, kind: str) -> RecordDict:
-        content = super().payload(node, server_round, kind)
+    def payload(self, client: str, server_round: int, kind: str) -> RecordDict:
+        content = super().payload(client, server_round, kind)
         protos = global_prototypes(self.state.buffers)
         if kind == "train" and protos:
             content[P.PROTOTYPES] = prototype_record(protos)

@@ -75,17 +75,17 @@ class RcsrXmr(XmrStrategy):
     def prototypes(self) -> Tables:
         return global_prototypes(self.state.buffers)
 
-    def payload(self, node: str, server_round: int, kind: str) -> RecordDict:
-        content = super().payload(node, server_round, kind)
+    def payload(self, client: str, server_round: int, kind: str) -> RecordDict:
+        content = super().payload(client, server_round, kind)
         protos = self.prototypes()
         if kind == "train" and protos:
             content[P.PROTOTYPES] = prototype_record(protos)
         return content
 
     # ---- per-client statistics -----------------------------------------------------------------------------------
-    def _delta_stats(self, node: str, arrays: dict[str, np.ndarray]) -> tuple[dict[str, float], np.ndarray]:
+    def _delta_stats(self, client: str, arrays: dict[str, np.ndarray]) -> tuple[dict[str, float], np.ndarray]:
         """Update geometry, measured here from what the client sent: per-tower log-norms and the cosine to the
-        node's previous update (kept as float16 in the buffers by `update_state`). Returns the stats and the
+        client's previous update (kept as float16 in the buffers by `update_state`). Returns the stats and the
         flat update."""
         delta = {k: v.astype(np.float64) - self.state.arrays[k] for k, v in arrays.items()}
         out = {}
@@ -93,7 +93,7 @@ class RcsrXmr(XmrStrategy):
             parts = [d.ravel() for k, d in sorted(delta.items()) if k.startswith(f"{m}.")]
             out[f"log-norm-{m}"] = float(np.log1p(np.linalg.norm(np.concatenate(parts)))) if parts else np.nan
         flat = np.concatenate([d.ravel() for _, d in sorted(delta.items())])
-        prev = self.state.buffers.get(f"prev-delta/{node}")
+        prev = self.state.buffers.get(f"prev-delta/{client}")
         out["cos-prev"] = _cos(flat, prev.astype(np.float64)) if prev is not None and prev.shape == flat.shape \
             else np.nan
         return out, flat
@@ -106,9 +106,9 @@ class RcsrXmr(XmrStrategy):
                   for m in replies]
         for i, msg in enumerate(replies):
             mm = msg.content[P.METRICS]
-            node = str(msg.metadata.src_node_id)
+            client = self.client_of(msg)
             tables, problem = client_prototypes(msg, self.cfg.embed_dim, table_rows(self.state.buffers))
-            geometry, deltas[node] = self._delta_stats(node, from_array_record(msg.content[P.ARRAYS]))
+            geometry, deltas[client] = self._delta_stats(client, from_array_record(msg.content[P.ARRAYS]))
             peers = [losses[j] for j in range(len(replies)) if groups[j] == groups[i] and np.isfinite(losses[j])]
             row = {"consistency": float(mm.get("rcsr-consistency", np.nan)),
                    "pair-recall": float(mm.get("rcsr-pair-recall", np.nan)),
@@ -167,9 +167,9 @@ class RcsrXmr(XmrStrategy):
         clean = [i for i, p in enumerate(problems) if p is None]
         tokens = self._tokens(stats[clean], [protos[i] for i in clean])
         r = self._route(tokens, stats[clean], routed=bool(self.prototypes()))
-        nodes = [str(replies[i].metadata.src_node_id) for i in clean]
+        clients = [self.client_of(replies[i]) for i in clean]
         minimax = Minimax(self.state.meta.get("minimax-q"), eta=self.opts.minimax_eta)
-        m = minimax.update(nodes, stats[clean, STAT_KEYS.index("rel-loss")]) if clean else np.zeros(0)
+        m = minimax.update(clients, stats[clean, STAT_KEYS.index("rel-loss")]) if clean else np.zeros(0)
         n = np.array([float(replies[i].content[P.METRICS][P.NUM_EXAMPLES]) for i in clean])
         weights = np.zeros(len(replies))
         if clean:
@@ -190,12 +190,12 @@ class RcsrXmr(XmrStrategy):
         # the row counts already carry each client's size: fuse with router x minimax, not with n x r x m (n²)
         fuse_into(self.state.buffers, clean_protos, plan.router * plan.minimax, self.opts.proto_ema)
         self.state.meta["minimax-q"] = plan.minimax_q
-        self.state.buffers |= {f"prev-delta/{node}": d.astype(np.float16) for node, d in plan.deltas.items()}
+        self.state.buffers |= {f"prev-delta/{c}": d.astype(np.float16) for c, d in plan.deltas.items()}
         self.last_train["router"] = {"kind": self.opts.router, "loss": self.state.meta["router-loss"]}
         info = {}
         for i, msg in enumerate(replies):
             j = plan.clean.index(i) if i in plan.clean else None
-            info[str(msg.metadata.src_node_id)] = {
+            info[self.client_of(msg)] = {
                 "router-weight": float(plan.router[j]) if j is not None else 0.0,
                 "minimax-weight": float(plan.minimax[j]) if j is not None else 0.0,
                 **{f"stat-{k}": (None if np.isnan(v) else float(v)) for k, v in zip(STAT_KEYS, plan.stats[i])},

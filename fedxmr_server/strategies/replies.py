@@ -1,10 +1,12 @@
-"""Per-reply bookkeeping of a round: metric means, per-tower weights, sortable metric values."""
+"""Per-reply bookkeeping of a round: content checks, metric means, per-tower weights, sortable metric values."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
+from flwr.app import RecordDict
 
 from common import protocol as P
 
@@ -38,3 +40,40 @@ def mean_metrics(metrics: list[dict], weights: np.ndarray) -> dict[str, float]:
             agg[key] = float(sum(w * v for w, v in held) / total)
     agg[P.NUM_EXAMPLES] = float(sum(mm[P.NUM_EXAMPLES] for mm in metrics))
     return agg
+
+
+def content_problem(content: RecordDict, reference: dict[str, np.ndarray], max_num_examples: float,
+                    arrays_required: bool) -> str | None:
+    """What is wrong with a reply's content (None: nothing), checked against the global model `reference`
+    (empty: not known yet): metrics and `num-examples` bounds, declared modalities, keys, dtype, shape, and values
+    finite *as the global model stores them*."""
+    if P.METRICS not in content.metric_records:
+        return f"reply lacks the {P.METRICS!r} MetricRecord"
+    n = content[P.METRICS].get(P.NUM_EXAMPLES)
+    if not isinstance(n, (int, float)) or not math.isfinite(n) or not n > 0:
+        return f"metric {P.NUM_EXAMPLES!r} must be a positive finite number, got {n!r}"
+    if n > max_num_examples:
+        return f"metric {P.NUM_EXAMPLES!r} = {n:g} exceeds max-num-examples = {max_num_examples}"
+    if P.ARRAYS not in content.array_records:
+        return f"reply lacks the {P.ARRAYS!r} ArrayRecord" if arrays_required else None
+    arrays = content[P.ARRAYS]
+    if arrays_required and not len(arrays):
+        return "reply carries no arrays"
+    undeclared = [k for k in arrays.keys() if k.split(".", 1)[0] in P.HAS
+                  and not content[P.METRICS].get(P.HAS[k.split(".", 1)[0]], 1)]
+    if undeclared:
+        return f"arrays of a modality the client says it does not hold: {undeclared[:4]}"
+    if reference and not set(arrays.keys()) <= set(reference):
+        return f"arrays not in the global model: {sorted(set(arrays.keys()) - set(reference))[:4]}"
+    for key, arr in arrays.items():
+        value = arr.numpy()
+        if value.dtype.kind != "f":  # int, bool or complex would be cast silently (complex: truncated)
+            return f"array {key!r} has dtype {value.dtype}, expected floating point"
+        if reference and value.shape != reference[key].shape:
+            return f"array {key!r} has shape {value.shape}, expected {reference[key].shape}"
+        if reference:  # finite *as the global model stores it*: 1e300 in float64 is inf in float32
+            with np.errstate(over="ignore"):
+                value = value.astype(reference[key].dtype)
+        if not np.all(np.isfinite(value)):
+            return f"array {key!r} has non-finite values (as {value.dtype})"
+    return None

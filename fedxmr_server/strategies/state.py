@@ -5,11 +5,13 @@ from __future__ import annotations
 import io
 import json
 import os
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 
 @dataclass
@@ -56,3 +58,55 @@ class StrategyState:
     @classmethod
     def load(cls, path: Path) -> "StrategyState":
         return cls.from_bytes(Path(path).read_bytes())
+
+
+@dataclass
+class Checkpoint:
+    """What a run needs to continue after round `round` as if it had never stopped: the strategy's state, the
+    selection (best-dev round: `best.round`, its models, `best.meta["score"]`) and the server process's RNG
+    states (Python, NumPy's global, torch's). Written after every round, atomically."""
+
+    round: int
+    state: StrategyState
+    best: StrategyState
+    rng: dict[str, Any]
+
+    def save(self, path: Path) -> None:
+        header = json.dumps({"round": self.round, "python-rng": self.rng["python"],
+                             "numpy-rng": self.rng["numpy"][:1] + self.rng["numpy"][2:]}).encode()
+        payload = {"state": np.frombuffer(self.state.to_bytes(), np.uint8),
+                   "best": np.frombuffer(self.best.to_bytes(), np.uint8),
+                   "numpy-rng-keys": self.rng["numpy"][1], "torch-rng": self.rng["torch"],
+                   "header": np.frombuffer(header, np.uint8)}
+        buf = io.BytesIO()
+        np.savez(buf, **payload)
+        tmp = Path(f"{path}.tmp")
+        tmp.write_bytes(buf.getvalue())
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path) -> "Checkpoint":
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                header = json.loads(z["header"].tobytes().decode())
+                numpy_rng = header["numpy-rng"]
+                rng = {"python": header["python-rng"], "torch": z["torch-rng"],
+                       "numpy": [numpy_rng[0], z["numpy-rng-keys"], *numpy_rng[1:]]}
+                return cls(round=int(header["round"]), state=StrategyState.from_bytes(z["state"].tobytes()),
+                           best=StrategyState.from_bytes(z["best"].tobytes()), rng=rng)
+        except (OSError, ValueError, KeyError) as exc:
+            raise ValueError(f"checkpoint {path} is unreadable ({exc})") from exc
+
+
+def capture_rng() -> dict[str, Any]:
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": [version, list(internal), gauss], "numpy": [kind, keys, int(pos), int(has_gauss), float(cached)],
+            "torch": torch.get_rng_state().numpy().copy()}
+
+
+def restore_rng(rng: dict[str, Any]) -> None:
+    version, internal, gauss = rng["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np.random.set_state(tuple(rng["numpy"]))
+    torch.set_rng_state(torch.as_tensor(rng["torch"]))

@@ -33,5 +33,5 @@ class UniAlignXmr(XmrStrategy):
 
     def update_state(self, server_round: int, replies: list[Message], weights: np.ndarray) -> dict[str, dict]:
         _, cosines = self._agreement(replies)
-        return {str(m.metadata.src_node_id): {"agreement-cos": None if np.isnan(c) else float(c)}
+        return {self.client_of(m): {"agreement-cos": None if np.isnan(c) else float(c)}
                 for m, c in zip(replies, cosines)}

@@ -1,0 +1,68 @@
+"""How the server knows its clients: by the partition a node says it holds (`client-<id>`), not by node id.
+
+Why: node ids are assigned per SuperLink session (a resumed simulation gets new ones), partitions are not; all
+per-client server state (per-client models, previous updates, minimax weights, known modalities) is keyed so.
+A node says who it is in reply to a `query` message at the start of a run (`identify`), and again in every reply's
+metrics (`partition-id`).
+"""
+
+from __future__ import annotations
+
+import math
+from logging import INFO, WARNING
+
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+
+from common import protocol as P
+
+
+class ClientRegistry:
+    """Mixin of `XmrStrategy`: node id -> partition id, as the nodes said (this process only), and the
+    `identify` step. Expects `self.state` (StrategyState) and `self.run_key`."""
+
+    def __init__(self) -> None:
+        self._partition_of: dict[int, int] = {}
+
+    def client_key(self, node_id: int) -> str:
+        """How the server knows a node: by its partition once the node said it (stable across a resumed run)."""
+        pid = self._partition_of.get(node_id)
+        return f"client-{pid}" if pid is not None else f"node-{node_id}"
+
+    def client_of(self, msg: Message) -> str:
+        self._learn_partition(msg)
+        return self.client_key(msg.metadata.src_node_id)
+
+    def _learn_partition(self, msg: Message) -> None:
+        """Record which partition a replying node holds (first claim wins: two nodes claiming one partition is a
+        deployment error, reported, and the second keeps its node key)."""
+        metrics = msg.content.metric_records.get(P.METRICS) if not msg.has_error() else None
+        pid = metrics.get(P.PARTITION_ID) if metrics is not None else None
+        node = msg.metadata.src_node_id
+        if not isinstance(pid, (int, float)) or not math.isfinite(pid) or node in self._partition_of:
+            return
+        holder = next((n for n, p in self._partition_of.items() if p == int(pid)), None)
+        if holder is not None:
+            log(WARNING, "nodes %s and %s both say they hold partition %d; node %s is keyed by its node id",
+                holder, node, int(pid), node)
+            return
+        self._partition_of[node] = int(pid)
+
+    def identify(self, grid: Grid, timeout: float) -> None:
+        """Ask every node who it is (`query`), so that per-client state and payloads are keyed by partition from
+        the first message on; a node that cannot load its data is reported here, before round 1."""
+        nodes = list(grid.get_node_ids())
+        config = ConfigRecord({P.RUN_KEY: self.run_key})
+        replies = grid.send_and_receive([Message(RecordDict({P.CONFIG: config}), message_type=MessageType.QUERY,
+                                                 dst_node_id=n) for n in nodes], timeout=timeout)
+        known = self.state.meta.setdefault("modalities", {})
+        for msg in replies:
+            if msg.has_error():
+                log(WARNING, "node %s did not say who it is: %s", msg.metadata.src_node_id, msg.error.reason)
+                continue
+            self._learn_partition(msg)
+            metrics = msg.content[P.METRICS] if P.METRICS in msg.content.metric_records else {}
+            known[self.client_of(msg)] = [m for m in P.HAS if metrics.get(P.HAS[m], 1)]
+        log(INFO, "identify: %d of %d nodes replied: %s", len(self._partition_of), len(nodes),
+            sorted(self._partition_of.values()))
