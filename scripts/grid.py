@@ -6,13 +6,15 @@ Each cell is one `flwr run .` simulation (scripts/simulate.py). A cell already f
 and config is skipped, so an interrupted grid resumes where it stopped (a half-written cell is run again from
 scratch). Cells run `--jobs` at a time; one progress line per finished cell (done / total, elapsed, estimated
 remaining). A failed cell is reported and the grid goes on; the exit status says whether every cell finished. At the
-end, `scripts.results` writes the results file from every finished cell.
+end, `scripts.results` writes the results file from every finished cell. SIGTERM and SIGHUP stop the running cells
+and everything they started, as Ctrl-C does (exit 128 + the signal).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
@@ -98,6 +100,11 @@ def main() -> None:
     parser.add_argument("--results-only", action="store_true", help="only (re)write the results file")
     args = parser.parse_args()
     from scripts.results import write_results
+    from scripts.simulate import _children, exit_on_signals, kill_tree
+
+    # SIGTERM/SIGHUP: the cells' simulations run in worker threads, which unwinding the main thread does not reach:
+    # stop every process this grid started (each cell's `flwr run` and what it started), then exit 128 + signal.
+    exit_on_signals(lambda: kill_tree(_children().get(os.getpid(), []), grace=5.0))
 
     try:
         grid = load_grid(args.grid)

@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 PROJECT = Path(__file__).resolve().parents[1]
 
@@ -148,11 +149,15 @@ def preflight(run_config: str) -> list[str]:
         os.chdir(here)
 
 
-def exit_on_signals() -> None:
+def exit_on_signals(before_exit: Callable[[], None] | None = None) -> None:
     """SIGTERM and SIGHUP unwind like Ctrl-C (every `finally` runs: `subprocess.run` kills its child, `simulate`
-    stops the managed SuperLink) and exit with 128 + the signal number. Without this, Python dies at once."""
+    stops the managed SuperLink) and exit with 128 + the signal number. Without this, Python dies at once.
+    `before_exit`: clean-up the main thread cannot reach by unwinding (e.g. simulations run by worker threads)."""
+
     def handler(signum: int, frame: object) -> None:
         signal.signal(signum, signal.SIG_IGN)  # a second signal must not interrupt the clean-up
+        if before_exit is not None:
+            before_exit()
         raise SystemExit(128 + signum)
 
     for sig in (signal.SIGTERM, signal.SIGHUP):

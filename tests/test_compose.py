@@ -20,10 +20,17 @@ SERVICES: dict[str, dict] = COMPOSE["services"]
 NODES = sorted(name.removeprefix("supernode-") for name in SERVICES if name.startswith("supernode-"))
 
 
+def _image(service: dict) -> str:
+    """The default image (`${VAR:-default}` resolved to its default)."""
+    found = re.fullmatch(r"\$\{[A-Z_]+:-([^}]+)\}", service["image"])
+    return found.group(1) if found else service["image"]
+
+
 def _binary(service: dict) -> str:
-    image = service["image"]
-    if image.startswith("flwr/"):  # flwr/superlink -> flower-superlink, flwr/supernode -> flower-supernode
-        return "flower-" + image.split("/", 1)[1].split(":")[0]
+    """What the container runs: the service's entrypoint, else its image's (the project's: from the Dockerfile)."""
+    if "entrypoint" in service:
+        (binary,) = service["entrypoint"]
+        return binary
     return (DEPLOY / "Dockerfile").read_text().split('ENTRYPOINT ["', 1)[1].split('"', 1)[0]
 
 
@@ -57,8 +64,10 @@ def test_every_command_flag_exists_in_the_pinned_flower(name: str) -> None:
     assert used, name
     unknown = used - _flags(binary)
     assert not unknown, f"{name}: {binary} {flwr.__version__} has no {sorted(unknown)}"
-    if service["image"].startswith("flwr/"):
-        assert service["image"].endswith(f":{flwr.__version__}"), service["image"]
+    image = _image(service)
+    if image.startswith("flwr/"):  # the official image's own entrypoint is the binary the service names
+        assert image.endswith(f":{flwr.__version__}"), image
+        assert binary == "flower-" + image.split("/", 1)[1].split(":")[0], (name, binary, image)
 
 
 def test_tls_auth_and_process_isolation() -> None:
@@ -111,4 +120,5 @@ def test_the_build_context_holds_no_data_keys_or_venv() -> None:
     rules = [ln for ln in lines if ln and not ln.startswith("#")]
     assert rules[0] == "*", "the context must start from nothing and allow-list what the image needs"
     allowed = {rule[1:] for rule in rules if rule.startswith("!")}
-    assert allowed == {"requirements.lock", "pyproject.toml", "common", "fedxmr_client", "fedxmr_server"}
+    assert allowed == {"requirements.lock", "pyproject.toml", "common", "fedxmr_client", "fedxmr_server",
+                       "deploy/wheels"}

@@ -42,6 +42,26 @@ def _script(env: dict[str, str], name: str, *args: str, timeout: float = 180) ->
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, "")
 
 
+def _signalled_run(env: dict[str, str], run_config: str, log: Path) -> dict:
+    """deploy/run.sh sent SIGTERM once its run started: its exit code and output."""
+    import time
+
+    with open(log, "w") as out:
+        proc = subprocess.Popen([str(PROJECT / "deploy" / "run.sh"), "--run-config", run_config], env=env, cwd=PROJECT,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + 300
+        while time.time() < deadline and "Successfully started run" not in log.read_text():
+            time.sleep(0.5)
+        time.sleep(2)
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            code = None
+    return {"code": code, "output": log.read_text()}
+
+
 def _checked(result: subprocess.CompletedProcess) -> str:
     assert result.returncode == 0, f"{' '.join(result.args)} failed ({result.returncode}):\n{result.stdout[-3000:]}"
     return result.stdout
@@ -86,6 +106,11 @@ def deployment(flickr8k_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         listing = _checked(_script(env, "status"))
         result["status"] = json.JSONDecoder().raw_decode(listing[listing.index("{"):])[0]
         result["tls"] = _tls_probe(int(env["SUPERLINK_PORT"]), deploy_dir / "certs" / "ca.crt")
+        long = run_config.replace(f"num-server-rounds={ROUNDS}", "num-server-rounds=200").replace("'deploy'",
+                                                                                                "'signalled'")
+        result["signalled"] = _signalled_run(env, long, base / "signalled.log")
+        listing = _script(env, "status").stdout
+        result["status-after-signal"] = json.JSONDecoder().raw_decode(listing[listing.index("{"):])[0]
         result["logs"] = {p.stem: p.read_text() for p in (deploy_dir / "logs").glob("*.log")}
     finally:
         result["stop"] = _script(env, "stop", timeout=120)
@@ -116,6 +141,15 @@ def test_metrics_were_written_from_both_private_shards(deployment: dict) -> None
     assert max(r["dev"]["rsum"] for r in rounds[1:]) > rounds[0]["dev"]["rsum"] + 60
     final = json.loads((run_dir / "final.json").read_text())
     assert final["test"]["rsum"] > 0
+
+
+def test_sigterm_to_run_sh_stops_its_run(deployment: dict) -> None:
+    """What `timeout`, a CI cancel or a closed terminal sends: the run must not go on unattended."""
+    signalled = deployment["signalled"]
+    assert signalled["code"] == 128 + signal.SIGTERM, signalled["output"][-3000:]
+    assert "stopping run" in signalled["output"]
+    latest = deployment["status-after-signal"]["runs"][-1]
+    assert latest["status"] == "finished:stopped", latest
 
 
 def test_an_unregistered_supernode_is_refused(deployment: dict) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from scripts.simulate import processes_matching, simulate
@@ -187,3 +188,110 @@ def test_sigterm_stops_the_wrapper_and_everything_it_started(flickr8k_dir: Path,
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 128 + signal.SIGTERM
     assert processes_matching(str(home)) == []
+
+
+def _descendants(root: int) -> list[int]:
+    from scripts.simulate import _children
+
+    tree, out, stack = _children(), [], [root]
+    while stack:
+        out.append(pid := stack.pop())
+        stack.extend(tree.get(pid, []))
+    return out
+
+
+def test_a_serverapp_killed_mid_run_resumes_to_the_uninterrupted_result(finished_run: tuple[dict, Path, Path],
+                                                                        flickr8k_dir: Path, tmp_path: Path) -> None:
+    """`kill -9` of the ServerApp process (`flwr-simulation`) once round 1 is logged, then `resume`: the run ends
+    with the same final metrics and weights as the uninterrupted run of the same config (`finished_run`)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.numpy import load_file
+
+    _, reference, _ = finished_run
+    base = tmp_path / "base"
+    base.mkdir()
+    config = (f"num-server-rounds={ROUNDS} max-train-images=240 max-eval-images=100 batch-size=32 "
+              f"data-dir='{flickr8k_dir}' cache-dir='{tmp_path.parent / 'e2e-cache'}' out-dir='{base / 'runs'}' "
+              f"run-name='cut'")
+    run_dir = base / "runs" / "cut"
+    proc = subprocess.Popen([sys.executable, "-m", "scripts.simulate", "--clients", "2", "--flwr-home",
+                             str(base / "home-1"), "--run-config", config], cwd=Path(__file__).resolve().parents[1],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None and not (
+            (run_dir / "metrics.jsonl").exists() and '"round": 1,' in (run_dir / "metrics.jsonl").read_text()):
+        time.sleep(0.05)
+    server = [p for p in _descendants(proc.pid) if p in processes_matching("flwr-simulation")]
+    assert len(server) == 1, "the ServerApp process was not found"
+    os.kill(server[0], signal.SIGKILL)
+    proc.send_signal(signal.SIGTERM)  # the wrapper stops what is left (else Flower waits ~60 s for a heartbeat)
+    proc.wait(timeout=120)
+    assert not (run_dir / "final.json").exists() and (run_dir / "checkpoint.npz").exists()
+
+    status = simulate(clients=2, run_config=config + f" resume='{run_dir}'", timeout=900,
+                      flwr_home=base / "home-2", cpus_per_client=1)
+    assert status["status"] == "finished:completed", status.get("status-details")
+    assert [r["round"] for r in _rounds(run_dir)] == [r["round"] for r in _rounds(reference)]
+    strip = lambda final: {k: v for k, v in final.items() if k != "per-client"}  # noqa: E731 (node ids differ)
+    final, final_ref = (json.loads((d / "final.json").read_text()) for d in (run_dir, reference))
+    assert strip(final) == strip(final_ref)
+    assert final["per-client"]["summary"] == final_ref["per-client"]["summary"]
+    weights, weights_ref = (load_file(str(d / "weights.safetensors")) for d in (run_dir, reference))
+    assert all(np.array_equal(weights[k], weights_ref[k]) for k in weights_ref)
+    assert processes_matching(str(base)) == []
+
+
+def test_sigterm_stops_a_results_grid_and_the_simulation_it_runs(flickr8k_dir: Path, tmp_path: Path) -> None:
+    """The grid runs its cells' simulations in worker threads: SIGTERM must still stop them all."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    grid = tmp_path / "grid.toml"
+    grid.write_text(f"""title = "sigterm"
+clients = 2
+seeds = [0]
+out-dir = "{tmp_path / 'runs'}"
+results = "{tmp_path / 'RESULTS.md'}"
+
+[run-config]
+data-dir = "{flickr8k_dir}"
+cache-dir = "{tmp_path.parent / 'e2e-cache'}"
+num-server-rounds = 50
+max-train-images = 240
+max-eval-images = 100
+
+[settings.iid]
+title = "iid"
+run-config = {{ partitioner = "iid" }}
+
+[[methods]]
+name = "fedavg"
+settings = ["iid"]
+""")
+    proc = subprocess.Popen([sys.executable, "-m", "scripts.grid", str(grid)], cwd=Path(__file__).resolve().parents[1],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline, started = time.time() + 300, []
+    while time.time() < deadline and not started:
+        started = [p for p in _descendants(proc.pid) if p in processes_matching("local-superlink")]
+        time.sleep(1)
+    assert started, "the grid's simulation never started"
+    time.sleep(5)
+    tree = _descendants(proc.pid)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+    time.sleep(1)
+    assert [p for p in tree if Path(f"/proc/{p}").exists() and "zombie" not in _state(p)] == []
+
+
+def _state(pid: int) -> str:
+    try:
+        return "zombie" if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z" else "alive"
+    except OSError:
+        return "gone"
