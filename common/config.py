@@ -66,6 +66,9 @@ class RunConfig(BaseModel):
     hash_weight: float = Field(0.5, ge=0.0)
     quant_weight: float = Field(0.1, ge=0.0)
     hash_temperature: float = Field(0.1, gt=0.0, le=1.0)
+    hash_distill_weight: float = Field(0.0, ge=0.0)  # common/losses.py: code_distill
+    hash_balance_weight: float = Field(0.0, ge=0.0)  # common/losses.py: bit_balance
+    hash_straight_through: bool = False
     # data, backbone, outputs
     backbone: str = Field("effnet-lite0+minilm", min_length=1)
     device: str = "auto"
@@ -111,7 +114,9 @@ class RunConfig(BaseModel):
     def train_cfg(self) -> TrainConfig:
         return TrainConfig(epochs=self.local_epochs, batch_size=self.batch_size, lr=self.lr,
                            weight_decay=self.weight_decay,
-                           weights=LossWeights(self.hash_weight, self.quant_weight, self.hash_temperature))
+                           weights=LossWeights(self.hash_weight, self.quant_weight, self.hash_temperature,
+                                               self.hash_distill_weight, self.hash_balance_weight,
+                                               self.hash_straight_through))
 
     def as_flat_dict(self) -> dict[str, Any]:
         """The flat run config: the common keys and the selected method's section (`<method>-<key>`)."""

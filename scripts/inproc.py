@@ -118,10 +118,12 @@ def _untrained(fed: Federation, k: int, g: Arrays) -> Update:
                   float(len(shard.data.images)))
 
 
-def screen(run_config: dict, rounds: int, frozen_unimodal: bool = False) -> list[float]:
+def screen(run_config: dict, rounds: int, frozen_unimodal: bool = False,
+           hash_curve: list[float] | None = None) -> list[float]:
     """Dev rsum of the global model after each of `rounds` rounds of the run config's method (FedAvg aggregation,
-    or `unialign`'s agreement weighting). `frozen_unimodal`: a control, unimodal clients send the global arrays of
-    their tower back untrained (they weigh in the mean but move nothing: a smaller server step on each tower)."""
+    or `unialign`'s agreement weighting); `hash_curve`, if given, gets the dev Hamming rsum of each round.
+    `frozen_unimodal`: a control, unimodal clients send the global arrays of their tower back untrained (they weigh
+    in the mean but move nothing: a smaller server step on each tower)."""
     fed = Federation(run_config)
     agreement = fed.cfg.method == "unialign" and fed.cfg.options.weighting == "agreement"
     g, curve = fed.initial, []
@@ -129,8 +131,19 @@ def screen(run_config: dict, rounds: int, frozen_unimodal: bool = False) -> list
         updates = [_untrained(fed, k, g) if frozen_unimodal and fed.shards[k].client_type != "paired"
                    else fed.local_update(k, g, r) for k in range(len(fed.shards))]
         g = agreement_weighted(g, updates) if agreement else weighted_mean(g, updates)
-        curve.append(fed.dev_scores(g)["rsum"])
+        scores = fed.dev_scores(g, hashing=hash_curve is not None)
+        curve.append(scores["rsum"])
+        if hash_curve is not None:
+            hash_curve.append(scores["hash_rsum"])
     return curve
+
+
+def _value(text: str) -> object:
+    """A command-line value: a JSON number or boolean, else the text itself (e.g. "1,0,0")."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
 
 
 def main() -> None:
@@ -139,13 +152,14 @@ def main() -> None:
     rounds, out, *pairs = sys.argv[1:]
     frozen = "--frozen-unimodal" in pairs
     pairs = [p for p in pairs if p != "--frozen-unimodal"]
-    overrides = {k: json.loads(v) if v[:1].isdigit() or v in ("true", "false") else v
-                 for k, v in (p.split("=", 1) for p in pairs)}
+    overrides = {k: _value(v) for k, v in (p.split("=", 1) for p in pairs)}
     run_config = {"partitioner": "dirichlet", "partition-beta": 0.1, "modality-mix": "0.5,0.25,0.25",
                   "data-dir": "../shared/data/flickr8k", "cache-dir": ".cache/features"} | overrides
-    start = time.perf_counter()
-    curve = screen(run_config, int(rounds), frozen)
-    result = {"run-config": run_config, "frozen-unimodal": frozen, "dev-rsum": curve, "best": max(curve), "best-round": int(np.argmax(curve)) + 1,
+    start, hashed = time.perf_counter(), []
+    curve = screen(run_config, int(rounds), frozen, hashed)
+    best = int(np.argmax(curve))
+    result = {"run-config": run_config, "frozen-unimodal": frozen, "dev-rsum": curve, "dev-hash-rsum": hashed,
+              "best": max(curve), "best-round": best + 1, "hash-at-best": hashed[best],
               "seconds": time.perf_counter() - start}
     Path(out).write_text(json.dumps(result))
     print(json.dumps(result))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -147,9 +148,10 @@ def test_sigterm_to_run_sh_stops_its_run(deployment: dict) -> None:
     """What `timeout`, a CI cancel or a closed terminal sends: the run must not go on unattended."""
     signalled = deployment["signalled"]
     assert signalled["code"] == 128 + signal.SIGTERM, signalled["output"][-3000:]
-    assert "stopping run" in signalled["output"]
-    latest = deployment["status-after-signal"]["runs"][-1]
-    assert latest["status"] == "finished:stopped", latest
+    stopped = re.search(r"stopping run (\d+)", signalled["output"])
+    assert stopped, signalled["output"][-3000:]
+    (run,) = [r for r in deployment["status-after-signal"]["runs"] if str(r["run-id"]) == stopped.group(1)]
+    assert run["status"] == "finished:stopped", run
 
 
 def test_an_unregistered_supernode_is_refused(deployment: dict) -> None:

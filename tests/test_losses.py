@@ -1,0 +1,59 @@
+"""The hash-code loss terms on constructed tensors (common/losses.py)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from common.losses import LossWeights, bit_balance, code_distill, info_nce, retrieval_loss, signed
+
+
+def _unit(n: int, d: int, seed: int) -> torch.Tensor:
+    return F.normalize(torch.randn(n, d, generator=torch.Generator().manual_seed(seed)), dim=-1)
+
+
+def test_distillation_is_zero_when_the_codes_rank_as_the_embeddings_and_positive_otherwise() -> None:
+    img, txt = _unit(8, 16, 0), _unit(8, 16, 1)
+    scale = torch.tensor(10.0)
+    assert code_distill(img, txt, img, txt, scale, code_temperature=0.1).item() < 1e-6  # same similarities
+    assert code_distill(img, txt, img, txt[torch.randperm(8, generator=torch.Generator().manual_seed(2))], scale,
+                        code_temperature=0.1).item() > 0.1
+
+
+def test_distillation_moves_only_the_codes() -> None:
+    img, txt = _unit(8, 16, 0).requires_grad_(), _unit(8, 16, 1).requires_grad_()
+    codes = _unit(8, 32, 3).requires_grad_()
+    code_distill(img, txt, codes, _unit(8, 32, 4), torch.tensor(10.0), 0.1).backward()
+    assert img.grad is None and txt.grad is None and codes.grad.abs().sum() > 0
+
+
+def test_bit_balance_is_zero_for_balanced_uncorrelated_bits_and_high_for_constant_ones() -> None:
+    hadamard = torch.tensor([[1.0]])
+    for _ in range(3):  # 8 x 8 Sylvester Hadamard: columns 1..7 balanced and mutually orthogonal
+        hadamard = torch.cat([torch.cat([hadamard, hadamard], 1), torch.cat([hadamard, -hadamard], 1)], 0)
+    assert bit_balance(hadamard[:, 1:]).item() < 1e-12
+    assert bit_balance(torch.ones(8, 7)).item() > 0.9
+
+
+def test_straight_through_sign_is_the_sign_forward_and_the_identity_backward() -> None:
+    code = torch.tensor([[-0.3, 0.0, 0.7]], requires_grad=True)
+    out = signed(code)
+    assert out.tolist() == [[-1.0, 1.0, 1.0]]
+    out.sum().backward()
+    assert code.grad.tolist() == [[1.0, 1.0, 1.0]]
+
+
+def test_identical_inputs_give_identical_codes_and_the_default_loss_is_unchanged() -> None:
+    img, txt = _unit(6, 16, 5), _unit(6, 16, 6)
+    ic, tc = torch.tanh(3 * _unit(6, 32, 7)), torch.tanh(3 * _unit(6, 32, 8))
+    w = LossWeights()
+    total, parts = retrieval_loss(img, txt, ic, tc, torch.tensor(14.0), w)
+    expected = (info_nce(img, txt, 14.0) + 0.5 * info_nce(F.normalize(ic, dim=-1), F.normalize(tc, dim=-1), 10.0)
+                + 0.1 * (((ic.abs() - 1) ** 2).mean() + ((tc.abs() - 1) ** 2).mean()))
+    assert torch.allclose(total, expected) and set(parts) == {"loss_emb", "loss_hash", "loss_quant"}
+    full = LossWeights(distill_weight=1.0, balance_weight=1.0, straight_through=True)
+    _, parts = retrieval_loss(img, txt, ic, tc, torch.tensor(14.0), full)
+    assert {"loss_distill", "loss_balance"} <= set(parts)
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 32)
+    assert torch.equal(torch.sign(head(img[:1])), torch.sign(head(img[:1].clone())))
