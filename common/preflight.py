@@ -40,7 +40,7 @@ def path_problems(cfg: RunConfig) -> list[str]:
     problems += filter(None, [_writable_dir("cache-dir", resolve_cache_dir(cfg.cache_dir)),
                               _writable_dir("out-dir", out_dir)])
     if cfg.resume:
-        return problems + resume_problems(Path(cfg.resume).expanduser().resolve())
+        return problems + resume_problems(Path(cfg.resume).expanduser().resolve(), cfg)
     run_dir = out_dir / cfg.run_name if cfg.run_name else None
     if run_dir is not None and any((run_dir / name).exists() for name in ("metrics.jsonl", "final.json")):
         problems.append(f"run config key 'run-name': {run_dir} already holds a run; pick another name, or continue "
@@ -48,14 +48,20 @@ def path_problems(cfg: RunConfig) -> list[str]:
     return problems
 
 
-def resume_problems(run_dir: Path) -> list[str]:
-    """Why `run_dir` cannot be resumed (empty: it can): it must hold a run's config and a checkpoint, and must not
-    have completed."""
+def resume_problems(run_dir: Path, cfg: RunConfig) -> list[str]:
+    """Why `run_dir` cannot be resumed with `cfg` (empty: it can): it must hold a run's config (the same as `cfg`,
+    but for `resume`) and a checkpoint, and must not have completed."""
     if not (run_dir / "config.json").is_file():
         return [f"run config key 'resume': {run_dir} holds no run (no config.json)"]
     if not (run_dir / CHECKPOINT).is_file():
         return [f"run config key 'resume': {run_dir} has no {CHECKPOINT} (it stopped before its first round "
                 f"completed, or predates checkpoints); start it afresh under a new run-name"]
+    saved = json.loads((run_dir / "config.json").read_text()).get("run", {})
+    now = cfg.as_flat_dict()
+    changed = sorted(k for k, v in now.items() if k != "resume" and saved.get(k) != v)
+    if changed:
+        return [f"run config key 'resume': {run_dir} was run with another config; keys that differ: "
+                + ", ".join(f"{k} (was {saved.get(k)!r}, now {now[k]!r})" for k in changed[:6])]
     final = run_dir / "final.json"
     status = _status(final) if final.is_file() else "running"
     if status not in ("running", "failed"):

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from common.config import ConfigError, RunConfig
+from common.config import RunConfig
 from common.data.federation import CLIENT_TYPES
 
 _TABLE_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
@@ -40,15 +40,9 @@ class RunRecorder:
         self.cfg = cfg
         self.start = time.time()
         self.rounds: list[dict[str, Any]] = []
-        if cfg.resume:
+        if cfg.resume:  # common.preflight checked that it holds this config's run, with a checkpoint
             self.dir = Path(cfg.resume).expanduser().resolve()
-            saved = json.loads((self.dir / "config.json").read_text())
-            changed = sorted(k for k, v in cfg.as_flat_dict().items() if k != "resume" and saved["run"].get(k) != v)
-            if changed:
-                raise ConfigError(f"run config key 'resume': {self.dir} was run with another config; keys that "
-                                  f"differ: " + ", ".join(f"{k} (was {saved['run'].get(k)!r}, now "
-                                                          f"{cfg.as_flat_dict()[k]!r})" for k in changed[:6]))
-            self.run_key = str(saved["run-key"])
+            self.run_key = str(json.loads((self.dir / "config.json").read_text())["run-key"])
             return
         run_id = cfg.run_name or time.strftime("%Y%m%d-%H%M%S") + f"-{cfg.method}"
         self.dir = Path(cfg.out_dir).expanduser().resolve() / run_id

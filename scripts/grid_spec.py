@@ -11,6 +11,7 @@ A grid file (`grids/*.toml`):
     baseline = "fedavg"                  # optional: the method the ▲/▼ marks compare with (default fedavg)
     gap = ["paired-only", "all-paired/fedavg"]  # optional: report how much of the gap from a method to a
                                          # reference (setting/method) each method recovers, per setting
+    columns = ["test rsum", ...]         # optional: the metric columns of the tables (default: all)
     [run-config]                         # keys every cell shares (relative data-dir / cache-dir: to the project)
     [settings.<name>]                    # title and run-config of one setting (partition x modality mix x ...)
     [[methods]]                          # name; optional: sweep = {key = [values]} (chosen on dev),
@@ -75,6 +76,7 @@ class Grid:
     run_config: dict[str, Any] = field(default_factory=dict)
     baseline: str = "fedavg"
     gap: tuple[str, str, str] | None = None  # (from method, reference setting, reference method)
+    columns: tuple[str, ...] | None = None  # the results table's metric columns (scripts/results.py); None: all
 
     def cells(self) -> list[Cell]:
         out = []
@@ -148,7 +150,8 @@ def load_grid(path: str | Path) -> Grid:
                 out_dir=Path(_resolve(raw.get("out-dir", f"runs/grid-{path.stem}"))),
                 results=Path(_resolve(raw.get("results", f"docs/RESULTS-{path.stem}.md"))),
                 settings=settings, methods=raw["methods"], run_config=run_config,
-                baseline=str(raw.get("baseline", "fedavg")), gap=gap)
+                baseline=str(raw.get("baseline", "fedavg")), gap=gap,
+                columns=tuple(raw["columns"]) if "columns" in raw else None)
 
 
 def code_version(root: Path = PROJECT) -> str:

@@ -25,9 +25,12 @@ from scripts.grid_spec import PROJECT, Cell, Grid, load_grid, read_record, run_c
 # (column, how to get it from a cell's outputs); test numbers are at the run's selected round
 COLUMNS = {
     "test rsum": lambda f: f["test"].get("rsum"),
-    "64-bit rsum": lambda f: f["test"].get("hash_rsum"),
+    "Hamming rsum": lambda f: f["test"].get("hash_rsum"),
+    "Hamming / continuous %": lambda f: _ratio(f["test"].get("hash_rsum"), f["test"].get("rsum")),
     "MAP@all i2t": lambda f: f["test"].get("hash_map_i2t"),
     "MAP@all t2i": lambda f: f["test"].get("hash_map_t2i"),
+    "std MAP i2t": lambda f: f["test"].get("hash_smap_i2t"),
+    "std MAP t2i": lambda f: f["test"].get("hash_smap_t2i"),
     "client mean": lambda f: _summary(f, "all-global-mean"),
     "client worst": lambda f: _summary(f, "all-global-worst"),
     "paired": lambda f: _summary(f, "paired-global-mean"),
@@ -38,8 +41,13 @@ COLUMNS = {
     "text-only worst": lambda f: _summary(f, "text-only-global-worst"),
     "+personal mean": lambda f: _summary(f, "all-personal-mean"),
 }
-DIGITS = {"MAP@all i2t": 3, "MAP@all t2i": 3}
-SIGNIFICANCE = ("test rsum", "client mean", "image-only", "text-only")  # marked against the grid's baseline
+DIGITS = {"MAP@all i2t": 3, "MAP@all t2i": 3, "std MAP i2t": 3, "std MAP t2i": 3}
+# marked against the grid's baseline
+SIGNIFICANCE = ("test rsum", "Hamming rsum", "client mean", "image-only", "text-only")
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return 100.0 * a / b if a is not None and b else None
 
 
 def _summary(final: dict, key: str) -> float | None:
@@ -117,17 +125,19 @@ def _chosen(rows: dict[tuple[str, str], list]) -> dict[tuple[str, str], list]:
     return {key: rows[key] for key in best.values()}
 
 
-def setting_table(rows: dict[tuple[str, str], list], baseline: str) -> list[str]:
+def setting_table(rows: dict[tuple[str, str], list], baseline: str,
+                  columns: tuple[str, ...] | None = None) -> list[str]:
     chosen = _chosen(rows)
     base = next((cells for (method, _), cells in chosen.items() if method == baseline), [])
     base_by = {name: {c.seed: n[name] for c, _, n in base if n} for name in SIGNIFICANCE}
-    head = ["method", "seeds", *COLUMNS, "MB/round", "wall s", "best round"]
+    columns = columns or tuple(COLUMNS)
+    head = ["method", "seeds", *columns, "MB/round", "wall s", "best round"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for (method, variant), cells in chosen.items():
         done = [(c, r, n) for c, r, n in cells if n]
         label = method + (f" ({variant}, chosen on dev)" if variant else "")
         row = [label, f"{len(done)}/{len(cells)}"]
-        for name in COLUMNS:
+        for name in columns:
             mark = (paired_mark({c.seed: n[name] for c, _, n in done}, base_by[name])
                     if name in SIGNIFICANCE and method != baseline and base else "")
             row.append(_fmt(name, [n[name] for _, _, n in done], mark))
@@ -234,7 +244,7 @@ def write_results(grid: Grid) -> Path:
              f"{grid.baseline} over the same seeds is significant (two-sided paired t-test, p < 0.05); no mark: "
              "within the seed noise; ?: fewer than 2 common seeds. Per-client columns: mean R@1/5/10 of each client's own test queries "
              "(global model; `local`/`fedproto`: the client's own model), mean over clients and by client type; "
-             "`+personal mean` with the client's personal adapters. MAP@all: 64-bit Hamming ranking over DERIVED "
+             "`+personal mean` with the client's personal adapters. Hamming columns: the codes of the cell's `hash-bits` (64 unless the setting says otherwise); MAP@all (tie-aware) and std MAP (the hashing papers' convention), Hamming ranking over DERIVED "
              "concept labels. MB/round: arrays of the train messages, down + up, all clients (evaluation galleries "
              "not counted). Wall: the whole simulation on 2 cores, one cell at a time.", ""]
     all_cells = []
@@ -242,7 +252,7 @@ def write_results(grid: Grid) -> Path:
         spec = grid.settings[setting]
         lines += [f"## {spec.get('title', setting)}", "",
                   f"Run config of the setting: `{run_config_text(spec.get('run-config', {}))}`", ""]
-        lines += setting_table(rows, grid.baseline) + [""] + sweep_table(rows)
+        lines += setting_table(rows, grid.baseline, grid.columns) + [""] + sweep_table(rows)
         if grid.gap and setting != grid.gap[1]:
             reference = groups.get(grid.gap[1], {}).get((grid.gap[2], ""), [])
             lines += gap_table(rows, reference, grid.gap[0], f"{grid.gap[1]}/{grid.gap[2]}")

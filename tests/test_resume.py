@@ -95,6 +95,7 @@ def test_resume_refuses_a_completed_run_a_changed_config_and_a_dir_without_check
     again = path_problems(parse_run_config(cfg))
     assert len(again) == 1 and "already holds a run" in again[0] and "resume=" in again[0]
     (out / "done" / "final.json").write_text(json.dumps({"status": "failed", "reason": "test"}))
+    assert path_problems(parse_run_config({**cfg, "resume": str(out / "done")})) == []  # a failed run resumes
     changed = {**cfg, "resume": str(out / "done"), "lr": 0.5}
     with pytest.raises(ConfigError, match=r"keys that differ: lr \(was 0.001, now 0.5\)"):
         _run(InProcessGrid(changed, _nodes("fedavg", 1)), server_context(changed))
