@@ -69,6 +69,7 @@ class RunConfig(BaseModel):
     hash_distill_weight: float = Field(0.0, ge=0.0)  # common/losses.py: code_distill
     hash_balance_weight: float = Field(0.0, ge=0.0)  # common/losses.py: bit_balance
     hash_straight_through: bool = False
+    hash_detach: bool = False  # common/model.py: Tower.forward
     # data, backbone, outputs
     backbone: str = Field("effnet-lite0+minilm", min_length=1)
     device: str = "auto"
@@ -109,7 +110,8 @@ class RunConfig(BaseModel):
     def model_cfg(self, img_dim: int, txt_dim: int, personal: bool = False) -> ModelConfig:
         return ModelConfig(img_dim=img_dim, txt_dim=txt_dim, embed_dim=self.embed_dim, adapter_dim=self.adapter_dim,
                            hash_bits=self.hash_bits, temperature=self.temperature,
-                           learn_temperature=self.learn_temperature, dropout=self.dropout, personal=personal)
+                           learn_temperature=self.learn_temperature, dropout=self.dropout, personal=personal,
+                           hash_detach=self.hash_detach)
 
     def train_cfg(self) -> TrainConfig:
         return TrainConfig(epochs=self.local_epochs, batch_size=self.batch_size, lr=self.lr,

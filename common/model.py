@@ -34,6 +34,7 @@ class ModelConfig:
     learn_temperature: bool = True
     dropout: float = 0.3
     personal: bool = False
+    hash_detach: bool = False  # the hash head learns on the embedding without moving it (hash terms: head only)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -64,6 +65,7 @@ class Tower(nn.Module):
         self.adapter = Adapter(cfg.embed_dim, cfg.adapter_dim, cfg.dropout)
         self.personal = Adapter(cfg.embed_dim, cfg.adapter_dim, cfg.dropout) if cfg.personal else None
         self.hash = nn.Linear(cfg.embed_dim, cfg.hash_bits)
+        self.hash_detach = cfg.hash_detach
 
     def embed(self, x: torch.Tensor, personal: bool = False) -> torch.Tensor:
         h = self.adapter(self.proj(self.norm(x)))
@@ -74,9 +76,10 @@ class Tower(nn.Module):
         return F.normalize(h, dim=-1)
 
     def forward(self, x: torch.Tensor, personal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """(embedding, relaxed code in (-1, 1))."""
+        """(embedding, relaxed code in (-1, 1)). With `hash_detach` the code is a learned quantiser of the
+        embedding: the hash terms train the head only, and the embedding is shaped by its own loss alone."""
         emb = self.embed(x, personal)
-        return emb, torch.tanh(self.hash(emb))
+        return emb, torch.tanh(self.hash(emb.detach() if self.hash_detach else emb))
 
 
 class XmrModel(nn.Module):

@@ -57,3 +57,13 @@ def test_identical_inputs_give_identical_codes_and_the_default_loss_is_unchanged
     torch.manual_seed(0)
     head = torch.nn.Linear(16, 32)
     assert torch.equal(torch.sign(head(img[:1])), torch.sign(head(img[:1].clone())))
+
+
+def test_with_hash_detach_the_hash_terms_move_the_head_but_not_the_towers() -> None:
+    from common.model import ModelConfig, XmrModel
+
+    torch.manual_seed(0)
+    model = XmrModel(ModelConfig(img_dim=12, txt_dim=10, embed_dim=16, adapter_dim=4, hash_bits=16, hash_detach=True))
+    (_, ic), (_, tc) = model.img(torch.randn(6, 12)), model.txt(torch.randn(6, 10))
+    info_nce(F.normalize(ic, dim=-1), F.normalize(tc, dim=-1), 10.0).backward()
+    assert model.img.hash.weight.grad.abs().sum() > 0 and model.img.proj.weight.grad is None
