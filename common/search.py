@@ -92,14 +92,16 @@ def numpy_hamming_topk(packed_queries: np.ndarray, packed_gallery: np.ndarray, k
 
 
 def recall_of(hits: Hits, relevant: list[set[int]], ks: tuple[int, ...] = (1, 5, 10)) -> dict[int, float]:
-    """R@K (%) of a search with the evaluation's tie rule (`common.metrics`: ties count against the query): a query
-    is found at K if some relevant gallery id r is among its hits and at most K hits score >= r's score. `hits` must
-    hold more than max(ks) columns (or the whole gallery) so that a tie at rank K is seen."""
+    """R@K (%) of a search with the evaluation's tie rule (`common.metrics`): the rank of a query's best relevant
+    item is 1 + the number of non-relevant items scoring at least as high. `hits` must hold at least max(ks) +
+    (relevant items per query) + 1 columns (or the whole gallery), so that every tie that matters is seen."""
     out = {}
     for k in ks:
         found = 0
         for rel, ids, scores in zip(relevant, hits.ids, hits.scores):
-            head = scores[:k + 1]
-            found += any(r in rel and int((head >= s).sum()) <= k for r, s in zip(ids[:k], scores[:k]))
+            first = next((j for j, i in enumerate(ids) if int(i) in rel), None)
+            if first is not None and first < k:
+                ahead = sum(1 for i, sc in zip(ids, scores) if int(i) not in rel and sc >= scores[first])
+                found += ahead + 1 <= k
         out[k] = 100.0 * found / len(relevant)
     return out

@@ -58,9 +58,10 @@ def test_the_search_path_gives_the_evaluations_hamming_recalls() -> None:
     `common.metrics.hamming_recalls` on the same codes."""
     img, txt = _codes(40, 16, 4), _codes(200, 16, 5)
     txt[::5] = img  # caption 5i is a copy of image i: some exact matches, plus many ties elsewhere
+    txt[1::5] = img  # and so is caption 5i + 1: relevant items tied with each other
     caption_image = np.repeat(np.arange(40), 5)
     ref = hamming_recalls(img, txt, caption_image)
-    i2t = recall_of(HammingIndex(txt).search(img, k=11), [set(np.flatnonzero(caption_image == i)) for i in range(40)])
-    t2i = recall_of(HammingIndex(img).search(txt, k=11), [{int(i)} for i in caption_image])
+    i2t = recall_of(HammingIndex(txt).search(img, k=16), [set(np.flatnonzero(caption_image == i)) for i in range(40)])
+    t2i = recall_of(HammingIndex(img).search(txt, k=12), [{int(i)} for i in caption_image])
     for k in (1, 5, 10):
         assert i2t[k] == pytest.approx(ref[f"i2t_r{k}"]) and t2i[k] == pytest.approx(ref[f"t2i_r{k}"])
