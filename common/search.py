@@ -71,8 +71,12 @@ class TwoStageIndex:
         self.embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
 
     def search(self, query_codes: np.ndarray, query_emb: np.ndarray, k: int, candidates: int) -> Hits:
-        cand = self.hamming.search(query_codes, max(candidates, k)).ids  # (n, C)
-        scores = np.einsum("qd,qcd->qc", np.asarray(query_emb, dtype=np.float32), self.embeddings[cand])
+        cand = np.ascontiguousarray(self.hamming.search(query_codes, max(candidates, k)).ids)  # (n, C)
+        queries = np.ascontiguousarray(query_emb, dtype=np.float32)
+        scores = np.empty(cand.shape, dtype=np.float32)  # the candidates' inner products, without a gathered copy
+        faiss.fvec_inner_products_by_idx(faiss.swig_ptr(scores), faiss.swig_ptr(queries),
+                                         faiss.swig_ptr(self.embeddings), faiss.swig_ptr(cand),
+                                         self.embeddings.shape[1], cand.shape[0], cand.shape[1])
         order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
         return Hits(np.take_along_axis(cand, order, axis=1), np.take_along_axis(scores, order, axis=1))
 
