@@ -323,3 +323,13 @@ def test_the_superlinks_error_for_an_unavailable_node_is_counted_once_for_that_n
     unavailable.metadata.reply_to_message_id = lost.metadata.message_id
     s.aggregate_train(1, [honest(5), unavailable])
     assert _rejected(s) == {6: "the node failed: Error: Node Unavailable"}
+
+
+def test_two_nodes_claiming_one_partition_are_kept_apart_and_reported_once(caplog) -> None:
+    s = strategy("local")
+    first, second = honest(1), reply(2, full(2.0), {**PAIRED, "num-examples": 10, "partition-id": 1})
+    for _ in range(2):
+        s.aggregate_train(1, [first, second])
+    assert s.client_of(first) == "client-1" and s.client_of(second) == "node-2"
+    assert set(s.state.clients) == {"client-1", "node-2"}
+    assert sum("both say they hold partition 1" in r.message for r in caplog.records) == 1

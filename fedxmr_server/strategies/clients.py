@@ -24,6 +24,7 @@ class ClientRegistry:
 
     def __init__(self) -> None:
         self._partition_of: dict[int, int] = {}
+        self._disputed: set[int] = set()  # nodes that claimed a partition another node holds (warned once)
 
     def client_key(self, node_id: int) -> str:
         """How the server knows a node: by its partition once the node said it (stable across a resumed run)."""
@@ -40,12 +41,14 @@ class ClientRegistry:
         metrics = msg.content.metric_records.get(P.METRICS) if not msg.has_error() else None
         pid = metrics.get(P.PARTITION_ID) if metrics is not None else None
         node = msg.metadata.src_node_id
-        if not isinstance(pid, (int, float)) or not math.isfinite(pid) or node in self._partition_of:
+        if not isinstance(pid, (int, float)) or not math.isfinite(pid) or node in self._partition_of \
+                or node in self._disputed:
             return
         holder = next((n for n, p in self._partition_of.items() if p == int(pid)), None)
         if holder is not None:
             log(WARNING, "nodes %s and %s both say they hold partition %d; node %s is keyed by its node id",
                 holder, node, int(pid), node)
+            self._disputed.add(node)
             return
         self._partition_of[node] = int(pid)
 
@@ -64,5 +67,5 @@ class ClientRegistry:
             self._learn_partition(msg)
             metrics = msg.content[P.METRICS] if P.METRICS in msg.content.metric_records else {}
             known[self.client_of(msg)] = [m for m in P.HAS if metrics.get(P.HAS[m], 1)]
-        log(INFO, "identify: %d of %d nodes replied: %s", len(self._partition_of), len(nodes),
+        log(INFO, "identify: %d of %d nodes said which partition they hold: %s", len(self._partition_of), len(nodes),
             sorted(self._partition_of.values()))
