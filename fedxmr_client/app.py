@@ -2,8 +2,8 @@
 
 - `train`: the method's plan (`methods/`: what to train on, extra loss terms), local epochs on the node's shard
   with the loss its modalities allow (paired InfoNCE, or the unimodal objectives), then, if enabled, its personal
-  adapters (kept on the node's disk, one version per round: `state_store`). The reply carries the shared arrays of the modalities it trained (`arrays`;
-  none for methods whose models stay on the node), the method's records, and a MetricRecord (`metrics`) with
+  adapters (kept on the node's disk, one version per round: `state_store`). The reply carries the shared arrays of
+  the modalities it trained (`arrays`; none for methods whose models stay on the node), the method's records, and a MetricRecord (`metrics`) with
   `num-examples`, `has-img` / `has-txt` (so the server renormalises per modality), loss parts, timing and sizes.
 - `evaluate`: the node's own dev shard (every round) or test shard (once, `split` = test, with its state of the
   round selected on dev), as queries in the modalities it holds, against the shared gallery the server sends
@@ -49,6 +49,12 @@ def _train(model: XmrModel, shard: NodeShard, cfg: TrainConfig, rng: np.random.G
     if shard.client_type == "image-only":
         return train_unimodal(model, "img", f["img"], cfg, rng, personal=personal, terms=terms)
     return train_unimodal(model, "txt", f["txt"], cfg, rng, caption_image=caps, personal=personal, terms=terms)
+
+
+def _identity(shard: NodeShard) -> dict[str, int]:
+    """What a node says about itself in its train and query replies: partition, client type, modalities held."""
+    return {P.PARTITION_ID: shard.partition_id, P.CLIENT_TYPE: TYPE_CODES[shard.client_type],
+            P.HAS["img"]: int("img" in shard.modalities), P.HAS["txt"]: int("txt" in shard.modalities)}
 
 
 def _model(shard: NodeShard, method: ClientMethod, content: RecordDict, states: States) -> tuple[XmrModel, bool]:
@@ -104,11 +110,8 @@ def train(msg: Message, context: Context) -> Message:
     arrays = ArrayRecord(state)
     records[P.ARRAYS] = arrays
     metrics |= {
+        **_identity(shard),
         P.NUM_EXAMPLES: num_examples,
-        P.PARTITION_ID: shard.partition_id,
-        P.CLIENT_TYPE: TYPE_CODES[shard.client_type],
-        P.HAS["img"]: int("img" in shard.modalities),
-        P.HAS["txt"]: int("txt" in shard.modalities),
         P.TRAINED: int(plan.train),
         "train-seconds": time.perf_counter() - start,
         "load-seconds": shard.load_seconds,
@@ -168,7 +171,5 @@ def query(msg: Message, context: Context) -> Message:
     """Who this node is; loading its train shard also checks, before round 1, that it can."""
     method = client_method(parse_run_config(context.run_config).method)
     shard = load_shard(context, "train", method.data_config)
-    metrics = {P.PARTITION_ID: shard.partition_id, P.CLIENT_TYPE: TYPE_CODES[shard.client_type],
-               P.NUM_EXAMPLES: len(shard.data.images), P.HAS["img"]: int("img" in shard.modalities),
-               P.HAS["txt"]: int("txt" in shard.modalities)}
+    metrics = {**_identity(shard), P.NUM_EXAMPLES: len(shard.data.images)}
     return Message(RecordDict({P.METRICS: MetricRecord(metrics)}), reply_to=msg)

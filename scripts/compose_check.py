@@ -286,7 +286,8 @@ def main() -> None:
             subprocess.run(["docker", "compose", "-f", str(PROJECT / "deploy" / "compose.yml"), "down", "-v",
                             "--remove-orphans", "--timeout", "20"], env=env, capture_output=True, timeout=300)
             left = subprocess.run(["docker", "ps", "-aq"], env=daemon.env, capture_output=True, text=True).stdout
-            subprocess.run(["docker", "rm", "-f", *left.split()], env=daemon.env, capture_output=True) if left else None
+            if left:
+                subprocess.run(["docker", "rm", "-f", *left.split()], env=daemon.env, capture_output=True)
         daemon.stop()
         for path in copied:
             Path(path).unlink(missing_ok=True)

@@ -100,11 +100,11 @@ def main() -> None:
     parser.add_argument("--results-only", action="store_true", help="only (re)write the results file")
     args = parser.parse_args()
     from scripts.results import write_results
-    from scripts.simulate import _children, exit_on_signals, kill_tree
+    from scripts.simulate import descendants, exit_on_signals, kill_tree
 
     # SIGTERM/SIGHUP: the cells' simulations run in worker threads, which unwinding the main thread does not reach:
     # stop every process this grid started (each cell's `flwr run` and what it started), then exit 128 + signal.
-    exit_on_signals(lambda: kill_tree(_children().get(os.getpid(), []), grace=5.0))
+    exit_on_signals(lambda: kill_tree(descendants([os.getpid()])[1:], grace=5.0))
 
     try:
         grid = load_grid(args.grid)

@@ -68,13 +68,19 @@ def processes_matching(text: str) -> list[int]:
     return out
 
 
-def kill_tree(roots: list[int], grace: float = 10.0) -> None:
-    """SIGTERM every process under `roots` (depth-first), then SIGKILL what is left after `grace` seconds."""
+def descendants(roots: list[int]) -> list[int]:
+    """`roots` and every process under them, depth-first."""
     tree, pids, stack = _children(), [], list(roots)
     while stack:
         pid = stack.pop()
         pids.append(pid)
         stack.extend(tree.get(pid, []))
+    return pids
+
+
+def kill_tree(roots: list[int], grace: float = 10.0) -> None:
+    """SIGTERM every process under `roots` (depth-first), then SIGKILL what is left after `grace` seconds."""
+    pids = descendants(roots)
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in pids:
             try:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from scripts.simulate import processes_matching, simulate
+from scripts.simulate import descendants, processes_matching, simulate
 
 ROUNDS = 3
 
@@ -190,16 +190,6 @@ def test_sigterm_stops_the_wrapper_and_everything_it_started(flickr8k_dir: Path,
     assert processes_matching(str(home)) == []
 
 
-def _descendants(root: int) -> list[int]:
-    from scripts.simulate import _children
-
-    tree, out, stack = _children(), [], [root]
-    while stack:
-        out.append(pid := stack.pop())
-        stack.extend(tree.get(pid, []))
-    return out
-
-
 def test_a_serverapp_killed_mid_run_resumes_to_the_uninterrupted_result(finished_run: tuple[dict, Path, Path],
                                                                         flickr8k_dir: Path, tmp_path: Path) -> None:
     """`kill -9` of the ServerApp process (`flwr-simulation`) once round 1 is logged, then `resume`: the run ends
@@ -226,7 +216,7 @@ def test_a_serverapp_killed_mid_run_resumes_to_the_uninterrupted_result(finished
     while time.time() < deadline and proc.poll() is None and not (
             (run_dir / "metrics.jsonl").exists() and '"round": 1,' in (run_dir / "metrics.jsonl").read_text()):
         time.sleep(0.05)
-    server = [p for p in _descendants(proc.pid) if p in processes_matching("flwr-simulation")]
+    server = [p for p in descendants([proc.pid]) if p in processes_matching("flwr-simulation")]
     assert len(server) == 1, "the ServerApp process was not found"
     os.kill(server[0], signal.SIGKILL)
     proc.send_signal(signal.SIGTERM)  # the wrapper stops what is left (else Flower waits ~60 s for a heartbeat)
@@ -279,11 +269,11 @@ settings = ["iid"]
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline, started = time.time() + 300, []
     while time.time() < deadline and not started:
-        started = [p for p in _descendants(proc.pid) if p in processes_matching("local-superlink")]
+        started = [p for p in descendants([proc.pid]) if p in processes_matching("local-superlink")]
         time.sleep(1)
     assert started, "the grid's simulation never started"
     time.sleep(5)
-    tree = _descendants(proc.pid)
+    tree = descendants([proc.pid])
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 128 + signal.SIGTERM
     time.sleep(1)

@@ -50,10 +50,7 @@ class StrategyState:
         return cls(round=header["round"], arrays=arrays, clients=clients, buffers=buffers, meta=header["meta"])
 
     def save(self, path: Path) -> None:
-        """Atomic write: a killed run never leaves a half-written checkpoint."""
-        tmp = Path(f"{path}.tmp")
-        tmp.write_bytes(self.to_bytes())
-        os.replace(tmp, path)
+        _write_atomically(path, self.to_bytes())
 
     @classmethod
     def load(cls, path: Path) -> "StrategyState":
@@ -80,9 +77,7 @@ class Checkpoint:
                    "header": np.frombuffer(header, np.uint8)}
         buf = io.BytesIO()
         np.savez(buf, **payload)
-        tmp = Path(f"{path}.tmp")
-        tmp.write_bytes(buf.getvalue())
-        os.replace(tmp, path)
+        _write_atomically(path, buf.getvalue())
 
     @classmethod
     def load(cls, path: Path) -> "Checkpoint":
@@ -110,3 +105,10 @@ def restore_rng(rng: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
     np.random.set_state(tuple(rng["numpy"]))
     torch.set_rng_state(torch.as_tensor(rng["torch"]))
+
+
+def _write_atomically(path: Path, blob: bytes) -> None:
+    """Temp file + rename: a run killed while writing never leaves a half-written file."""
+    tmp = Path(f"{path}.tmp")
+    tmp.write_bytes(blob)
+    os.replace(tmp, path)
