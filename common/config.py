@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from common.data.federation import parse_mix
 from common.data.partition import PARTITIONERS
-from common.losses import LossWeights
+from common.losses import HASH_LOSSES, LossWeights
 from common.model import ModelConfig
 from common.method_config import SECTIONS, Section, kebab
 from common.robust import AGGREGATIONS
@@ -70,6 +70,7 @@ class RunConfig(BaseModel):
     hash_balance_weight: float = Field(0.0, ge=0.0)  # common/losses.py: bit_balance
     hash_straight_through: bool = False
     hash_detach: bool = False  # common/model.py: Tower.forward
+    hash_loss: Literal[HASH_LOSSES] = "infonce"  # type: ignore[valid-type]  # common/losses.py: retrieval_loss
     # data, backbone, outputs
     backbone: str = Field("effnet-lite0+minilm", min_length=1)
     device: str = "auto"
@@ -111,14 +112,14 @@ class RunConfig(BaseModel):
         return ModelConfig(img_dim=img_dim, txt_dim=txt_dim, embed_dim=self.embed_dim, adapter_dim=self.adapter_dim,
                            hash_bits=self.hash_bits, temperature=self.temperature,
                            learn_temperature=self.learn_temperature, dropout=self.dropout, personal=personal,
-                           hash_detach=self.hash_detach)
+                           hash_detach=self.hash_detach, afe_concepts=self.options.afe_concepts())
 
     def train_cfg(self) -> TrainConfig:
         return TrainConfig(epochs=self.local_epochs, batch_size=self.batch_size, lr=self.lr,
                            weight_decay=self.weight_decay,
                            weights=LossWeights(self.hash_weight, self.quant_weight, self.hash_temperature,
                                                self.hash_distill_weight, self.hash_balance_weight,
-                                               self.hash_straight_through))
+                                               self.hash_straight_through, self.hash_loss))
 
     def as_flat_dict(self) -> dict[str, Any]:
         """The flat run config: the common keys and the selected method's section (`<method>-<key>`)."""

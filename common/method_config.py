@@ -14,6 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from common.data.concepts import CONCEPT_NAMES  # the dataset's concepts (Flickr8k's are DERIVED)
 from common.router import ROUTERS
 
 
@@ -25,6 +26,10 @@ class Section(BaseModel):
     """A method's own keys, without the `<method>-` prefix."""
 
     model_config = ConfigDict(alias_generator=kebab, populate_by_name=True, extra="forbid", frozen=True)
+
+    def afe_concepts(self) -> int:
+        """Concepts of the model's adaptive feature enhancement (`common.model`); 0: none."""
+        return 0
 
 
 class FedProxSection(Section):
@@ -75,6 +80,30 @@ class UniAlignSection(Section):
     weighting: Literal["size", "agreement"] = "size"  # agreement: size x max(0, cos to the paired mean update)
 
 
+class MoonSection(Section):
+    """MOON (Li, He & Song, CVPR 2021) on the towers' embeddings: each item's embedding is pulled toward the round's
+    global model's and pushed from the node's previous local model's (model-contrastive term, weight mu)."""
+
+    mu: float = Field(1.0, ge=0.0)
+    temperature: float = Field(0.5, gt=0.0, le=10.0)
+
+
+class FedCafeSection(Section):
+    """FedCAFE (ACM MM 2024); see fedxmr_server/strategies/fedcafe.py. Loss weights as in the paper."""
+
+    afe: bool = True  # adaptive feature enhancement; false: codes from the raw hash feature, no memory read
+    enhance_weight: float = Field(0.1, ge=0.0)  # L_E = 1 - cos(V_E, O)
+    teacher_weight: float = Field(0.1, ge=0.0)  # L_C = 1 - cos(V_E, the round's global model's V_E)
+    class_weight: float = Field(1.0, ge=0.0)  # L_P = cross-entropy of the concept prediction
+    # aggregation weights: "nll" α ∝ Sim_k (the paper's direction: the client less like the global memory weighs
+    # more), "inverse" α ∝ 1/Sim_k, "uniform"
+    weighting: Literal["nll", "inverse", "uniform"] = "nll"
+    kmeans_iters: int = Field(20, ge=0, le=1000)  # K-means fusion of the memories; 0: the count-weighted means
+
+    def afe_concepts(self) -> int:
+        return len(CONCEPT_NAMES) if self.afe else 0
+
+
 # The registry of method names: every name here has a server strategy and a client method (tests check both).
 SECTIONS: dict[str, type[Section] | None] = {
     "fedavg": None,
@@ -85,4 +114,6 @@ SECTIONS: dict[str, type[Section] | None] = {
     "centralized": CentralizedSection,
     "fedproto": FedProtoSection,
     "unialign": UniAlignSection,
+    "moon": MoonSection,
+    "fedcafe": FedCafeSection,
 }

@@ -2,7 +2,10 @@
 
 Tower = LayerNorm(frozen feature) -> Linear to the shared dimension -> residual bottleneck adapter
 (x + up(GELU(down(x))), `up` zero-initialised so the adapter starts as identity) -> L2 normalisation.
-Hash head = Linear(shared dim -> bits); tanh while training, sign at retrieval.
+Hash head = Linear(shared dim -> bits) giving the raw hash feature O; tanh while training, sign at retrieval.
+Optional adaptive feature enhancement (FedCAFE, `cfg.afe_concepts` > 0): a classifier Linear(bits -> C) predicts
+the concept distribution L̂ = softmax(·) from O, and the code is read from V_E = O + tanh(O) ⊙ (L̂ · P_g), P_g the
+global memory (C × bits, one row per concept), a buffer the server sets every round (`<mod>.memory`).
 Optional personal adapters (`cfg.personal`): one more zero-initialised residual adapter per tower, applied after
 the shared one only when asked (`personal=True`); they never leave the node (`upload_keys` leaves them out).
 Parameter names start with the modality (`img.` / `txt.`), so aggregation can work per modality; the temperature
@@ -35,6 +38,7 @@ class ModelConfig:
     dropout: float = 0.3
     personal: bool = False
     hash_detach: bool = False  # the hash head learns on the embedding without moving it (hash terms: head only)
+    afe_concepts: int = 0  # > 0: adaptive feature enhancement over that many concepts (FedCAFE)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -66,6 +70,9 @@ class Tower(nn.Module):
         self.personal = Adapter(cfg.embed_dim, cfg.adapter_dim, cfg.dropout) if cfg.personal else None
         self.hash = nn.Linear(cfg.embed_dim, cfg.hash_bits)
         self.hash_detach = cfg.hash_detach
+        self.classifier = nn.Linear(cfg.hash_bits, cfg.afe_concepts) if cfg.afe_concepts else None
+        if cfg.afe_concepts:  # round 1: an all-zero memory, so V_E = O
+            self.register_buffer("memory", torch.zeros(cfg.afe_concepts, cfg.hash_bits))
 
     def embed(self, x: torch.Tensor, personal: bool = False) -> torch.Tensor:
         h = self.adapter(self.proj(self.norm(x)))
@@ -79,7 +86,21 @@ class Tower(nn.Module):
         """(embedding, relaxed code in (-1, 1)). With `hash_detach` the code is a learned quantiser of the
         embedding: the hash terms train the head only, and the embedding is shaped by its own loss alone."""
         emb = self.embed(x, personal)
-        return emb, torch.tanh(self.hash(emb.detach() if self.hash_detach else emb))
+        return emb, torch.tanh(self.enhance(emb)[2])
+
+    def enhance(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """(O, concept logits, V_E) of the hash head on `emb`: V_E = O without enhancement."""
+        raw = self.hash(emb.detach() if self.hash_detach else emb)
+        if self.classifier is None:
+            return raw, None, raw
+        logits = self.classifier(raw)
+        return raw, logits, enhanced(raw, torch.softmax(logits, dim=-1), self.memory)
+
+
+def enhanced(raw: torch.Tensor, label_dist: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+    """FedCAFE's adaptive feature enhancement: V_E = O + tanh(O) ⊙ (L̂ · P_g). The selector tanh(O) lets each bit
+    take as much of the memory read as its own confidence allows (0 where O is 0)."""
+    return raw + torch.tanh(raw) * (label_dist @ memory)
 
 
 class XmrModel(nn.Module):

@@ -8,8 +8,11 @@
   query a gallery embedded by the *global* model, so they are trained that way: the personal side of each pair
   is contrasted with the global embedding of its counterpart.
 - method terms: a method adds its own terms to the shared objective as `LossTerm`s (FedProx's proximal term,
-  RCSR's prototype anchoring, FedProto's prototype distance); the trainer knows none of them. They apply to shared
-  training only, not to the personal phase.
+  RCSR's prototype anchoring, FedProto's prototype distance, MOON's model contrast, FedCAFE's enhancement terms);
+  the trainer knows none of them. They see the batch (`Batch`: embeddings, items, tower inputs) and apply to
+  shared training only, not to the personal phase.
+- labels: with `labels` (multi-hot per item), the pairwise hash loss (`hash-loss = "pairwise"`) counts two items
+  sharing a label as similar; without them only an item and its own counterpart are.
 A fresh AdamW per call (`common.optim`, not torch.optim: see there why): the ClientApp keeps no optimizer
 state between rounds.
 """
@@ -31,6 +34,17 @@ INPUT_DROPOUT = 0.1  # extra feature dropout that makes the two views of an imag
 
 
 @dataclass(frozen=True)
+class Batch:
+    """What a loss term sees of one batch: the shared embeddings per modality (with gradient), the batch's item
+    indices (images, or scenes for text-only training) into the shard, and the tower inputs per modality (frozen
+    features as fed to the towers), so that a term can run a teacher model on the very same inputs."""
+
+    embs: dict[str, torch.Tensor]
+    items: np.ndarray
+    inputs: dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 5
     batch_size: int = 64
@@ -40,14 +54,12 @@ class TrainConfig:
 
 
 class LossTerm(Protocol):
-    """An extra term of a method, added to each batch's loss. `embs` maps a modality to the batch's shared
-    embeddings, `items` are the batch's item indices (images, or scenes for text-only training) into the shard.
-    Returns None where the term does not apply to this batch."""
+    """An extra term of a method, added to each batch's loss. Returns None where it does not apply to the batch."""
 
-    def __call__(self, embs: dict[str, torch.Tensor], items: np.ndarray) -> tuple[torch.Tensor, dict] | None: ...
+    def __call__(self, batch: Batch) -> tuple[torch.Tensor, dict] | None: ...
 
 
-BatchLoss = Callable[[np.ndarray], tuple[torch.Tensor, dict, dict[str, torch.Tensor], np.ndarray]]
+BatchLoss = Callable[[np.ndarray], tuple[torch.Tensor, dict, Batch]]
 
 
 def trainable(model: XmrModel, modalities: tuple[str, ...], personal: bool) -> list[torch.nn.Parameter]:
@@ -74,9 +86,9 @@ def _optimise(model: XmrModel, params: list[torch.nn.Parameter], n_items: int, c
             idx = order[start:start + cfg.batch_size]
             if len(idx) < 2:
                 continue
-            loss, parts, embs, items = batch_loss(idx)
+            loss, parts, batch = batch_loss(idx)
             for term in terms:
-                extra = term(embs, items)
+                extra = term(batch)
                 if extra is not None:
                     loss, parts = loss + extra[0], parts | extra[1]
             if not torch.isfinite(loss):
@@ -91,6 +103,14 @@ def _optimise(model: XmrModel, params: list[torch.nn.Parameter], n_items: int, c
     return {k: v / max(steps, 1) for k, v in totals.items()} | {"steps": float(steps)}
 
 
+def similar_of(labels: np.ndarray | None, items: np.ndarray, device: torch.device) -> torch.Tensor | None:
+    """(b, b) 1/0: items sharing a label, and every item with itself (its own counterpart); None without labels."""
+    if labels is None or labels.shape[1] == 0:
+        return None
+    lab = torch.as_tensor(labels[items], dtype=torch.float32, device=device)
+    return ((lab @ lab.t() > 0) | torch.eye(len(items), dtype=torch.bool, device=device)).float()
+
+
 def _captions_of(caption_image: np.ndarray, n_images: int) -> list[np.ndarray]:
     groups = [np.flatnonzero(caption_image == i) for i in range(n_images)]
     if any(len(g) == 0 for g in groups):
@@ -99,29 +119,31 @@ def _captions_of(caption_image: np.ndarray, n_images: int) -> list[np.ndarray]:
 
 
 def train_paired(model: XmrModel, img: np.ndarray, txt: np.ndarray, caption_image: np.ndarray, cfg: TrainConfig,
-                 rng: np.random.Generator, personal: bool = False,
-                 terms: Sequence[LossTerm] = ()) -> dict[str, float]:
+                 rng: np.random.Generator, personal: bool = False, terms: Sequence[LossTerm] = (),
+                 labels: np.ndarray | None = None) -> dict[str, float]:
     """Image-caption pairs, `cfg.epochs` passes over the images; each pass pairs every image with one of its
-    captions at random, so a batch never holds two captions of one image (false negatives for InfoNCE)."""
+    captions at random, so a batch never holds two captions of one image (false negatives for InfoNCE).
+    `labels`: per image, for the pairwise hash loss."""
     device = next(model.parameters()).device
     img_t = torch.as_tensor(img, dtype=torch.float32, device=device)
     txt_t = torch.as_tensor(txt, dtype=torch.float32, device=device)
     groups = _captions_of(caption_image, len(img))
 
-    def batch_loss(idx: np.ndarray) -> tuple[torch.Tensor, dict, dict[str, torch.Tensor], np.ndarray]:
+    def batch_loss(idx: np.ndarray) -> tuple[torch.Tensor, dict, Batch]:
         cap = np.array([rng.choice(groups[i]) for i in idx])
         img, txt = img_t[idx], txt_t[cap]
+        similar = similar_of(labels, idx, device)
         if not personal:
             (img_e, img_c), (txt_e, txt_c) = model.img(img), model.txt(txt)
-            loss, parts = retrieval_loss(img_e, txt_e, img_c, txt_c, model.scale(), cfg.weights)
-            return loss, parts, {"img": img_e, "txt": txt_e}, idx
+            loss, parts = retrieval_loss(img_e, txt_e, img_c, txt_c, model.scale(), cfg.weights, similar)
+            return loss, parts, Batch({"img": img_e, "txt": txt_e}, idx, {"img": img, "txt": txt})
         # personal image queries vs global captions, and personal caption queries vs global images
         with torch.no_grad():
             img_g, txt_g = model.img(img), model.txt(txt)
         (img_p, img_pc), (txt_p, txt_pc) = model.img(img, True), model.txt(txt, True)
-        loss_i, parts_i = retrieval_loss(img_p, txt_g[0], img_pc, txt_g[1], model.scale(), cfg.weights)
-        loss_t, parts_t = retrieval_loss(img_g[0], txt_p, img_g[1], txt_pc, model.scale(), cfg.weights)
-        return 0.5 * (loss_i + loss_t), {k: 0.5 * (parts_i[k] + parts_t[k]) for k in parts_i}, {}, idx
+        loss_i, parts_i = retrieval_loss(img_p, txt_g[0], img_pc, txt_g[1], model.scale(), cfg.weights, similar)
+        loss_t, parts_t = retrieval_loss(img_g[0], txt_p, img_g[1], txt_pc, model.scale(), cfg.weights, similar)
+        return 0.5 * (loss_i + loss_t), {k: 0.5 * (parts_i[k] + parts_t[k]) for k in parts_i}, Batch({}, idx, {})
 
     return _optimise(model, trainable(model, ("img", "txt"), personal), len(img), cfg, rng, batch_loss,
                      () if personal else terms)
@@ -129,10 +151,11 @@ def train_paired(model: XmrModel, img: np.ndarray, txt: np.ndarray, caption_imag
 
 def train_unimodal(model: XmrModel, modality: str, feats: np.ndarray, cfg: TrainConfig, rng: np.random.Generator,
                    caption_image: np.ndarray | None = None, personal: bool = False,
-                   terms: Sequence[LossTerm] = ()) -> dict[str, float]:
+                   terms: Sequence[LossTerm] = (), labels: np.ndarray | None = None) -> dict[str, float]:
     """One modality only. Text: two different captions of a scene are a positive pair (`caption_image` groups
     them). Images: two dropout views of one image are a positive pair. With `personal`, the first view goes
-    through the personal adapter and the second is the fixed global embedding."""
+    through the personal adapter and the second is the fixed global embedding. `labels`: per scene (image), for
+    the pairwise hash loss."""
     device = next(model.parameters()).device
     x = torch.as_tensor(feats, dtype=torch.float32, device=device)
     tower = model.tower(modality)
@@ -154,13 +177,16 @@ def train_unimodal(model: XmrModel, modality: str, feats: np.ndarray, cfg: Train
         def views(idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
             return F.dropout(x[idx], INPUT_DROPOUT), F.dropout(x[idx], INPUT_DROPOUT)
 
-    def batch_loss(idx: np.ndarray) -> tuple[torch.Tensor, dict, dict[str, torch.Tensor], np.ndarray]:
+    def batch_loss(idx: np.ndarray) -> tuple[torch.Tensor, dict, Batch]:
         a, b = views(idx)
         a_emb, a_code = tower(a, personal)
         with torch.set_grad_enabled(not personal):  # personal: the second view is the global embedding
             b_emb, b_code = tower(b)
-        loss, parts = retrieval_loss(a_emb, b_emb, a_code, b_code, model.scale().detach(), cfg.weights)
-        return loss, parts, ({} if personal else {modality: a_emb}), scenes[idx]
+        loss, parts = retrieval_loss(a_emb, b_emb, a_code, b_code, model.scale().detach(), cfg.weights,
+                                     similar_of(labels, scenes[idx], device))
+        if personal:
+            return loss, parts, Batch({}, scenes[idx], {})
+        return loss, parts, Batch({modality: a_emb}, scenes[idx], {modality: a})
 
     return _optimise(model, trainable(model, (modality,), personal), n_items, cfg, rng, batch_loss,
                      () if personal else terms)

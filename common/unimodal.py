@@ -24,6 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from common.train import Batch
+
 DistillKind = Literal["embedding", "relational"]
 DISTILL_KINDS: tuple[str, ...] = ("embedding", "relational")
 
@@ -43,10 +45,11 @@ class DistillTerm:
         if self.kind not in DISTILL_KINDS:
             raise ValueError(f"distillation kind {self.kind!r}; expected one of {DISTILL_KINDS}")
 
-    def __call__(self, embs: dict[str, torch.Tensor], items: np.ndarray) -> tuple[torch.Tensor, dict] | None:
-        if self.mod not in embs:
+    def __call__(self, batch: Batch) -> tuple[torch.Tensor, dict] | None:
+        if self.mod not in batch.embs:
             return None
-        student, teacher = embs[self.mod], self.teacher[torch.as_tensor(items, device=self.teacher.device)]
+        items = batch.items
+        student, teacher = batch.embs[self.mod], self.teacher[torch.as_tensor(items, device=self.teacher.device)]
         if self.kind == "embedding":
             term = (1.0 - (student * teacher).sum(-1)).mean()
         else:

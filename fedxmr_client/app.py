@@ -42,13 +42,14 @@ app = ClientApp()
 
 def _train(model: XmrModel, shard: NodeShard, cfg: TrainConfig, rng: np.random.Generator, personal: bool,
            plan: Plan | None = None) -> dict[str, float]:
-    f, caps = shard.feats, shard.data.caption_image
+    f, caps, labels = shard.feats, shard.data.caption_image, shard.data.labels  # image-only: no labels (0 columns)
     terms = plan.terms if plan else ()
     if shard.client_type == "paired":
-        return train_paired(model, f["img"], f["txt"], caps, cfg, rng, personal=personal, terms=terms)
+        return train_paired(model, f["img"], f["txt"], caps, cfg, rng, personal=personal, terms=terms, labels=labels)
     if shard.client_type == "image-only":
-        return train_unimodal(model, "img", f["img"], cfg, rng, personal=personal, terms=terms)
-    return train_unimodal(model, "txt", f["txt"], cfg, rng, caption_image=caps, personal=personal, terms=terms)
+        return train_unimodal(model, "img", f["img"], cfg, rng, personal=personal, terms=terms, labels=labels)
+    return train_unimodal(model, "txt", f["txt"], cfg, rng, caption_image=caps, personal=personal, terms=terms,
+                          labels=labels)
 
 
 def _identity(shard: NodeShard) -> dict[str, int]:
@@ -83,7 +84,7 @@ def train(msg: Message, context: Context) -> Message:
     rng = np.random.default_rng([shard.cfg.seed, shard.partition_id, server_round])
     torch.manual_seed(int(rng.integers(2**31)))
     start = time.perf_counter()
-    plan = method.begin(shard, model, msg.content)
+    plan = method.begin(shard, model, msg.content, states)
     records = RecordDict()
     metrics: dict[str, float] = {}
     if plan.train:
@@ -93,7 +94,7 @@ def train(msg: Message, context: Context) -> Message:
             personal_cfg = replace(cfg, epochs=shard.cfg.personal_epochs)
             metrics["personal-loss"] = _train(model, plan.shard, personal_cfg, rng, personal=True)["loss"]
             states[PERSONAL_STATE] = personal_state(model)
-        if method.keeps_model:
+        if method.keeps_model or method.keeps_previous:
             states[MODEL_STATE] = shared_state(model)
         if states:
             store.save(server_round, states, int(config.get(P.BEST_ROUND, -1)))

@@ -73,7 +73,7 @@ class Federation:
         model = self.model(global_arrays)
         rng = np.random.default_rng([shard.cfg.seed, shard.partition_id, server_round])
         torch.manual_seed(int(rng.integers(2**31)))
-        plan = self.method.begin(shard, model, content if content is not None else RecordDict())
+        plan = self.method.begin(shard, model, content if content is not None else RecordDict(), {})
         if not plan.train:
             return Update(k, shard.client_type, {}, float(len(shard.data.images)))
         stats = _train(model, plan.shard, self.method.train_config(shard.cfg), rng, personal=False, plan=plan)

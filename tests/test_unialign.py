@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from flwr.app import Context, MessageType, RecordDict
 
 from common.config import parse_run_config
+from common.train import Batch
 from common.unimodal import DistillTerm, agreement_weights, scene_teacher, tower_of
 from fedxmr_client.app import app
 from fedxmr_server.strategies import build_strategy
@@ -29,11 +30,11 @@ def test_embedding_distillation_is_zero_at_the_teacher_and_pulls_toward_it() -> 
     teacher = _unit(rng, 6)
     term = DistillTerm("img", teacher, weight=2.0)
     items = np.array([4, 1, 3])
-    at_teacher, parts = term({"img": teacher[items]}, items)
+    at_teacher, parts = term(Batch({"img": teacher[items]}, items, {}))
     assert at_teacher.item() == pytest.approx(0.0, abs=1e-6) and parts == {"loss_distill_img": pytest.approx(0.0,
                                                                                                            abs=1e-6)}
     student = _unit(rng, 3).requires_grad_()
-    loss, _ = term({"img": student}, items)
+    loss, _ = term(Batch({"img": student}, items, {}))
     assert loss.item() == pytest.approx(2.0 * float((1 - (student * teacher[items]).sum(-1)).mean().detach()))
     loss.backward()
     moved = F.normalize(student - 0.1 * student.grad, dim=-1)
@@ -47,16 +48,16 @@ def test_relational_distillation_ignores_a_rotation_but_not_a_reordering() -> No
     items = np.arange(5)
     rotation = torch.as_tensor(np.linalg.qr(rng.normal(size=(8, 8)))[0], dtype=torch.float32)
     term = DistillTerm("txt", teacher, weight=1.0, kind="relational")
-    rotated, _ = term({"txt": teacher @ rotation}, items)
-    shuffled, _ = term({"txt": teacher[[1, 0, 3, 4, 2]]}, items)
+    rotated, _ = term(Batch({"txt": teacher @ rotation}, items, {}))
+    shuffled, _ = term(Batch({"txt": teacher[[1, 0, 3, 4, 2]]}, items, {}))
     assert rotated.item() == pytest.approx(0.0, abs=1e-5)
     assert shuffled.item() > 0.1
-    assert DistillTerm("img", teacher, 1.0, "embedding")({"img": teacher @ rotation}, items)[0].item() > 0.1
+    assert DistillTerm("img", teacher, 1.0, "embedding")(Batch({"img": teacher @ rotation}, items, {}))[0].item() > 0.1
 
 
 def test_distillation_skips_batches_without_its_modality_and_rejects_unknown_kinds() -> None:
     teacher = _unit(np.random.default_rng(2), 3)
-    assert DistillTerm("img", teacher, 1.0)({"txt": teacher}, np.arange(3)) is None
+    assert DistillTerm("img", teacher, 1.0)(Batch({"txt": teacher}, np.arange(3), {})) is None
     with pytest.raises(ValueError, match="kind"):
         DistillTerm("img", teacher, 1.0, kind="cosine")  # type: ignore[arg-type]
 

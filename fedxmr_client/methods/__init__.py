@@ -5,8 +5,10 @@ from __future__ import annotations
 from common.config import ConfigError
 from fedxmr_client.methods.base import ClientMethod
 from fedxmr_client.methods.centralized import CentralizedClient
+from fedxmr_client.methods.fedcafe import FedCafeClient
 from fedxmr_client.methods.fedprox import FedProxClient
 from fedxmr_client.methods.fedproto import FedProtoClient
+from fedxmr_client.methods.moon import MoonClient
 from fedxmr_client.methods.paired_only import PairedOnlyClient
 from fedxmr_client.methods.rcsr import RcsrClient
 from fedxmr_client.methods.unialign import UniAlignClient
@@ -18,7 +20,7 @@ class LocalClient(ClientMethod):
 
 CLIENT_METHODS: dict[str, type[ClientMethod]] = {
     cls.name: cls for cls in (ClientMethod, FedProxClient, RcsrClient, LocalClient, PairedOnlyClient,
-                              CentralizedClient, FedProtoClient, UniAlignClient)}
+                              CentralizedClient, FedProtoClient, UniAlignClient, MoonClient, FedCafeClient)}
 
 
 def client_method(name: str) -> ClientMethod:

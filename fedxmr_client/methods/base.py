@@ -18,6 +18,7 @@ from common.config import RunConfig
 from common.model import XmrModel
 from common.train import LossTerm, TrainConfig
 from fedxmr_client.node import NodeShard, shared_state
+from fedxmr_client.state_store import States
 
 
 @dataclass
@@ -36,6 +37,8 @@ class ClientMethod:
     name = "fedavg"
     sends_weights = True  # False: the node's model never leaves it (FedProto)
     keeps_model = False  # True: the node's model lives in its state between rounds instead of arriving each round
+    keeps_previous = False  # True: the node's trained model is kept in its state too, but the next round starts from
+    # the global model it is sent (MOON's previous local model, read from `states` in `begin`)
 
     def data_config(self, cfg: RunConfig, num_partitions: int) -> RunConfig:
         return cfg
@@ -43,7 +46,7 @@ class ClientMethod:
     def train_config(self, cfg: RunConfig) -> TrainConfig:
         return cfg.train_cfg()
 
-    def begin(self, shard: NodeShard, model: XmrModel, content: RecordDict) -> Plan:
+    def begin(self, shard: NodeShard, model: XmrModel, content: RecordDict, states: States) -> Plan:
         return Plan(shard)
 
     def finish(self, plan: Plan, model: XmrModel) -> tuple[dict[str, float], dict[str, ArrayRecord]]:

@@ -18,9 +18,11 @@ from flwr.app import ArrayRecord, RecordDict
 
 from common import protocol as P
 from common.model import XmrModel
+from common.train import Batch
 from fedxmr_client.methods.base import ClientMethod, Plan
 from fedxmr_client.methods.concepts import Tables, concept_targets, prototype_record, received_prototypes
 from fedxmr_client.node import NodeShard
+from fedxmr_client.state_store import States
 
 
 def concept_centres(globals_: Tables) -> tuple[np.ndarray, np.ndarray] | None:
@@ -43,12 +45,12 @@ class PrototypeDistance:
     has: torch.Tensor  # (n_items,) bool: the item has at least one concept with a centre
     weight: float
 
-    def __call__(self, embs: dict[str, torch.Tensor], items: np.ndarray) -> tuple[torch.Tensor, dict] | None:
-        idx = torch.as_tensor(items, device=self.targets.device)
+    def __call__(self, batch: Batch) -> tuple[torch.Tensor, dict] | None:
+        idx = torch.as_tensor(batch.items, device=self.targets.device)
         has = self.has[idx]
-        if not embs or not bool(has.any()):
+        if not batch.embs or not bool(has.any()):
             return None
-        terms = [((emb[has] - self.targets[idx][has]) ** 2).sum(dim=1).mean() for emb in embs.values()]
+        terms = [((emb[has] - self.targets[idx][has]) ** 2).sum(dim=1).mean() for emb in batch.embs.values()]
         term = self.weight * sum(terms) / len(terms)
         return term, {"loss_proto": term.item()}
 
@@ -77,7 +79,7 @@ class FedProtoClient(ClientMethod):
     sends_weights = False
     keeps_model = True
 
-    def begin(self, shard: NodeShard, model: XmrModel, content: RecordDict) -> FedProtoPlan:
+    def begin(self, shard: NodeShard, model: XmrModel, content: RecordDict, states: States) -> FedProtoPlan:
         globals_ = received_prototypes(content)
         targets = concept_targets(shard, model, globals_)
         term = distance_term(targets, globals_, shard.cfg.options.weight, shard.device)

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from flwr.app import RecordDict
 
 from common.model import XmrModel
-from common.train import trainable
+from common.train import Batch, trainable
 from fedxmr_client.methods.base import ClientMethod, Plan
 from fedxmr_client.node import NodeShard
+from fedxmr_client.state_store import States
 
 
 class ProximalTerm:
@@ -19,7 +19,7 @@ class ProximalTerm:
         self.params, self.mu = params, mu
         self.start = [p.detach().clone() for p in params]
 
-    def __call__(self, embs: dict[str, torch.Tensor], items: np.ndarray) -> tuple[torch.Tensor, dict]:
+    def __call__(self, batch: Batch) -> tuple[torch.Tensor, dict]:
         term = 0.5 * self.mu * sum(((p - a) ** 2).sum() for p, a in zip(self.params, self.start))
         return term, {"loss_prox": term.item()}
 
@@ -27,5 +27,5 @@ class ProximalTerm:
 class FedProxClient(ClientMethod):
     name = "fedprox"
 
-    def begin(self, shard: NodeShard, model: XmrModel, content: RecordDict) -> Plan:
+    def begin(self, shard: NodeShard, model: XmrModel, content: RecordDict, states: States) -> Plan:
         return Plan(shard, [ProximalTerm(trainable(model, shard.modalities, personal=False), shard.cfg.options.mu)])

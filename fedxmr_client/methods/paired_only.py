@@ -7,10 +7,11 @@ from flwr.app import RecordDict
 from common.model import XmrModel
 from fedxmr_client.methods.base import ClientMethod, Plan
 from fedxmr_client.node import NodeShard
+from fedxmr_client.state_store import States
 
 
 class PairedOnlyClient(ClientMethod):
     name = "paired-only"
 
-    def begin(self, shard: NodeShard, model: XmrModel, content: RecordDict) -> Plan:
+    def begin(self, shard: NodeShard, model: XmrModel, content: RecordDict, states: States) -> Plan:
         return Plan(shard, train=len(shard.modalities) == 2)

@@ -19,10 +19,12 @@ from common import protocol as P
 from common.metrics import query_recalls
 from common.model import XmrModel
 from common.prototypes import Anchor, make_anchor, prototype_accuracy
+from common.train import Batch
 from fedxmr_client.methods.base import ClientMethod, Plan
 from fedxmr_client.methods.concepts import (OTHER, Tables, concept_targets, item_targets, prototype_record,
                                             received_prototypes, take)
 from fedxmr_client.node import NodeShard
+from fedxmr_client.state_store import States
 
 
 @dataclass(frozen=True)
@@ -32,10 +34,10 @@ class AnchorTerm:
     mod: str
     anchor: Anchor
 
-    def __call__(self, embs: dict[str, torch.Tensor], items: np.ndarray) -> tuple[torch.Tensor, dict] | None:
-        if self.mod not in embs:
+    def __call__(self, batch: Batch) -> tuple[torch.Tensor, dict] | None:
+        if self.mod not in batch.embs:
             return None
-        term = self.anchor.loss(embs[self.mod], items)
+        term = self.anchor.loss(batch.embs[self.mod], batch.items)
         return term, {f"loss_anchor_{self.mod}": term.item()}
 
 
@@ -50,7 +52,7 @@ class RcsrPlan(Plan):
 class RcsrClient(ClientMethod):
     name = "rcsr"
 
-    def begin(self, shard: NodeShard, model: XmrModel, content: RecordDict) -> RcsrPlan:
+    def begin(self, shard: NodeShard, model: XmrModel, content: RecordDict, states: States) -> RcsrPlan:
         opts = shard.cfg.options
         n = len(shard.data.images)
         order = np.random.default_rng([shard.cfg.seed, shard.partition_id, 7]).permutation(n)  # same every round

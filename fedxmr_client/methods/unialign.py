@@ -11,6 +11,7 @@ from common.model import XmrModel, is_personal
 from common.unimodal import DistillTerm, scene_teacher
 from fedxmr_client.methods.base import ClientMethod, Plan
 from fedxmr_client.node import NodeShard
+from fedxmr_client.state_store import States
 
 TRAINED_PARTS = {"all": ("norm", "proj", "adapter", "hash"), "adapter-hash": ("adapter", "hash")}
 
@@ -23,7 +24,7 @@ def part_of(key: str) -> str:
 class UniAlignClient(ClientMethod):
     name = "unialign"
 
-    def begin(self, shard: NodeShard, model: XmrModel, content: RecordDict) -> Plan:
+    def begin(self, shard: NodeShard, model: XmrModel, content: RecordDict, states: States) -> Plan:
         if len(shard.modalities) == 2:
             return Plan(shard)
         opts, mod = shard.cfg.options, shard.modalities[0]

@@ -6,16 +6,18 @@ from common.config import ConfigError, RunConfig
 from fedxmr_server.strategies.base import XmrStrategy
 from fedxmr_server.strategies.centralized import CentralizedXmr
 from fedxmr_server.strategies.fedavg import FedAvgXmr
+from fedxmr_server.strategies.fedcafe import FedCafeXmr
 from fedxmr_server.strategies.fedprox import FedProxXmr
 from fedxmr_server.strategies.fedproto import FedProtoXmr
 from fedxmr_server.strategies.local import LocalXmr
+from fedxmr_server.strategies.moon import MoonXmr
 from fedxmr_server.strategies.paired_only import PairedOnlyXmr
 from fedxmr_server.strategies.rcsr import RcsrXmr
 from fedxmr_server.strategies.unialign import UniAlignXmr
 
 STRATEGIES: dict[str, type[XmrStrategy]] = {
     cls.name: cls for cls in (FedAvgXmr, FedProxXmr, RcsrXmr, LocalXmr, PairedOnlyXmr, CentralizedXmr, FedProtoXmr,
-                               UniAlignXmr)}
+                               UniAlignXmr, MoonXmr, FedCafeXmr)}
 
 
 def build_strategy(cfg: RunConfig) -> XmrStrategy:

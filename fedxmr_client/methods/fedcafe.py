@@ -1,0 +1,151 @@
+"""FedCAFE's client side (ACM MM 2024): the enhancement terms during training, the local memory after it.
+
+The model arrives with the global memory in its towers (`<mod>.memory`, read by the adaptive feature enhancement
+of `common.model`). On top of the shared objective (whose hash term is FedCAFE's pairwise likelihood when
+`hash-loss = "pairwise"`, as for every method in the comparison), per modality the node trains:
+- L_E = 1 - cos(V_E, O): the enhanced feature stays near the raw one (`fedcafe-enhance-weight`);
+- L_C = 1 - cos(V_E, teacher V_E): the global model as it arrived (frozen) is the teacher; for a pair, the
+  student's V_E is pulled toward the teacher's V_E of *both* the image and the caption of that pair
+  (`fedcafe-teacher-weight`);
+- L_P = cross-entropy between the concept prediction L̂ and the item's labels normalised to a distribution (the
+  paper's KL with a multi-hot target; items without labels are skipped) (`fedcafe-class-weight`).
+After training it sends its local memory (`common.memory.local_memory`) of the fused enhanced features: per item,
+the normalised mean of its image's V_E and its captions' V_E (the modalities it holds).
+Unimodal nodes (the paper has none): a text-only node's memory comes from its captions alone, with their labels;
+an image-only node has no labels (they come from captions), so it trains no L_P and labels its items for the
+memory by its classifier's prediction (the global classifier's, trained by the labelled nodes), or without AFE by
+the nearest global memory row; before either exists it sends no memory rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from flwr.app import Array, ArrayRecord, RecordDict
+
+from common import protocol as P
+from common.memory import local_memory, normalise_rows
+from common.model import XmrModel
+from common.train import Batch
+from fedxmr_client.methods.base import ClientMethod, Plan
+from fedxmr_client.methods.moon import frozen_copy
+from fedxmr_client.node import NodeShard
+from fedxmr_client.state_store import States
+
+
+def cos_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (1.0 - F.cosine_similarity(a, b, dim=-1)).mean()
+
+
+@dataclass(frozen=True)
+class EnhancementTerms:
+    """L_E, L_C and L_P of one batch (module docstring), with their weights."""
+
+    model: XmrModel
+    teacher: XmrModel
+    targets: torch.Tensor | None  # (n_items, C) label distributions; None: the node has no labels
+    enhance_weight: float
+    teacher_weight: float
+    class_weight: float
+
+    def __call__(self, batch: Batch) -> tuple[torch.Tensor, dict] | None:
+        if not batch.embs:
+            return None
+        with torch.no_grad():
+            taught = {mod: self.teacher.tower(mod).enhance(self.teacher.tower(mod).embed(x))[2]
+                      for mod, x in batch.inputs.items()}
+        l_e, l_c, l_p = [], [], []
+        for mod, emb in batch.embs.items():
+            raw, logits, v_e = self.model.tower(mod).enhance(emb)
+            l_e.append(cos_distance(v_e, raw))
+            l_c.append(sum(cos_distance(v_e, t) for t in taught.values()) / len(taught))
+            if logits is not None and self.targets is not None:
+                target = self.targets[torch.as_tensor(batch.items, device=self.targets.device)]
+                has = target.sum(dim=1) > 0
+                if bool(has.any()):
+                    l_p.append(-(target[has] * F.log_softmax(logits[has], dim=-1)).sum(dim=1).mean())
+        parts = {"loss_enhance": sum(l_e) / len(l_e), "loss_teacher": sum(l_c) / len(l_c)}
+        if l_p:
+            parts["loss_class"] = sum(l_p) / len(l_p)
+        total = (self.enhance_weight * parts["loss_enhance"] + self.teacher_weight * parts["loss_teacher"]
+                 + self.class_weight * parts.get("loss_class", 0.0))
+        return total, {k: float(v.item()) for k, v in parts.items()}
+
+
+@dataclass
+class FedCafePlan(Plan):
+    memory: np.ndarray | None = None  # the global memory the node was sent (C, bits)
+
+
+def label_distributions(labels: np.ndarray) -> np.ndarray:
+    totals = labels.sum(axis=1, keepdims=True).astype(np.float32)
+    return np.where(totals > 0, labels / np.maximum(totals, 1), 0.0).astype(np.float32)
+
+
+@torch.no_grad()
+def enhanced_features(model: XmrModel, mod: str, feats: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """(V_E, concept logits or None) of `feats`, in eval mode."""
+    was = model.training
+    model.eval()
+    tower = model.tower(mod)
+    x = torch.as_tensor(feats, dtype=torch.float32, device=next(model.parameters()).device)
+    _, logits, v_e = tower.enhance(tower.embed(x))
+    model.train(was)
+    return v_e.cpu().numpy(), (None if logits is None else logits.cpu().numpy())
+
+
+def fused_items(shard: NodeShard, model: XmrModel) -> tuple[np.ndarray, np.ndarray | None]:
+    """Per image of the shard: the normalised mean of its modalities' normalised V_E, and the image's concept
+    logits (None without AFE or without images)."""
+    parts, logits = [], None
+    if "img" in shard.modalities:
+        v_img, logits = enhanced_features(model, "img", shard.feats["img"])
+        parts.append(normalise_rows(v_img))
+    if "txt" in shard.modalities:
+        v_txt = normalise_rows(enhanced_features(model, "txt", shard.feats["txt"])[0])
+        per_image = np.zeros((len(shard.data.images), v_txt.shape[1]), np.float64)
+        np.add.at(per_image, shard.data.caption_image, v_txt)
+        parts.append(normalise_rows(per_image))
+    return normalise_rows(sum(parts)), logits
+
+
+def memory_labels(shard: NodeShard, fused: np.ndarray, logits: np.ndarray | None,
+                  memory: np.ndarray | None) -> np.ndarray:
+    """Multi-hot labels of the shard's images for the local memory: the derived labels where the node has them;
+    otherwise one-hot pseudo-labels (module docstring), all zero when nothing to label by exists yet."""
+    if shard.data.labels.shape[1]:
+        return shard.data.labels
+    n, concepts = len(fused), len(memory) if memory is not None else 0
+    out = np.zeros((n, concepts), dtype=np.uint8)
+    if logits is not None and memory is not None and np.abs(memory).sum() > 0:
+        out[np.arange(n), logits.argmax(axis=1)] = 1
+    elif logits is None and memory is not None and np.abs(memory).sum() > 0:
+        out[np.arange(n), (fused @ memory.T).argmax(axis=1)] = 1
+    return out
+
+
+class FedCafeClient(ClientMethod):
+    name = "fedcafe"
+
+    def begin(self, shard: NodeShard, model: XmrModel, content: RecordDict, states: States) -> FedCafePlan:
+        opts = shard.cfg.options
+        memory = None
+        if P.MEMORY in content.array_records:
+            memory = content[P.MEMORY]["memory"].numpy()
+        labels = shard.data.labels
+        targets = (torch.as_tensor(label_distributions(labels), device=shard.device) if labels.shape[1] else None)
+        term = EnhancementTerms(model, frozen_copy(model), targets, opts.enhance_weight, opts.teacher_weight,
+                                opts.class_weight)
+        return FedCafePlan(shard, [term], memory=memory)
+
+    def finish(self, plan: FedCafePlan, model: XmrModel) -> tuple[dict[str, float], dict[str, ArrayRecord]]:
+        fused, logits = fused_items(plan.shard, model)
+        labels = memory_labels(plan.shard, fused, logits, plan.memory)
+        if labels.shape[1] == 0:  # an image-only node before any global memory exists
+            return {"memory-rows": 0.0}, {}
+        memory, counts = local_memory(fused, labels)
+        record = ArrayRecord({"memory": Array(memory), "count": Array(counts)})
+        return {"memory-rows": float((counts > 0).sum())}, {P.MEMORY: record}
