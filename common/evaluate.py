@@ -30,7 +30,8 @@ def evaluate_retrieval(model: XmrModel, img: np.ndarray, txt: np.ndarray, captio
 
 def client_summary(clients: list[dict], types: dict[int, str]) -> dict[str, float]:
     """Per-client scores summarised overall and by client type: mean, worst (min) and std over clients, for the
-    global model (`global-score`) and, where present, global + personal adapters (`personal-score`)."""
+    global model (`global-score`) and, where present, global + personal adapters (`personal-score`); mean and
+    worst of the per-client Hamming MAP (`global-smap_i2t`, ...) over the clients that report it."""
     out: dict[str, float] = {}
     groups = {"all": clients} | {t: [c for c in clients if types.get(int(c["client-type"])) == t]
                                  for t in types.values()}
@@ -40,4 +41,9 @@ def client_summary(clients: list[dict], types: dict[int, str]) -> dict[str, floa
             if len(scores):
                 out |= {f"{group}-{variant}-mean": float(scores.mean()), f"{group}-{variant}-worst": float(scores.min()),
                         f"{group}-{variant}-std": float(scores.std()), f"{group}-{variant}-clients": float(len(scores))}
+            for key in ("smap_i2t", "smap_t2i"):  # per-client Hamming MAP, over the clients with labels
+                maps = np.array([c[f"{variant}-{key}"] for c in members if f"{variant}-{key}" in c])
+                if len(maps):
+                    out |= {f"{group}-{variant}-{key}-mean": float(maps.mean()),
+                            f"{group}-{variant}-{key}-worst": float(maps.min())}
     return out

@@ -24,8 +24,10 @@ RUN_KEY = "run-key"  # names the run for the nodes' on-disk state: the same for 
 SPLIT_KEY = "split"  # which local split an evaluate message scores: "dev" every round, "test" once at the end
 SPLIT = {"train": "train", "evaluate": "dev", "test": "test"}  # message kind -> split
 
-# gallery keys: embeddings of the model the node was sent, or raw backbone features for nodes that embed them
+# gallery keys: embeddings and ±1 codes (`<mod>-emb`, `<mod>-code`) of the model the node was sent, or raw backbone
+# features (`<mod>-feat`) for nodes that embed them, the caption -> image index and the DERIVED labels per image
 CAPTION_IMAGE = "caption-image"
+LABEL = "label"
 
 # message kinds beyond Flower's train/evaluate: `query` asks a node who it is (at the start of a run and of a resumed
 # run, when node ids are new); the reply's metrics carry PARTITION_ID, CLIENT_TYPE, HAS and NUM_EXAMPLES

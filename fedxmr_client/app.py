@@ -27,7 +27,7 @@ from flwr.clientapp import ClientApp
 from common import protocol as P
 from common.config import parse_run_config
 from common.data.federation import TYPE_CODES
-from common.metrics import query_recalls
+from common.metrics import query_recalls, standard_map
 from common.model import XmrModel, upload_keys
 from common.train import TrainConfig, train_paired, train_unimodal
 from fedxmr_client.faults import apply_fault, fail_if_drilled, fault_of
@@ -126,25 +126,35 @@ def train(msg: Message, context: Context) -> Message:
 
 
 def _gallery(model: XmrModel, gallery: ArrayRecord) -> dict[str, np.ndarray]:
-    """Gallery embeddings: as sent, or embedded here from raw features by the node's own shared towers."""
+    """Gallery embeddings and codes: as sent, or computed here from raw features by the node's own shared towers."""
     g = {k: a.numpy() for k, a in gallery.items()}
     for mod in ("img", "txt"):
         if f"{mod}-feat" in g:
-            g[f"{mod}-emb"] = model.encode(mod, g.pop(f"{mod}-feat"))[0]
+            g[f"{mod}-emb"], g[f"{mod}-code"] = model.encode(mod, g.pop(f"{mod}-feat"))
     return g
 
 
 def _scores(model: XmrModel, shard: NodeShard, g: dict[str, np.ndarray], personal: bool) -> dict[str, float]:
+    """R@K of the node's own queries against the gallery, their mean (`score`), and, where the node has labels
+    (not image-only: labels come from captions) and the gallery has codes, the standard Hamming MAP@all
+    (`smap_i2t`, `smap_t2i`)."""
     out: dict[str, float] = {}
+    maps: dict[str, float] = {}
+    labelled = shard.data.labels.shape[1] > 0 and P.LABEL in g
     if "img" in shard.modalities:
-        emb, _ = model.encode("img", shard.feats["img"], personal=personal)
+        emb, code = model.encode("img", shard.feats["img"], personal=personal)
         out |= query_recalls(emb @ g["txt-emb"].T, shard.pool_indices, g[P.CAPTION_IMAGE], "i2t")
+        if labelled and "txt-code" in g:
+            maps["smap_i2t"] = standard_map(code, g["txt-code"], shard.data.labels, g[P.LABEL][g[P.CAPTION_IMAGE]])
     if "txt" in shard.modalities:
-        emb, _ = model.encode("txt", shard.feats["txt"], personal=personal)
+        emb, code = model.encode("txt", shard.feats["txt"], personal=personal)
         owner = shard.pool_indices[shard.data.caption_image]
         out |= query_recalls(emb @ g["img-emb"].T, owner, np.arange(len(g["img-emb"])), "t2i")
+        if labelled and "img-code" in g:
+            maps["smap_t2i"] = standard_map(code, g["img-code"], shard.data.labels[shard.data.caption_image],
+                                            g[P.LABEL])
     out["score"] = float(np.mean(list(out.values())))  # mean R@K over the directions this client can query
-    return out
+    return out | maps
 
 
 @app.evaluate()

@@ -225,4 +225,13 @@ def _client_lines(summary: dict[str, float]) -> list[str]:
             row += [f"{summary[f'{group}-{variant}-{s}']:.1f}" if f"{group}-{variant}-mean" in summary else "-"
                     for s in ("mean", "worst", "std")]
         lines.append("| " + " | ".join(row) + " |")
+    maps = [group for group in ("all", *CLIENT_TYPES) if f"{group}-global-smap_i2t-mean" in summary
+            or f"{group}-global-smap_t2i-mean" in summary]
+    if maps:
+        lines += ["", "Per-client standard Hamming MAP@all (clients with labels: image-only clients have none):", "",
+                  "| clients | MAP i2t mean | worst | MAP t2i mean | worst |", "|---|---|---|---|---|"]
+        for group in maps:
+            cells = [f"{summary[k]:.3f}" if k in summary else "-" for d in ("i2t", "t2i")
+                     for k in (f"{group}-global-smap_{d}-mean", f"{group}-global-smap_{d}-worst")]
+            lines.append("| " + " | ".join([group, *cells]) + " |")
     return lines + [""]

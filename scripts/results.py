@@ -33,6 +33,10 @@ COLUMNS = {
     "std MAP t2i": lambda f: f["test"].get("hash_smap_t2i"),
     "client mean": lambda f: _summary(f, "all-global-mean"),
     "client worst": lambda f: _summary(f, "all-global-worst"),
+    "client MAP i2t": lambda f: _summary(f, "all-global-smap_i2t-mean"),
+    "client MAP t2i": lambda f: _summary(f, "all-global-smap_t2i-mean"),
+    "worst client MAP i2t": lambda f: _summary(f, "all-global-smap_i2t-worst"),
+    "worst client MAP t2i": lambda f: _summary(f, "all-global-smap_t2i-worst"),
     "paired": lambda f: _summary(f, "paired-global-mean"),
     "paired worst": lambda f: _summary(f, "paired-global-worst"),
     "image-only": lambda f: _summary(f, "image-only-global-mean"),
@@ -41,7 +45,8 @@ COLUMNS = {
     "text-only worst": lambda f: _summary(f, "text-only-global-worst"),
     "+personal mean": lambda f: _summary(f, "all-personal-mean"),
 }
-DIGITS = {"MAP@all i2t": 3, "MAP@all t2i": 3, "std MAP i2t": 3, "std MAP t2i": 3}
+DIGITS = {"MAP@all i2t": 3, "MAP@all t2i": 3, "std MAP i2t": 3, "std MAP t2i": 3, "client MAP i2t": 3,
+          "client MAP t2i": 3, "worst client MAP i2t": 3, "worst client MAP t2i": 3}
 # marked against the grid's baseline
 SIGNIFICANCE = ("test rsum", "Hamming rsum", "client mean", "image-only", "text-only")
 

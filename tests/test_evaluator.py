@@ -14,7 +14,7 @@ from common.backbones import build_backbone
 from common.config import parse_run_config
 from common.data.flickr8k import caption_rows
 from common.evaluate import evaluate_retrieval
-from common.metrics import query_recalls
+from common.metrics import query_recalls, standard_map
 from common.model import XmrModel, state_to_numpy
 from fedxmr_client.app import app
 from fedxmr_client.node import load_shard
@@ -90,3 +90,10 @@ def test_per_client_scores_index_the_shared_gallery_correctly(setup) -> None:
     assert {k: metrics[f"global-{k}"] for k in expected} == pytest.approx(expected)
     wrong = query_recalls(sim[rows], np.arange(len(rows)), full.caption_image, "i2t")
     assert wrong != {k: metrics[f"global-{k}"] for k in wrong}
+    # the per-client Hamming MAP: the node's queries (its own codes and labels) against the gallery's codes
+    codes = {mod: evaluator._model(arrays).encode(mod, evaluator._split("test").feats[mod])[1] for mod in ("img", "txt")}
+    np.testing.assert_array_equal(gallery["img-code"], codes["img"])
+    assert metrics["global-smap_i2t"] == pytest.approx(
+        standard_map(codes["img"][rows], codes["txt"], full.labels[rows], full.labels[full.caption_image]))
+    assert metrics["global-smap_t2i"] == pytest.approx(
+        standard_map(codes["txt"][caps], codes["img"], full.labels[full.caption_image[caps]], full.labels))

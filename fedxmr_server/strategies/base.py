@@ -260,9 +260,10 @@ class XmrStrategy(ClientRegistry, Strategy):
         the modalities the client can query against."""
         gallery = self.gallery_fn(arrays, split)
         mods = self.state.meta.get("modalities", {}).get(client, ["img", "txt"])
-        suffix = "emb" if arrays is not None else "feat"
-        keys = [P.CAPTION_IMAGE] + [f"txt-{suffix}"] * ("img" in mods) + [f"img-{suffix}"] * ("txt" in mods)
-        return {k: gallery[k] for k in keys}
+        kinds = ("emb", "code") if arrays is not None else ("feat",)
+        keys = [P.CAPTION_IMAGE, P.LABEL] + [f"{other}-{kind}" for mod, other in (("img", "txt"), ("txt", "img"))
+                                             if mod in mods for kind in kinds]
+        return {k: gallery[k] for k in keys if k in gallery}
 
     def _select(self, server_round: int, dev: dict[str, float] | None) -> None:
         """Keep the round if its dev score is the best so far (ties keep the earlier round); a round without a
