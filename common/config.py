@@ -47,6 +47,7 @@ class RunConfig(BaseModel):
     partitioner: Literal[PARTITIONERS] = "iid"  # type: ignore[valid-type]
     partition_beta: float = Field(0.5, gt=0.0, le=1000.0)
     partition_ways: int = Field(2, ge=1)
+    partition_shots: int = Field(0, ge=0)  # > 0: n-way k-shot (nway partitioner only; common/data/partition.py)
     modality_mix: str = "1,0,0"  # fractions of paired, image-only, text-only clients
     seed: int = Field(0, ge=0)
     # local training
@@ -168,6 +169,9 @@ def parse_run_config(raw: Mapping[str, Any]) -> RunConfig:
         default = section().model_dump(by_alias=True)
         problems += [f"run config key '{name}-{k}' (= {v!r}) belongs to method '{name}', but method is "
                      f"'{cfg.method}'" for k, v in parsed.model_dump(by_alias=True).items() if v != default[k]]
+    if cfg.partition_shots and cfg.partitioner != "nway":
+        problems.append(f"run config key 'partition-shots' (= {cfg.partition_shots}) applies to partitioner 'nway' "
+                        f"only, not {cfg.partitioner!r}")
     if problems:
         raise ConfigError("invalid run config:\n  " + "\n  ".join(problems))
     return cfg

@@ -104,6 +104,17 @@ class FedCafeSection(Section):
         return len(CONCEPT_NAMES) if self.afe else 0
 
 
+class PlFedCmhSection(Section):
+    """PLFedCMH (ICASSP 2023); see fedxmr_server/strategies/plfedcmh.py. Loss weights: the released code's α, β for
+    the two instance-class terms; the prototype distance is on a mean, not a sum, so not its η = 1e5."""
+
+    class_weight: float = Field(0.5, ge=0.0)  # instance-class similarity to the client's own class codes
+    global_weight: float = Field(0.5, ge=0.0)  # instance-class similarity to the global prototypes
+    proto_weight: float = Field(1.0, ge=0.0)  # distance to the item's classes' global prototypes
+    hn_lr: float = Field(0.01, gt=0.0, le=10.0)  # the hypernetwork's SGD step
+    hn_embed_dim: int = Field(32, ge=1, le=4096)  # client embedding and hidden width of the hypernetwork
+
+
 # The registry of method names: every name here has a server strategy and a client method (tests check both).
 SECTIONS: dict[str, type[Section] | None] = {
     "fedavg": None,
@@ -116,4 +127,5 @@ SECTIONS: dict[str, type[Section] | None] = {
     "unialign": UniAlignSection,
     "moon": MoonSection,
     "fedcafe": FedCafeSection,
+    "plfedcmh": PlFedCmhSection,
 }

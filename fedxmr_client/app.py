@@ -96,9 +96,9 @@ def train(msg: Message, context: Context) -> Message:
             states[PERSONAL_STATE] = personal_state(model)
         if method.keeps_model or method.keeps_previous:
             states[MODEL_STATE] = shared_state(model)
+        extra_metrics, extra_records = method.finish(plan, model)  # may add to `states` (PLFedCMH's class codes)
         if states:
             store.save(server_round, states, int(config.get(P.BEST_ROUND, -1)))
-        extra_metrics, extra_records = method.finish(plan, model)
         metrics |= extra_metrics
         for name, record in extra_records.items():
             records[name] = record

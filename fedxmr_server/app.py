@@ -93,6 +93,7 @@ def _run(grid: Grid, context: Context) -> None:
     recorder.plot()
     recorder.plot_clients(clients.get("clients", []))
     recorder.plot_router()
+    recorder.plot_layer_weights(best.round)
     n_clients = max((r["train"].get("replies", 0) for r in recorder.rounds if r.get("train")), default=0)
     text = recorder.summary(best.round, dev, test, {"clients": n_clients, "per-client": clients,
                                                     "selected-on": "dev rsum" if strategy.has_global_model

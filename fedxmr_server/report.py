@@ -152,6 +152,32 @@ class RunRecorder:
         fig.suptitle(f"{self.dir.name}: per-client weights ({self.cfg.options.router} router)")
         return self._save(fig, "router.png")
 
+    def plot_layer_weights(self, selected_round: int) -> Path | None:
+        """Heatmaps (client x client, one per layer) of the per-layer aggregation weights each client was sent in
+        the selected round, for strategies that report `layer-weights` per client (PLFedCMH)."""
+        rows = [c for r in self.rounds if r["round"] == selected_round for c in r.get("train", {}).get("clients", [])
+                if "layer-weights" in c]
+        if not rows:
+            return None
+        plt = _pyplot()
+        rows.sort(key=lambda c: int(c["partition-id"]))
+        layers = sorted(rows[0]["layer-weights"])
+        n = len(rows[0]["layer-weights"][layers[0]])
+        cols = min(4, len(layers))
+        lines = (len(layers) + cols - 1) // cols
+        fig, axes = plt.subplots(lines, cols, figsize=(3.2 * cols, 3.0 * lines), squeeze=False)
+        for ax, layer in zip(axes.ravel(), layers):
+            grid = np.full((n, n), np.nan)
+            for c in rows:
+                grid[int(c["partition-id"])] = c["layer-weights"][layer]
+            im = ax.imshow(grid, vmin=0.0, cmap="viridis")
+            ax.set(title=layer, xlabel="from client", ylabel="to client")
+            fig.colorbar(im, ax=ax, fraction=0.046)
+        for ax in axes.ravel()[len(layers):]:
+            ax.axis("off")
+        fig.suptitle(f"{self.dir.name}: per-layer aggregation weights at the selected round {selected_round}")
+        return self._save(fig, "layer-weights.png")
+
     def fail(self, reason: str) -> None:
         """Mark the run dir failed (`final.json` status and `summary.md`), with the rounds that were logged."""
         (self.dir / "final.json").write_text(json.dumps({"status": "failed", "reason": reason,

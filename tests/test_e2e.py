@@ -107,6 +107,24 @@ def test_each_node_receives_its_own_model(flickr8k_dir: Path, tmp_path_factory: 
     assert final["test"] == {} and final["per-client"]["summary"]["all-global-clients"] == 2
 
 
+def test_plfedcmh_sends_each_node_its_own_generated_parameters(flickr8k_dir: Path,
+                                                                 tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Through `flwr run`: in round 2 the two nodes receive different parameters, neither of them the model either
+    node sent in round 1 (each is a layer-weighted mix; `test_plfedcmh` checks the mix exactly in-process), and the
+    layer weights are drawn at the selected round."""
+    status, run_dir = _run(flickr8k_dir, tmp_path_factory.mktemp("e2e-plfedcmh"), "plfedcmh",
+                           "method='plfedcmh' hash-bits=16", rounds=2)
+    assert status["status"] == "finished:completed", status.get("status-details")
+    rounds = _rounds(run_dir)
+    sent = {c["partition-id"]: c["sent-checksum"] for c in rounds[0]["train"]["clients"]}
+    received = {c["partition-id"]: c["received-checksum"] for c in rounds[1]["train"]["clients"]}
+    assert len(received) == 2 and len(set(received.values())) == 2
+    assert not set(received.values()) & set(sent.values())
+    assert (run_dir / "layer-weights.png").exists()
+    final = json.loads((run_dir / "final.json").read_text())
+    assert final["per-client"]["summary"]["all-global-clients"] == 2
+
+
 def test_run_outputs_are_complete(finished_run: tuple[dict, Path, Path]) -> None:
     _, run_dir, _ = finished_run
     from safetensors.numpy import load_file

@@ -25,7 +25,8 @@ SETUPS = {"centralized": (1, {"min-nodes": 1}),
           "paired-only": (3, {"modality-mix": "0.34,0.33,0.33"}),
           "rcsr": (3, {"personal-adapters": True, "personal-epochs": 1, "modality-mix": "0.34,0.33,0.33"}),
           "moon": (3, {"modality-mix": "0.34,0.33,0.33"}),
-          "fedcafe": (3, {"modality-mix": "0.34,0.33,0.33", "hash-loss": "pairwise"})}
+          "fedcafe": (3, {"modality-mix": "0.34,0.33,0.33", "hash-loss": "pairwise"}),
+          "plfedcmh": (3, {"modality-mix": "0.34,0.33,0.33"})}
 TIMING = {"train-seconds", "load-seconds", "round-s", "elapsed-s", "train-s", "aggregate-and-dev-s",
           "client-eval-s"}
 

@@ -6,9 +6,11 @@ same split), and each one covers every item exactly once.
   classes, so the class of an image is its *dominant DERIVED concept*: the rarest concept among its labels (the
   most specific one); images without any label form one extra class.
 - `nway`: each client holds `ways` classes (pathological non-IID); every class goes to at least one client and is
-  split equally among the clients holding it.
+  split equally among the clients holding it. With `shots` > 0 (n-way k-shot, FedProto's and PLFedCMH's protocol)
+  each client keeps a seeded random `shots` of its items of each class it holds, and the rest of the pool is unused.
 - `quantity`: IID content, client sizes ~ Dir(β) (quantity skew).
-All but `iid` keep at least `min_size` items per client (redrawn up to 100 times, else an error).
+All but `iid` keep at least `min_size` items per client (redrawn up to 100 times, else an error). All cover every
+item exactly once, except n-way k-shot.
 
 `follow_partition` splits a second pool (the test pool) so that each client's share of every class matches its
 share of that class in the first (train) pool: a client's local test shard has its train shard's class mix.
@@ -59,9 +61,31 @@ def _by_class(classes: np.ndarray, shares_per_class, rng: np.random.Generator, k
     return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
 
 
+def k_shot(parts: list[np.ndarray], classes: np.ndarray, shots: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Each part keeps at most `shots` random items of each of its classes."""
+    out = []
+    for part in parts:
+        keep = [rng.permutation(part[classes[part] == c])[:shots] for c in np.unique(classes[part])]
+        out.append(np.sort(np.concatenate(keep)) if keep else part)
+    return out
+
+
 def partition(name: str, num_items: int, num_partitions: int, seed: int, labels: np.ndarray | None = None,
-              beta: float = 0.5, ways: int = 2, min_size: int = 2) -> list[np.ndarray]:
-    """All partitions (sorted index arrays) of `num_items` items; `labels` (n, n_labels) for label-based ones."""
+              beta: float = 0.5, ways: int = 2, min_size: int = 2, shots: int = 0) -> list[np.ndarray]:
+    """All partitions (sorted index arrays) of `num_items` items; `labels` (n, n_labels) for label-based ones;
+    `shots` > 0: n-way k-shot (`nway` only)."""
+    if shots and name != "nway":
+        raise ValueError(f"partition shots (k-shot sub-sampling) apply to the nway partitioner only, not {name!r}")
+    if shots < 0:
+        raise ValueError(f"partition shots must be >= 0, got {shots}")
+    parts = _partition(name, num_items, num_partitions, seed, labels, beta, ways, min_size)
+    if shots:
+        parts = k_shot(parts, dominant_class(labels), shots, np.random.default_rng([seed, 7919]))
+    return parts
+
+
+def _partition(name: str, num_items: int, num_partitions: int, seed: int, labels: np.ndarray | None,
+               beta: float, ways: int, min_size: int) -> list[np.ndarray]:
     k = num_partitions
     if k < 1:
         raise ValueError(f"num-partitions must be >= 1, got {k}")
@@ -156,11 +180,12 @@ def main() -> None:
     parser.add_argument("--num-partitions", type=int, default=10)
     parser.add_argument("--beta", type=float, default=0.1)
     parser.add_argument("--ways", type=int, default=2)
+    parser.add_argument("--shots", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     data = load_split(args.data_dir, args.split)
     parts = partition(args.partitioner, len(data.images), args.num_partitions, args.seed, data.labels,
-                      beta=args.beta, ways=args.ways)
+                      beta=args.beta, ways=args.ways, shots=args.shots)
     print(f"{args.partitioner} over {len(data.images)} {args.split} images (labels are DERIVED from captions)")
     print(summary(parts, data.labels, CONCEPT_NAMES))
 

@@ -43,8 +43,8 @@ FORMAT = "fedxmr-shard/1"
 LOCAL_SPLITS: tuple[str, ...] = ("train", "dev", "test")
 # Run-config keys that decide which items a partition id gets (and, for max-eval-images, what its test indices
 # point at in the server's gallery).
-PARTITION_KEYS: tuple[str, ...] = ("partitioner", "partition-beta", "partition-ways", "modality-mix", "seed",
-                                   "max-train-images", "max-eval-images")
+PARTITION_KEYS: tuple[str, ...] = ("partitioner", "partition-beta", "partition-ways", "partition-shots",
+                                   "modality-mix", "seed", "max-train-images", "max-eval-images")
 
 
 class ShardError(DatasetError):
@@ -70,7 +70,7 @@ def cut_shard(cfg: RunConfig, partition_id: int, num_partitions: int, data_dir: 
     # not every node of the federation
     train = load_split(data_dir, "train", cfg.max_train_images, check_images=False)
     parts = partition(cfg.partitioner, len(train.images), num_partitions, cfg.seed, labels=train.labels,
-                      beta=cfg.partition_beta, ways=cfg.partition_ways)
+                      beta=cfg.partition_beta, ways=cfg.partition_ways, shots=cfg.partition_shots)
     pool = train
     if split != "train":
         pool = load_split(data_dir, split, cfg.max_eval_images, check_images=False)

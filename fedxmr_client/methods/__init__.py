@@ -10,6 +10,7 @@ from fedxmr_client.methods.fedprox import FedProxClient
 from fedxmr_client.methods.fedproto import FedProtoClient
 from fedxmr_client.methods.moon import MoonClient
 from fedxmr_client.methods.paired_only import PairedOnlyClient
+from fedxmr_client.methods.plfedcmh import PlFedCmhClient
 from fedxmr_client.methods.rcsr import RcsrClient
 from fedxmr_client.methods.unialign import UniAlignClient
 
@@ -20,7 +21,8 @@ class LocalClient(ClientMethod):
 
 CLIENT_METHODS: dict[str, type[ClientMethod]] = {
     cls.name: cls for cls in (ClientMethod, FedProxClient, RcsrClient, LocalClient, PairedOnlyClient,
-                              CentralizedClient, FedProtoClient, UniAlignClient, MoonClient, FedCafeClient)}
+                              CentralizedClient, FedProtoClient, UniAlignClient, MoonClient, FedCafeClient,
+                              PlFedCmhClient)}
 
 
 def client_method(name: str) -> ClientMethod:

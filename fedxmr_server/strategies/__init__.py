@@ -12,12 +12,13 @@ from fedxmr_server.strategies.fedproto import FedProtoXmr
 from fedxmr_server.strategies.local import LocalXmr
 from fedxmr_server.strategies.moon import MoonXmr
 from fedxmr_server.strategies.paired_only import PairedOnlyXmr
+from fedxmr_server.strategies.plfedcmh import PlFedCmhXmr
 from fedxmr_server.strategies.rcsr import RcsrXmr
 from fedxmr_server.strategies.unialign import UniAlignXmr
 
 STRATEGIES: dict[str, type[XmrStrategy]] = {
     cls.name: cls for cls in (FedAvgXmr, FedProxXmr, RcsrXmr, LocalXmr, PairedOnlyXmr, CentralizedXmr, FedProtoXmr,
-                               UniAlignXmr, MoonXmr, FedCafeXmr)}
+                               UniAlignXmr, MoonXmr, FedCafeXmr, PlFedCmhXmr)}
 
 
 def build_strategy(cfg: RunConfig) -> XmrStrategy:

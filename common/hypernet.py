@@ -1,0 +1,95 @@
+"""PLFedCMH's server hypernetwork: layer-wise personalized aggregation (pFedLA, Ma et al., CVPR 2022). Pure torch.
+
+For client i and each layer l (a parameter block: a parameter name without its last part, e.g. `img.proj`), the
+hypernetwork produces non-negative weights α_i^(l) over the clients, from a client embedding through a small
+per-client MLP and one head per layer: α_i^(l) = ReLU(head_il(MLP_i(E[i]))), masked to the clients that hold the
+layer's modality, normalised to sum to 1 (by the sum, as pFedLA; a client whose weights are all zero falls back to
+its own parameters). Client i is sent θ̄_i^(l) = Σ_j α_ij^(l) θ_j^(l) over all clients' current parameters.
+
+The update after client i trained (θ_i = θ̄_i + Δθ_i): local training approximates a descent step on the client's
+loss, so Δθ_i ≈ -lr ∂L_i/∂θ̄_i, and the chain rule gives ∂L_i/∂φ ≈ (∂θ̄_i/∂φ)^T (θ̄_i - θ_i) / lr: the hypernetwork
+takes a descent step with the vector (old - new). To first order that moves the generated θ̄_i *toward* the
+client's trained parameters, which is pFedLA's intent (its Eq. for ∇φ) and pFedHN's sign. The released pFedLA and
+PLFedCMH code passes (new - old) instead, which moves θ̄_i away from the update; tests/test_plfedcmh.py checks the
+direction taken here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+Arrays = dict[str, np.ndarray]
+
+
+def layer_of(key: str) -> str:
+    """'img.adapter.down.weight' -> 'img.adapter.down'; a top-level key ('logit_scale') is its own layer."""
+    return key.rsplit(".", 1)[0] if "." in key else key
+
+
+class LayerHypernet(nn.Module):
+    """Client embeddings, a per-client MLP and per-client, per-layer heads (pFedLA's shapes)."""
+
+    def __init__(self, num_clients: int, layers: list[str], embed_dim: int = 32, hidden: int = 32,
+                 seed: int = 0) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.layers = list(layers)
+        self.embedding = nn.Embedding(num_clients, embed_dim)
+        nn.init.normal_(self.embedding.weight, generator=gen)
+        self.mlps = nn.ModuleList(nn.Sequential(nn.Linear(embed_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden),
+                                                nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
+                                  for _ in range(num_clients))
+        self.heads = nn.ModuleList(nn.ModuleList(nn.Linear(hidden, num_clients) for _ in self.layers)
+                                   for _ in range(num_clients))
+        for heads in self.heads:  # non-negative start, as pFedLA: ReLU must not zero every weight
+            for head in heads:
+                nn.init.uniform_(head.weight, 0.0, 1.0, generator=gen)
+                nn.init.zeros_(head.bias)
+        for mlp in self.mlps:
+            for mod in mlp:
+                if isinstance(mod, nn.Linear):
+                    nn.init.kaiming_uniform_(mod.weight, a=5 ** 0.5, generator=gen)
+                    nn.init.zeros_(mod.bias)
+
+    def weights(self, client: int, mask: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """layer -> (num_clients,) α of `client`, normalised over the clients `mask[layer]` allows."""
+        h = self.mlps[client](self.embedding.weight[client])
+        out = {}
+        for layer, head in zip(self.layers, self.heads[client]):
+            raw = torch.relu(head(h)) * mask[layer]
+            total = raw.sum()
+            own = torch.zeros_like(raw)
+            own[client] = 1.0
+            out[layer] = raw / total if total > 0 else own
+        return out
+
+
+def personalized(alpha: dict[str, torch.Tensor], params: list[dict[str, torch.Tensor]],
+                 keys: list[str]) -> dict[str, torch.Tensor]:
+    """θ̄^(l) = Σ_j α_j^(l) θ_j^(l) for every key (its layer's α), differentiable in α."""
+    return {k: sum(alpha[layer_of(k)][j] * p[k] for j, p in enumerate(params)) for k in keys}
+
+
+def hypernet_step(net: LayerHypernet, lr: float, mask: dict[str, torch.Tensor], params: list[dict[str, torch.Tensor]],
+                  trained: dict[int, dict[str, torch.Tensor]]) -> dict[int, dict[str, torch.Tensor]]:
+    """One SGD step of the hypernetwork from the clients' trained parameters (`trained`: client index -> the keys
+    it trained), the clients' losses summed (each client's MLP and heads get its own gradient, the shared embedding
+    table the sum): descent with the vector θ̄_i - θ_i (module docstring). Returns every client's θ̄_i as generated
+    before the step (detached), for all keys of `params`."""
+    keys = list(params[0])
+    optimizer = torch.optim.SGD(net.parameters(), lr=lr)
+    optimizer.zero_grad()
+    outputs, directions, generated = [], [], {}
+    for client, new in trained.items():
+        theta = personalized(net.weights(client, mask), params, keys)
+        for key, value in new.items():
+            if theta[key].requires_grad:  # not a client whose weights fell back to its own parameters
+                outputs.append(theta[key])
+                directions.append(theta[key].detach() - value)
+        generated[client] = {k: v.detach() for k, v in theta.items()}
+    if outputs:
+        torch.autograd.backward(outputs, directions)
+        optimizer.step()
+    return generated
