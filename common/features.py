@@ -138,11 +138,11 @@ class FeatureStore:
 
 
 def split_features(data, backbone, cache_dir: Path, modalities: Sequence[str] = ("img", "txt"),
-                   batch_size: int = 32, dataset: str = "flickr8k") -> dict[str, np.ndarray]:
+                   batch_size: int = 32) -> dict[str, np.ndarray]:
     """Features of a split (or a client's shard of it) per modality, encoding only what the cache lacks.
 
-    `data` is a `common.data.flickr8k.RetrievalSplit`, `backbone` a `common.backbones.Backbone`. A modality not
-    in `modalities` is neither read, encoded nor cached.
+    `data` is a `common.data.flickr8k.RetrievalSplit` (its `dataset` names the cache's namespace), `backbone` a
+    `common.backbones.Backbone`. A modality not in `modalities` is neither read, encoded nor cached.
     """
     jobs = {
         "img": (backbone.img_key, data.images, data.image_paths, backbone.image_encoder, batch_size, "images"),
@@ -152,7 +152,7 @@ def split_features(data, backbone, cache_dir: Path, modalities: Sequence[str] = 
     out: dict[str, np.ndarray] = {}
     for modality in modalities:
         key, ids, items, encoder, batch, desc = jobs[modality]
-        store = FeatureStore(cache_dir, dataset, data.name, modality, key)
+        store = FeatureStore(cache_dir, data.dataset, data.name, modality, key)
         # A warm cache is read in one pass. Items never encoded, or lost with a chunk found corrupt (it is
         # quarantined), are encoded and the load is retried.
         for attempt in range(3):

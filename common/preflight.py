@@ -10,7 +10,8 @@ import tempfile
 from pathlib import Path
 
 from common.config import RunConfig
-from common.data.flickr8k import DatasetError, resolve_data_dir
+from common.data.datasets import check_data_dir
+from common.data.flickr8k import DatasetError
 from common.features import resolve_cache_dir
 
 CHECKPOINT = "checkpoint.npz"  # in the run dir, rewritten after every round (fedxmr_server/strategies/state.py)
@@ -33,7 +34,7 @@ def path_problems(cfg: RunConfig) -> list[str]:
     """Everything wrong with the run's paths, one line each (empty: good to go)."""
     problems = []
     try:
-        resolve_data_dir(cfg.data_dir)
+        check_data_dir(cfg.data_dir)
     except DatasetError as exc:
         problems.append(f"run config key 'data-dir': {exc}")
     out_dir = Path(cfg.out_dir).expanduser().resolve()

@@ -89,6 +89,7 @@ def load_shard(context: Context, split: str = "train",
 _MEMO: OrderedDict[tuple, NodeShard] = OrderedDict()
 _MEMO_SIZE = 32  # 10 simulated nodes x (train, dev, test) fit
 MEMO_ENV = "FEDXMR_SHARD_MEMO"  # "0": load from disk every message (the behaviour before the memo)
+IMAGE_FILES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")  # never part of the fingerprint
 
 
 def _disk_fingerprint(data_dir: str, cache_dir: str) -> tuple:
@@ -97,9 +98,16 @@ def _disk_fingerprint(data_dir: str, cache_dir: str) -> tuple:
     out = []
     roots = (data_dir or os.environ.get(DATA_DIR_ENV, ""), str(resolve_cache_dir(cache_dir)))
     for root in filter(None, roots):
-        for folder, dirs, files in os.walk(Path(root).expanduser().resolve()):
+        path = Path(root).expanduser().resolve()
+        if path.is_file():  # a Karpathy JSON given as the data dir
+            st = path.stat()
+            out.append((str(path.parent), path.name, st.st_size, st.st_mtime_ns))
+            continue
+        for folder, dirs, files in os.walk(path):
             dirs[:] = sorted(d for d in dirs if d != "images")
             for name in sorted(files):
+                if name.lower().endswith(IMAGE_FILES):  # images in other folders (COCO's train2014/, val2014/)
+                    continue
                 st = os.stat(os.path.join(folder, name))
                 out.append((folder, name, st.st_size, st.st_mtime_ns))
     return tuple(out)

@@ -12,7 +12,8 @@ import numpy as np
 
 from common.backbones import Backbone
 from common.config import RunConfig
-from common.data.flickr8k import RetrievalSplit, load_split
+from common.data.datasets import load_split
+from common.data.flickr8k import RetrievalSplit
 from common.evaluate import evaluate_retrieval
 from common.features import resolve_cache_dir, split_features
 from common.model import XmrModel, load_numpy_state

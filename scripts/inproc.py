@@ -20,7 +20,7 @@ from flwr.app import RecordDict
 
 from common.backbones import build_backbone
 from common.config import RunConfig, parse_run_config
-from common.data.flickr8k import load_split
+from common.data.datasets import load_split
 from common.features import resolve_cache_dir, split_features
 from common.metrics import hamming_recalls, retrieval_recalls
 from common.model import XmrModel, load_numpy_state, state_to_numpy, upload_keys

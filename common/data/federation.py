@@ -10,6 +10,8 @@ image file.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from common.data.flickr8k import RetrievalSplit, subset
@@ -51,7 +53,6 @@ def node_split(pool: RetrievalSplit, image_indices: np.ndarray, modalities: tupl
     """
     shard = subset(pool, image_indices)
     if "txt" not in modalities:
-        shard = RetrievalSplit(name=shard.name, root=shard.root, images=shard.images, caption_ids=(), captions=(),
-                               caption_image=np.zeros(0, dtype=np.int64),
-                               labels=np.zeros((len(shard.images), 0), dtype=np.uint8))
+        shard = replace(shard, caption_ids=(), captions=(), caption_image=np.zeros(0, dtype=np.int64),
+                        labels=np.zeros((len(shard.images), 0), dtype=np.uint8))
     return shard

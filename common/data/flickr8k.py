@@ -39,10 +39,13 @@ class RetrievalSplit:
     captions: tuple[str, ...]
     caption_image: np.ndarray  # (n_captions,) index into `images`
     labels: np.ndarray  # (n_images, n_concepts) derived from captions, see common.data.concepts
+    image_root: Path | None = None  # where image names resolve; None: `root/images` (the Flickr8k layout)
+    dataset: str = "flickr8k"  # names the feature cache's namespace (common.features)
 
     def image_paths(self, indices: np.ndarray | None = None) -> list[Path]:
         idx = range(len(self.images)) if indices is None else indices
-        return [self.root / "images" / self.images[i] for i in idx]
+        folder = self.image_root or self.root / "images"
+        return [folder / self.images[i] for i in idx]
 
 
 def resolve_data_dir(value: str | os.PathLike | None) -> Path:
@@ -95,20 +98,23 @@ def load_split(data_dir: str | os.PathLike | None, split: str, max_images: int =
 
 
 def assemble_split(name: str, root: Path, images: Sequence[str], captions: Mapping[str, list[tuple[str, str]]] | None,
-                   check_images: bool, source: Path) -> RetrievalSplit:
-    """A split of `images` (files under `root/images`) with their captions in image order and DERIVED labels.
+                   check_images: bool, source: Path, image_root: Path | None = None,
+                   dataset: str = "flickr8k") -> RetrievalSplit:
+    """A split of `images` (files under `image_root`, default `root/images`) with their captions in image order and
+    DERIVED labels.
 
     `captions=None` builds the caption-free view of an image-only node: no captions and no labels (labels are
     derived from captions). Errors name `source`, the file that listed the images.
     """
+    folder = image_root or root / "images"
     caption_ids: list[str] = []
     texts: list[str] = []
     owner: list[int] = []
     for i, image in enumerate(images):
         if captions is not None and image not in captions:
-            raise DatasetError(f"{source}: image {image!r} has no caption in {root / TOKEN_FILE}")
-        if check_images and not (root / "images" / image).is_file():
-            raise DatasetError(f"{source}: image file {root / 'images' / image} does not exist")
+            raise DatasetError(f"{source}: image {image!r} has no caption")
+        if check_images and not (folder / image).is_file():
+            raise DatasetError(f"{source}: image file {folder / image} does not exist")
         for cid, cap in captions[image] if captions is not None else ():
             caption_ids.append(cid)
             texts.append(cap)
@@ -125,6 +131,8 @@ def assemble_split(name: str, root: Path, images: Sequence[str], captions: Mappi
         captions=tuple(texts),
         caption_image=np.asarray(owner, dtype=np.int64),
         labels=labels,
+        image_root=image_root,
+        dataset=dataset,
     )
 
 
@@ -154,4 +162,6 @@ def subset(data: RetrievalSplit, image_indices: np.ndarray) -> RetrievalSplit:
         captions=tuple(data.captions[j] for j in keep),
         caption_image=remap[data.caption_image[keep]],
         labels=data.labels[image_indices],
+        image_root=data.image_root,
+        dataset=data.dataset,
     )

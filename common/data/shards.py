@@ -33,8 +33,8 @@ import numpy as np
 
 from common.config import RunConfig, parse_run_config
 from common.data.federation import CLIENT_TYPES, client_types, node_split
-from common.data.flickr8k import (DATA_DIR_ENV, TOKEN_FILE, DatasetError, RetrievalSplit, assemble_split, load_split,
-                                  read_captions)
+from common.data.datasets import load_split
+from common.data.flickr8k import DATA_DIR_ENV, TOKEN_FILE, DatasetError, RetrievalSplit, assemble_split, read_captions
 from common.data.partition import dominant_class, follow_partition, partition
 
 MANIFEST = "shard.json"
@@ -78,8 +78,7 @@ def cut_shard(cfg: RunConfig, partition_id: int, num_partitions: int, data_dir: 
                                  cfg.seed)
     idx = parts[partition_id]
     if "img" in modalities:
-        missing = [pool.root / "images" / pool.images[i] for i in idx
-                   if not (pool.root / "images" / pool.images[i]).is_file()]
+        missing = [p for p in pool.image_paths(idx) if not p.is_file()]
         if missing:
             raise DatasetError(f"partition {partition_id} ({split}): {len(missing)} image file(s) of this node do "
                                f"not exist, e.g. {[str(p) for p in missing[:3]]}")
@@ -112,6 +111,7 @@ def _content_hash(root: Path) -> str:
 
 
 def _place(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)  # Karpathy image names carry a folder (COCO's `val2014/...`)
     try:
         os.link(src, dst)
     except OSError:  # another filesystem, or links not allowed: copy
@@ -138,7 +138,7 @@ def materialise(cfg: RunConfig, partition_id: int, num_partitions: int, data_dir
         lines = [f"{cid}\t{cap}\n" for s in shards.values() for cid, cap in zip(s.data.caption_ids, s.data.captions)]
         (out / TOKEN_FILE).write_text("".join(lines), encoding="utf-8")
     manifest = {
-        "format": FORMAT, "dataset": "flickr8k", "partition-id": partition_id, "num-partitions": num_partitions,
+        "format": FORMAT, "dataset": shards["train"].data.dataset, "partition-id": partition_id, "num-partitions": num_partitions,
         "client-type": client_type, "modalities": list(modalities), "run-config": _partition_keys(cfg),
         "splits": {split: {"indices": s.pool_indices.tolist(), "images": list(s.data.images)}
                    for split, s in shards.items()},
@@ -189,7 +189,8 @@ def read_shard(root: Path, split: str, cfg: RunConfig, partition_id: int | None 
     entry = manifest["splits"][split]
     modalities = CLIENT_TYPES[client_type]
     captions = read_captions(root) if "txt" in modalities else None
-    data = assemble_split(split, root, entry["images"], captions, check_images="img" in modalities, source=path)
+    data = assemble_split(split, root, entry["images"], captions, check_images="img" in modalities, source=path,
+                          dataset=str(manifest.get("dataset", "flickr8k")))
     return Shard(pid, nparts, client_type, np.asarray(entry["indices"], dtype=np.int64), data)
 
 
