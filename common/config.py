@@ -76,6 +76,7 @@ class RunConfig(BaseModel):
     backbone: str = Field("effnet-lite0+minilm", min_length=1)
     device: str = "auto"
     data_dir: str = ""
+    data_keys: str = ""  # a feature file's variables: "img=data.X1,txt=data.X2,labels=L" (common/data/precomputed.py)
     cache_dir: str = ""
     out_dir: str = "runs"
     run_name: str = Field("", pattern=r"^[A-Za-z0-9._-]*$")

@@ -144,6 +144,8 @@ def split_features(data, backbone, cache_dir: Path, modalities: Sequence[str] = 
     `data` is a `common.data.flickr8k.RetrievalSplit` (its `dataset` names the cache's namespace), `backbone` a
     `common.backbones.Backbone`. A modality not in `modalities` is neither read, encoded nor cached.
     """
+    if data.features is not None:  # a precomputed-feature dataset: nothing to encode or cache
+        return {m: np.asarray(data.features[m]) for m in modalities}
     jobs = {
         "img": (backbone.img_key, data.images, data.image_paths, backbone.image_encoder, batch_size, "images"),
         "txt": (backbone.txt_key, data.caption_ids, lambda: data.captions, backbone.text_encoder, batch_size * 4,

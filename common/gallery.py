@@ -19,7 +19,7 @@ from typing import Literal, Sequence
 import numpy as np
 from safetensors.numpy import load_file
 
-from common.backbones import Backbone, build_backbone
+from common.backbones import IDENTITY, Backbone, build_backbone, identity_backbone
 from common.model import ModelConfig, XmrModel, load_numpy_state
 from common.search import ExactIndex, HammingIndex, Hits, TwoStageIndex
 
@@ -64,7 +64,10 @@ class TrainedModel:
         except (KeyError, ValueError) as exc:
             raise GalleryError(f"{weights_path}: {exc}") from None
         model.eval()
-        return cls(model, build_backbone(config["run"]["backbone"], device), run_dir, client)
+        name = config["run"]["backbone"]
+        backbone = (identity_backbone(model.cfg.img_dim, model.cfg.txt_dim) if name == IDENTITY
+                    else build_backbone(name, device))
+        return cls(model, backbone, run_dir, client)
 
     def embed_texts(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         encoder = self.backbone.text_encoder()

@@ -34,7 +34,7 @@ def path_problems(cfg: RunConfig) -> list[str]:
     """Everything wrong with the run's paths, one line each (empty: good to go)."""
     problems = []
     try:
-        check_data_dir(cfg.data_dir)
+        check_data_dir(cfg.data_dir, cfg.data_keys)
     except DatasetError as exc:
         problems.append(f"run config key 'data-dir': {exc}")
     out_dir = Path(cfg.out_dir).expanduser().resolve()

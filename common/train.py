@@ -153,16 +153,17 @@ def train_unimodal(model: XmrModel, modality: str, feats: np.ndarray, cfg: Train
                    caption_image: np.ndarray | None = None, personal: bool = False,
                    terms: Sequence[LossTerm] = (), labels: np.ndarray | None = None) -> dict[str, float]:
     """One modality only. Text: two different captions of a scene are a positive pair (`caption_image` groups
-    them). Images: two dropout views of one image are a positive pair. With `personal`, the first view goes
+    them; with one text per scene, two dropout views of it). Images: two dropout views of one image are a positive
+    pair. With `personal`, the first view goes
     through the personal adapter and the second is the fixed global embedding. `labels`: per scene (image), for
     the pairwise hash loss."""
     device = next(model.parameters()).device
     x = torch.as_tensor(feats, dtype=torch.float32, device=device)
     tower = model.tower(modality)
-    if modality == "txt":
-        if caption_image is None:
-            raise ValueError("text-only training needs caption_image to know which captions share a scene")
-        all_groups = _captions_of(caption_image, int(caption_image.max()) + 1)
+    if modality == "txt" and caption_image is None:
+        raise ValueError("text-only training needs caption_image to know which captions share a scene")
+    all_groups = _captions_of(caption_image, int(caption_image.max()) + 1) if modality == "txt" else []
+    if any(len(g) >= 2 for g in all_groups):
         scenes = np.array([i for i, g in enumerate(all_groups) if len(g) >= 2], dtype=np.int64)
         groups = [all_groups[i] for i in scenes]
         n_items = len(groups)
@@ -170,9 +171,9 @@ def train_unimodal(model: XmrModel, modality: str, feats: np.ndarray, cfg: Train
         def views(idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
             pairs = np.array([rng.choice(groups[i], size=2, replace=False) for i in idx])
             return x[pairs[:, 0]], x[pairs[:, 1]]
-    else:
+    else:  # images, or one text per scene (precomputed-feature datasets): two dropout views of each item
         n_items = len(feats)
-        scenes = np.arange(n_items)
+        scenes = caption_image if modality == "txt" else np.arange(n_items)
 
         def views(idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
             return F.dropout(x[idx], INPUT_DROPOUT), F.dropout(x[idx], INPUT_DROPOUT)

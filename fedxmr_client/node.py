@@ -22,8 +22,9 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 
-from common.backbones import Backbone, build_backbone, resolve_device
+from common.backbones import Backbone, resolve_device
 from common.config import RunConfig, parse_node_config, parse_run_config
+from common.data.datasets import backbone_for
 from common.data.federation import CLIENT_TYPES
 from common.data.flickr8k import DATA_DIR_ENV, RetrievalSplit
 from common.data.shards import cut_shard, read_shard, shard_dir
@@ -133,7 +134,7 @@ def _load_shard(cfg: RunConfig, node_config: dict, split: str) -> NodeShard:
     else:
         shard = cut_shard(cfg, node.partition_id, node.num_partitions, data_dir, split)
     device = node.device or cfg.device
-    backbone = build_backbone(cfg.backbone, device)
+    backbone = backbone_for(cfg.backbone, data_dir, cfg.data_keys, device)
     feats = split_features(shard.data, backbone, resolve_cache_dir(node.cache_dir or cfg.cache_dir),
                            modalities=CLIENT_TYPES[shard.client_type], batch_size=cfg.encode_batch_size)
     return NodeShard(cfg=cfg, partition_id=shard.partition_id, num_partitions=shard.num_partitions,

@@ -16,7 +16,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from threadpoolctl import threadpool_limits
 
-from common.backbones import build_backbone
+from common.data.datasets import backbone_for
 from common.config import ConfigError, parse_run_config
 from common.preflight import CHECKPOINT, path_problems
 from common.model import XmrModel
@@ -45,7 +45,7 @@ def _run(grid: Grid, context: Context) -> None:
     if problems:
         raise ConfigError("; ".join(problems))
     strategy = build_strategy(cfg)
-    backbone = build_backbone(cfg.backbone, cfg.device)
+    backbone = backbone_for(cfg.backbone, cfg.data_dir, cfg.data_keys, cfg.device)
     torch.manual_seed(cfg.seed)
     model = XmrModel(cfg.model_cfg(backbone.img_dim, backbone.txt_dim))
     recorder = RunRecorder(cfg, {"model": model.cfg.to_dict(), "flwr": flwr.__version__, "torch": torch.__version__,

@@ -36,7 +36,8 @@ class ServerEvaluator:
 
     def _split(self, name: str) -> _Split:
         if name not in self._splits:
-            data = load_split(self.cfg.data_dir, name, self.cfg.max_eval_images)
+            data = load_split(self.cfg.data_dir, name, self.cfg.max_eval_images, data_keys=self.cfg.data_keys,
+                              cache_dir=resolve_cache_dir(self.cfg.cache_dir))
             feats = split_features(data, self.backbone, resolve_cache_dir(self.cfg.cache_dir),
                                    batch_size=self.cfg.encode_batch_size)
             self._splits[name] = _Split(data, feats)

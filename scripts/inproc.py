@@ -18,9 +18,8 @@ import numpy as np
 import torch
 from flwr.app import RecordDict
 
-from common.backbones import build_backbone
 from common.config import RunConfig, parse_run_config
-from common.data.datasets import load_split
+from common.data.datasets import backbone_for, load_split
 from common.features import resolve_cache_dir, split_features
 from common.metrics import hamming_recalls, retrieval_recalls
 from common.model import XmrModel, load_numpy_state, state_to_numpy, upload_keys
@@ -54,8 +53,9 @@ class Federation:
             _load_shard(self.method.data_config(self.cfg, num_partitions),
                         {"partition-id": k, "num-partitions": num_partitions}, "train")
             for k in range(num_partitions)]
-        self.backbone = build_backbone(self.cfg.backbone, "cpu")
-        self.dev = load_split(self.cfg.data_dir, "dev", self.cfg.max_eval_images)
+        self.backbone = backbone_for(self.cfg.backbone, self.cfg.data_dir, self.cfg.data_keys)
+        self.dev = load_split(self.cfg.data_dir, "dev", self.cfg.max_eval_images, data_keys=self.cfg.data_keys,
+                              cache_dir=resolve_cache_dir(self.cfg.cache_dir))
         self.dev_feats = split_features(self.dev, self.backbone, resolve_cache_dir(self.cfg.cache_dir))
         torch.manual_seed(self.cfg.seed)  # as the ServerApp initialises the global model
         self.initial: Arrays = state_to_numpy(self.model())

@@ -40,7 +40,8 @@ def default_gallery(run_dir: Path) -> str | None:
 def split_gallery(trained: TrainedModel, split: str) -> Gallery:
     """A split of the run's dataset, from the run's feature cache (encoding only what it lacks)."""
     run = json.loads((trained.run_dir / "config.json").read_text())["run"]
-    data = load_split(run["data-dir"], split)
+    data = load_split(run["data-dir"], split, data_keys=run.get("data-keys", ""),
+                      cache_dir=resolve_cache_dir(run["cache-dir"]))
     start = time.perf_counter()
     feats = split_features(data, trained.backbone, resolve_cache_dir(run["cache-dir"]))
     (img_emb, img_code), (txt_emb, txt_code) = (trained.model.encode(m, feats[m]) for m in ("img", "txt"))

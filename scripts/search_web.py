@@ -121,6 +121,8 @@ def thumbnail(gallery: Gallery, i: int) -> bytes:
 
 def server(trained: TrainedModel, gallery: Gallery, host: str, port: int, mode: str,
            candidates: int) -> ThreadingHTTPServer:
+    """The HTTP server, with the text encoder loaded first (the first query would otherwise wait for it)."""
+    trained.backbone.text_encoder()
     return ThreadingHTTPServer((host, port), make_handler(trained, gallery, mode, candidates))
 
 

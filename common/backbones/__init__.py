@@ -6,6 +6,8 @@
 - `openclip:<model>[:<pretrained tag | checkpoint path>]`: any open_clip model through open_clip's own factory.
   Without a tag the weights are random (seeded, so every node gets the same frozen features); this is what the
   tests use with the tiny config `fedxmr-tiny` shipped in `configs/`.
+- `identity`: for precomputed-feature datasets (`common.data.precomputed`): the features are the dataset's own,
+  so there is nothing to encode; its dimensions come from the dataset (`identity_backbone`).
 
 Each modality's encoder loads lazily, so a node that holds only images never loads the text model.
 Nothing is downloaded: the Hugging Face hub is forced offline.
@@ -67,8 +69,23 @@ def resolve_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+IDENTITY = "identity"
+
+
+def _no_encoder(kind: str) -> Callable[[], Encoder]:
+    def fail() -> Encoder:
+        raise BackboneError(f"backbone 'identity' has no {kind} encoder: the dataset gives its features; search "
+                            f"its own splits, or train with a backbone that encodes {kind}s")
+    return fail
+
+
+def identity_backbone(img_dim: int, txt_dim: int) -> Backbone:
+    return Backbone(IDENTITY, img_dim, txt_dim, IDENTITY, IDENTITY, _no_encoder("image"), _no_encoder("text"))
+
+
 def build_backbone(name: str, device: str = "cpu") -> Backbone:
-    """Backbone by name (see the module docstring for the grammar)."""
+    """Backbone by name (see the module docstring for the grammar; `identity` needs the dataset's dimensions:
+    `common.data.datasets.backbone_for`)."""
     if name == DEFAULT_BACKBONE:
         from common.backbones.effnet_minilm import effnet_minilm_backbone
 
@@ -80,7 +97,11 @@ def build_backbone(name: str, device: str = "cpu") -> Backbone:
         if not model:
             raise BackboneError(f"backbone {name!r}: expected 'openclip:<model>[:<pretrained tag or path>]'")
         return openclip_backbone(model, pretrained or None, resolve_device(device))
-    raise BackboneError(f"unknown backbone {name!r}; expected {DEFAULT_BACKBONE!r} or 'openclip:<model>[:<tag|path>]'")
+    if name == IDENTITY:
+        raise BackboneError("backbone 'identity' takes its dimensions from a precomputed-feature dataset "
+                            "(common.data.datasets.backbone_for)")
+    raise BackboneError(f"unknown backbone {name!r}; expected {DEFAULT_BACKBONE!r}, 'identity' or "
+                        f"'openclip:<model>[:<tag|path>]'")
 
 
 def load_rgb(path: Path, size: int) -> np.ndarray:

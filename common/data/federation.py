@@ -55,4 +55,6 @@ def node_split(pool: RetrievalSplit, image_indices: np.ndarray, modalities: tupl
     if "txt" not in modalities:
         shard = replace(shard, caption_ids=(), captions=(), caption_image=np.zeros(0, dtype=np.int64),
                         labels=np.zeros((len(shard.images), 0), dtype=np.uint8))
+    if shard.features is not None:  # given features: only those of the modalities the node holds
+        shard = replace(shard, features={m: f for m, f in shard.features.items() if m in modalities})
     return shard

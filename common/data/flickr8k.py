@@ -41,6 +41,7 @@ class RetrievalSplit:
     labels: np.ndarray  # (n_images, n_concepts) derived from captions, see common.data.concepts
     image_root: Path | None = None  # where image names resolve; None: `root/images` (the Flickr8k layout)
     dataset: str = "flickr8k"  # names the feature cache's namespace (common.features)
+    features: Mapping[str, np.ndarray] | None = None  # given features (precomputed datasets: per image / caption)
 
     def image_paths(self, indices: np.ndarray | None = None) -> list[Path]:
         idx = range(len(self.images)) if indices is None else indices
@@ -164,4 +165,6 @@ def subset(data: RetrievalSplit, image_indices: np.ndarray) -> RetrievalSplit:
         labels=data.labels[image_indices],
         image_root=data.image_root,
         dataset=data.dataset,
+        features=None if data.features is None else {
+            m: f[image_indices] if m == "img" else f[keep] for m, f in data.features.items()},
     )

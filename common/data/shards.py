@@ -32,10 +32,11 @@ from typing import Any
 import numpy as np
 
 from common.config import RunConfig, parse_run_config
-from common.data.federation import CLIENT_TYPES, client_types, node_split
 from common.data.datasets import load_split
+from common.data.federation import CLIENT_TYPES, client_types, node_split
 from common.data.flickr8k import DATA_DIR_ENV, TOKEN_FILE, DatasetError, RetrievalSplit, assemble_split, read_captions
 from common.data.partition import dominant_class, follow_partition, partition
+from common.features import resolve_cache_dir
 
 MANIFEST = "shard.json"
 FORMAT = "fedxmr-shard/1"
@@ -68,16 +69,17 @@ def cut_shard(cfg: RunConfig, partition_id: int, num_partitions: int, data_dir: 
     modalities = CLIENT_TYPES[client_type]
     # image files are checked for this node's images only (below): one missing file fails the node holding it,
     # not every node of the federation
-    train = load_split(data_dir, "train", cfg.max_train_images, check_images=False)
+    keys = {"data_keys": cfg.data_keys, "cache_dir": resolve_cache_dir(cfg.cache_dir)}
+    train = load_split(data_dir, "train", cfg.max_train_images, check_images=False, **keys)
     parts = partition(cfg.partitioner, len(train.images), num_partitions, cfg.seed, labels=train.labels,
                       beta=cfg.partition_beta, ways=cfg.partition_ways, shots=cfg.partition_shots)
     pool = train
     if split != "train":
-        pool = load_split(data_dir, split, cfg.max_eval_images, check_images=False)
+        pool = load_split(data_dir, split, cfg.max_eval_images, check_images=False, **keys)
         parts = follow_partition(dominant_class(train.labels), parts, dominant_class(pool.labels, train.labels),
                                  cfg.seed)
     idx = parts[partition_id]
-    if "img" in modalities:
+    if "img" in modalities and pool.features is None:
         missing = [p for p in pool.image_paths(idx) if not p.is_file()]
         if missing:
             raise DatasetError(f"partition {partition_id} ({split}): {len(missing)} image file(s) of this node do "
@@ -126,6 +128,9 @@ def materialise(cfg: RunConfig, partition_id: int, num_partitions: int, data_dir
     if out.exists() and any(out.iterdir()):
         raise ShardError(f"shard output directory {out} is not empty; materialise into a new directory")
     shards = {split: cut_shard(cfg, partition_id, num_partitions, data_dir, split) for split in LOCAL_SPLITS}
+    if shards["train"].data.features is not None:
+        raise ShardError(f"{data_dir}: materialising a shard of a precomputed-feature dataset is not supported yet; "
+                         f"give each node its own feature file instead")
     client_type = shards["train"].client_type
     modalities = CLIENT_TYPES[client_type]
     out.mkdir(parents=True, exist_ok=True)
