@@ -101,7 +101,8 @@ class Browser:
         pages = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list").read())
         from websockets.sync.client import connect
 
-        self.ws = connect(next(p for p in pages if p["type"] == "page")["webSocketDebuggerUrl"], max_size=None)
+        self._session = connect(next(p for p in pages if p["type"] == "page")["webSocketDebuggerUrl"], max_size=None)
+        self.ws = self._session.__enter__()
         self.next_id = 0
         self.call("Page.enable")
 
@@ -121,7 +122,7 @@ class Browser:
         return self.call("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")
 
     def close(self) -> None:
-        self.ws.close()
+        self._session.__exit__(None, None, None)
         self.proc.terminate()
         self.proc.wait(timeout=30)
 

@@ -26,7 +26,7 @@ def _root(data_dir: str | os.PathLike | None) -> Path:
                            f"{DATA_DIR_ENV}")
     root = Path(raw).expanduser().resolve()
     if not root.exists():
-        raise DatasetError(f"data dir {root} does not exist")
+        raise DatasetError(f"data dir {root} is missing (no such folder or file)")
     return root
 
 
