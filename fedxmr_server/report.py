@@ -196,6 +196,8 @@ class RunRecorder:
         maps = [f"| {split} | " + " | ".join(f"{m['hash_' + k]:.3f}" if "hash_" + k in m else "–"
                                                for k in map_keys) + " |"
                 for split, m in ((("dev", dev), ("test", test)) if test else ())]
+        # a precomputed-feature dataset (backbone identity) brings its own labels
+        labels = "the dataset's labels" if self.cfg.backbone == "identity" else "DERIVED concept labels"
         text = "\n".join([
             f"# {self.dir.name}",
             "",
@@ -205,7 +207,7 @@ class RunRecorder:
             "",
             *(lines if test else ["No global model: every client is scored with its own model (below)."]),
             "",
-            *([f"{bits}-bit Hamming-ranking MAP over DERIVED concept labels (relevant = shares >= 1 label; tie-aware "
+            *([f"{bits}-bit Hamming-ranking MAP over {labels} (relevant = shares >= 1 label; tie-aware "
                "MAP@all and MAP@R, and the standard MAP@all of the hashing papers, ties in database order):", "",
                "| split | MAP@all i2t | MAP@all t2i | MAP@R i2t | MAP@R t2i | std MAP i2t | std MAP t2i |",
                "|---|---|---|---|---|---|---|", *maps, ""] if test else []),
