@@ -170,6 +170,9 @@ def parse_run_config(raw: Mapping[str, Any]) -> RunConfig:
         default = section().model_dump(by_alias=True)
         problems += [f"run config key '{name}-{k}' (= {v!r}) belongs to method '{name}', but method is "
                      f"'{cfg.method}'" for k, v in parsed.model_dump(by_alias=True).items() if v != default[k]]
+    if cfg.backbone == "identity" and cfg.method in ("fedcafe", "plfedcmh"):
+        problems.append(f"run config key 'method' (= {cfg.method!r}): its memory / prototypes have one row per DERIVED "
+                        f"Flickr8k concept, not the labels of a precomputed-feature dataset (backbone 'identity')")
     if cfg.partition_shots and cfg.partitioner != "nway":
         problems.append(f"run config key 'partition-shots' (= {cfg.partition_shots}) applies to partitioner 'nway' "
                         f"only, not {cfg.partitioner!r}")

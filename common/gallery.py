@@ -48,7 +48,10 @@ class TrainedModel:
         for path in (config_path, weights_path):
             if not path.is_file():
                 raise GalleryError(f"{path}: missing (is {run_dir} a finished fedxmr run dir?)")
-        config = json.loads(config_path.read_text())
+        try:
+            config = json.loads(config_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise GalleryError(f"{config_path}: not readable JSON ({exc})") from None
         if "model" not in config or "backbone" not in config.get("run", {}):
             raise GalleryError(f"{config_path}: no 'model' config or 'run.backbone' key")
         weights = load_file(str(weights_path))
@@ -109,12 +112,16 @@ class Gallery:
             if not (folder / name).is_file():
                 raise GalleryError(f"{folder / name}: missing; build the gallery first (python -m scripts.search "
                                    f"build)")
-        items = json.loads((folder / "items.json").read_text())
-        with np.load(folder / "index.npz") as z:
-            arrays = {k: z[k] for k in ("img_emb", "img_code", "txt_emb", "txt_code")}
-        if len(arrays["img_emb"]) != len(items["images"]) or len(arrays["txt_emb"]) != len(items["captions"]):
+        try:
+            items = json.loads((folder / "items.json").read_text())
+            with np.load(folder / "index.npz") as z:
+                arrays = {k: z[k] for k in ("img_emb", "img_code", "txt_emb", "txt_code")}
+            images, captions = items["images"], items["captions"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise GalleryError(f"{folder}: unreadable gallery ({exc}); build it again") from None
+        if len(arrays["img_emb"]) != len(images) or len(arrays["txt_emb"]) != len(captions):
             raise GalleryError(f"{folder}: index.npz and items.json disagree on the number of images or captions")
-        return cls(items["images"], items["captions"], **arrays, source=items.get("source", {}))
+        return cls(images, captions, **arrays, source=items.get("source", {}))
 
     def _index(self, target: str, mode: Mode):
         key = (target, mode)

@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         if (args.text is None) == (args.image is None):
             parser.error("query needs exactly one of --text or --image")
         hits, seconds = query(trained, gallery, args.text, args.image, args.mode, args.k, args.candidates)
-    except GalleryError as exc:
+    except (ValueError, KeyError) as exc:  # GalleryError, DatasetError, BackboneError, a config without a key
         print(f"error: {exc}", file=sys.stderr)
         return 2
     unit = "cosine" if args.mode != "hamming" else "-Hamming distance"

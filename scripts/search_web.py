@@ -31,7 +31,7 @@ STYLE = ("body{font-family:sans-serif;margin:1.5em;max-width:70em}"
 
 def page(gallery: Gallery, params: dict[str, str], results: str) -> str:
     q = html.escape(params.get("q", ""), quote=True)
-    mode = params.get("mode", "continuous")
+    mode = params.get("mode") if params.get("mode") in MODES else "continuous"
     options = "".join(f'<option value="{m}"{" selected" if m == mode else ""}>{m}</option>' for m in MODES)
     picks = "".join(f'<a href="/?image={i}&mode={mode}"><img src="/thumb/{i}" alt="gallery image {i}"></a>'
                     for i in range(min(PICKS, len(gallery.images))))
@@ -66,6 +66,7 @@ def make_handler(trained: TrainedModel, gallery: Gallery, default_mode: str, can
         def _send(self, status: int, body: bytes, kind: str) -> None:
             self.send_response(status)
             self.send_header("Content-Type", kind)
+            self.send_header("X-Content-Type-Options", "nosniff")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
@@ -81,6 +82,8 @@ def make_handler(trained: TrainedModel, gallery: Gallery, default_mode: str, can
                     self._send(404, b"not found", "text/plain")
                     return
                 mode = params.get("mode", default_mode)
+                if mode not in MODES:
+                    raise GalleryError(f"unknown search mode {mode!r}; expected one of {MODES}")
                 k = max(1, min(int(params.get("k", 8)), 50))
                 results = ""
                 if params.get("q"):

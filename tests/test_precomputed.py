@@ -92,6 +92,14 @@ def test_each_layout_reads_back_item_by_feature_with_zero_based_splits(fmt: str,
     train = splits["train"]
     assert len(train.captions) == len(train.images) and list(train.caption_image) == list(range(len(train.images)))
     assert backbone_for("identity", path, keys).img_dim == D_IMG and check_data_dir(path, keys) == path
+    if fmt == "npz":  # indices holding neither 0 nor n: the base is given
+        shifted = tmp_path / "shifted.npz"
+        np.savez(shifted, img=img, txt=txt, labels=labels, train=np.arange(1, 40), dev=np.arange(40, 50),
+                 test=np.arange(50, 59))
+        one_based = load_split(shifted, "train", data_keys="base=1")
+        np.testing.assert_array_equal(one_based.features["img"], img[0:39])
+    with pytest.raises(DatasetError, match="unknown split"):
+        load_split(path, "val", data_keys=keys)
 
 
 @pytest.fixture(autouse=True)
@@ -116,6 +124,16 @@ def test_a_two_round_federated_run_on_each_layout(fmt: str, tmp_path: Path) -> N
     rounds = [json.loads(line) for line in (tmp_path / "runs" / "f" / "metrics.jsonl").read_text().splitlines()]
     trained = {c["partition-id"]: c["client-type"] for c in rounds[-1]["train"]["clients"]}
     assert sorted(trained.values()) == [0, 1, 2], "a paired, an image-only and a text-only node all trained"
+    client_maps = final["per-client"]["summary"]
+    assert client_maps["image-only-global-smap_i2t-mean"] > 0, "image-only nodes keep the dataset's labels"
+
+
+def test_fedcafe_and_plfedcmh_are_refused_on_feature_datasets() -> None:
+    from common.config import ConfigError
+
+    for method in ("fedcafe", "plfedcmh"):
+        with pytest.raises(ConfigError, match="one row per DERIVED"):
+            parse_run_config({"method": method, "backbone": "identity"})
 
 
 def _npz(tmp_path: Path, **change) -> Path:
@@ -134,6 +152,9 @@ def _npz(tmp_path: Path, **change) -> Path:
     ({"test": np.arange(55, 61)}, "", "split indices 'test' out of range for 60 items"),
     ({"dev": None}, "", "split indices for ['test', 'train'] but not ['dev']"),
     ({}, "image=img", "'image=img' is not <role>=<variable>"),
+    ({"train": np.arange(1, 40), "dev": np.arange(40, 50), "test": np.arange(50, 59)}, "",
+     "cannot tell whether split indices"),
+    ({"dev": np.arange(35, 50)}, "", "split indices 'train' and 'dev' share items"),
 ])
 def test_a_malformed_file_is_an_error_naming_file_and_key(tmp_path: Path, change: dict, keys: str,
                                                           message: str) -> None:

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -83,6 +84,24 @@ def test_errors_name_the_file(run_dir: Path, tmp_path: Path, capsys: pytest.Capt
     save_file({"img/x": np.zeros(2, np.float32)}, str(tmp_path / "weights.safetensors"))
     assert search_main(["query", str(tmp_path), "--text", "x"]) == 2
     assert "one model per client; choose one of ['img']" in capsys.readouterr().err
+
+
+def test_the_page_escapes_what_it_echoes(run_dir: Path) -> None:
+    trained, gallery = TrainedModel.load(run_dir), Gallery.load(run_dir / "search" / "custom")
+    httpd = server(trained, gallery, "127.0.0.1", 0, "continuous", 200)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{httpd.server_address[1]}/"
+    try:
+        with pytest.raises(urllib.error.HTTPError) as err:  # an unknown mode is refused, as plain text
+            urllib.request.urlopen(base + "?mode=%22%3E%3Cscript%3Ealert(1)%3C/script%3E")
+        assert err.value.code == 400 and err.value.headers["Content-Type"].startswith("text/plain")
+        assert err.value.headers["X-Content-Type-Options"] == "nosniff"
+        page = urllib.request.urlopen(base + "?q=%3Cb%3Ebold%3C/b%3E&k=3").read().decode()
+        assert "<b>bold</b>" not in page and "&lt;b&gt;bold&lt;/b&gt;" in page
+        with pytest.raises(urllib.error.HTTPError):
+            urllib.request.urlopen(base + "thumb/99")
+    finally:
+        httpd.shutdown()
 
 
 class Browser:

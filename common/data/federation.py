@@ -47,14 +47,15 @@ def client_types(num_partitions: int, mix: tuple[float, float, float], seed: int
 def node_split(pool: RetrievalSplit, image_indices: np.ndarray, modalities: tuple[str, ...]) -> RetrievalSplit:
     """A node's view of its share of `pool`: only the modalities it holds.
 
-    An image-only view has no captions and no labels (labels are derived from captions); a text-only view keeps
+    An image-only view has no captions and no labels (labels are derived from captions; a precomputed-feature
+    dataset's labels come with each item and are kept); a text-only view keeps
     the captions and the image *names* only as grouping keys (which captions describe the same scene), never paths
     it would read.
     """
     shard = subset(pool, image_indices)
-    if "txt" not in modalities:
-        shard = replace(shard, caption_ids=(), captions=(), caption_image=np.zeros(0, dtype=np.int64),
-                        labels=np.zeros((len(shard.images), 0), dtype=np.uint8))
+    if "txt" not in modalities:  # a precomputed-feature dataset's labels come with every item: kept
+        labels = shard.labels if shard.features is not None else np.zeros((len(shard.images), 0), dtype=np.uint8)
+        shard = replace(shard, caption_ids=(), captions=(), caption_image=np.zeros(0, dtype=np.int64), labels=labels)
     if shard.features is not None:  # given features: only those of the modalities the node holds
         shard = replace(shard, features={m: f for m, f in shard.features.items() if m in modalities})
     return shard

@@ -14,13 +14,15 @@ Detected, not configured: item-by-feature vs feature-by-item (the axis of length
 arrays share; MATLAB v7.3 files store matrices transposed, so this matters), 0- or 1-based split indices (1-based
 when no index is 0 and some index is n), sparse label matrices (densified). Without split indices, a seeded split
 (10 % dev, 10 % test, at most 2,000 each) is cut and written beside the file's features in the cache
-(`<cache>/splits/<file>.json`, reused after). Every malformed case is an error naming the file and the key.
+(`<cache>/splits/<file stem>-<digest>.json`, reused after). Indices that hold neither 0 nor n leave the base open:
+`data-keys` then says `base=0` or `base=1`. Every malformed case is an error naming the file and the key.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -32,6 +34,7 @@ from common.data.flickr8k import DatasetError, RetrievalSplit
 SUFFIXES = (".npz", ".mat")
 ROLES = ("img", "txt", "labels")
 SPLIT_ROLES = ("train", "dev", "test")
+BASE = "base"  # data-keys "base=0" / "base=1": the split indices' base, when the indices cannot tell
 COMMON_NAMES = {
     "img": ("img", "image", "images", "I", "X", "X1", "I_all", "IAll", "img_feats", "image_features"),
     "txt": ("txt", "text", "texts", "T", "Y", "X2", "T_all", "TAll", "YAll", "txt_feats", "text_features"),
@@ -60,30 +63,33 @@ def parse_keys(text: str) -> dict[str, str]:
     out = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         role, sep, name = part.partition("=")
-        if not sep or role.strip() not in ROLES + SPLIT_ROLES or not name.strip():
+        if not sep or role.strip() not in ROLES + SPLIT_ROLES + (BASE,) or not name.strip():
             raise DatasetError(f"run config key 'data-keys': {part!r} is not <role>=<variable> with role one of "
-                               f"{ROLES + SPLIT_ROLES}")
+                               f"{ROLES + SPLIT_ROLES} (or base=0 / base=1)")
+        if role.strip() == BASE and name.strip() not in ("0", "1"):
+            raise DatasetError(f"run config key 'data-keys': {part!r}: the index base is 0 or 1")
         out[role.strip()] = name.strip()
     return out
 
 
 def _read_variables(path: Path) -> dict[str, object]:
     """Top-level variables (MATLAB structs as dicts of their fields, h5py objects as arrays)."""
-    if path.suffix.lower() == ".npz":
-        with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
-    import scipy.io
-
     try:
-        raw = scipy.io.loadmat(str(path), squeeze_me=False, struct_as_record=False)
-        return {k: v for k, v in raw.items() if not k.startswith("__")}
-    except NotImplementedError:  # MATLAB v7.3 is HDF5
-        import h5py
+        if path.suffix.lower() == ".npz":
+            with np.load(path, allow_pickle=False) as z:
+                return {k: z[k] for k in z.files}
+        import scipy.io
 
-        with h5py.File(path, "r") as f:
-            return {k: _h5(f[k]) for k in f.keys() if not k.startswith("#")}
-    except ValueError as exc:
-        raise DatasetError(f"{path}: not a readable MATLAB file ({exc})") from None
+        try:
+            raw = scipy.io.loadmat(str(path), squeeze_me=False, struct_as_record=False)
+            return {k: v for k, v in raw.items() if not k.startswith("__")}
+        except NotImplementedError:  # MATLAB v7.3 is HDF5
+            import h5py
+
+            with h5py.File(path, "r") as f:
+                return {k: _h5(f[k]) for k in f.keys() if not k.startswith("#")}
+    except (OSError, ValueError, EOFError) as exc:  # a bad zip, pickled objects, not HDF5 / MATLAB
+        raise DatasetError(f"{path}: not a readable {path.suffix} file ({exc})") from None
 
 
 def _h5(node) -> object:
@@ -147,11 +153,21 @@ def _indices(value, path: Path, key: str) -> np.ndarray:
     return idx.astype(np.int64)
 
 
-def _zero_based(splits: dict[str, np.ndarray], names: dict[str, str], n: int, path: Path) -> dict[str, np.ndarray]:
-    """All splits 0-based: they are 1-based (MATLAB) when none of them holds a 0 and one holds n; then every index
-    must be in range."""
+def _zero_based(splits: dict[str, np.ndarray], names: dict[str, str], n: int, path: Path,
+                base: str | None) -> dict[str, np.ndarray]:
+    """All splits 0-based. The base is decided over all splits together: 0 if one holds a 0, 1 (MATLAB) if one holds
+    n; neither: `data-keys` must say (`base=0` / `base=1`). Every index must then be in range, and the splits
+    disjoint."""
     every = np.concatenate(list(splits.values()))
-    shift = 1 if len(every) and every.min() >= 1 and every.max() == n else 0
+    if base is not None:
+        shift = int(base)
+    elif len(every) and every.min() == 0:
+        shift = 0
+    elif len(every) and every.max() == n:
+        shift = 1
+    else:
+        raise DatasetError(f"{path}: cannot tell whether split indices {sorted(names.values())} are 0- or 1-based "
+                           f"(none is 0 and none is {n}); say it in run config key 'data-keys' (base=0 or base=1)")
     out = {}
     for role, idx in splits.items():
         idx = idx - shift
@@ -159,6 +175,9 @@ def _zero_based(splits: dict[str, np.ndarray], names: dict[str, str], n: int, pa
             raise DatasetError(f"{path}: split indices {names[role]!r} out of range for {n} items "
                                f"({'1' if shift else '0'}-based: min {idx.min() + shift}, max {idx.max() + shift})")
         out[role] = idx
+    for a, b in (("train", "dev"), ("train", "test"), ("dev", "test")):
+        if np.intersect1d(out[a], out[b]).size:
+            raise DatasetError(f"{path}: split indices {names[a]!r} and {names[b]!r} share items")
     return out
 
 
@@ -190,26 +209,32 @@ def read_feature_file(path: Path, data_keys: str = "", splits_dir: Path | None =
     if splits and set(splits) != set(SPLIT_ROLES):
         raise DatasetError(f"{path}: split indices for {sorted(splits)} but not "
                            f"{sorted(set(SPLIT_ROLES) - set(splits))}")
-    splits = _zero_based(splits, split_names, n, path) if splits else _seeded_split(path, n, splits_dir)
+    splits = (_zero_based(splits, split_names, n, path, mapping.get(BASE)) if splits
+              else _seeded_split(path, n, splits_dir))
     return FeatureData(path, img.astype(np.float32), txt.astype(np.float32), labels.astype(np.uint8), splits)
 
 
 def _seeded_split(path: Path, n: int, splits_dir: Path | None) -> dict[str, np.ndarray]:
     """10 % dev, 10 % test (at most 2,000 each, at least 1), seed 0; written down (and reused) in `splits_dir`."""
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    stat = path.stat()  # names the file's version without reading it (feature files can be large)
+    digest = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     record = splits_dir / f"{path.stem}-{digest}.json" if splits_dir is not None else None
     if record is not None and record.is_file():
         return {k: np.asarray(v, dtype=np.int64) for k, v in json.loads(record.read_text()).items()}
     order = np.random.default_rng(0).permutation(n)
     cut = max(1, min(2000, n // 10))
     splits = {"dev": np.sort(order[:cut]), "test": np.sort(order[cut:2 * cut]), "train": np.sort(order[2 * cut:])}
-    if record is not None:
+    if record is not None:  # temp file + rename: nodes cutting their shards at once never read half a file
         record.parent.mkdir(parents=True, exist_ok=True)
-        record.write_text(json.dumps({k: v.tolist() for k, v in splits.items()}))
+        tmp = record.with_name(f"{record.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({k: v.tolist() for k, v in splits.items()}))
+        os.replace(tmp, record)
     return splits
 
 
 def load_feature_split(data: FeatureData, split: str, max_images: int = 0) -> RetrievalSplit:
+    if split not in data.splits:
+        raise DatasetError(f"{data.path}: unknown split {split!r}; expected one of {SPLIT_ROLES}")
     idx = data.splits[split][:max_images] if max_images > 0 else data.splits[split]
     if not len(idx):
         raise DatasetError(f"{data.path}: split {split!r} is empty")

@@ -60,17 +60,20 @@ class EnhancementTerms:
         l_e, l_c, l_p = [], [], []
         for mod, emb in batch.embs.items():
             raw, logits, v_e = self.model.tower(mod).enhance(emb)
-            l_e.append(cos_distance(v_e, raw))
+            if logits is not None:  # without AFE, V_E = O and L_E is 0
+                l_e.append(cos_distance(v_e, raw))
             l_c.append(sum(cos_distance(v_e, t) for t in taught.values()) / len(taught))
             if logits is not None and self.targets is not None:
                 target = self.targets[torch.as_tensor(batch.items, device=self.targets.device)]
                 has = target.sum(dim=1) > 0
                 if bool(has.any()):
                     l_p.append(-(target[has] * F.log_softmax(logits[has], dim=-1)).sum(dim=1).mean())
-        parts = {"loss_enhance": sum(l_e) / len(l_e), "loss_teacher": sum(l_c) / len(l_c)}
+        parts = {"loss_teacher": sum(l_c) / len(l_c)}
+        if l_e:
+            parts["loss_enhance"] = sum(l_e) / len(l_e)
         if l_p:
             parts["loss_class"] = sum(l_p) / len(l_p)
-        total = (self.enhance_weight * parts["loss_enhance"] + self.teacher_weight * parts["loss_teacher"]
+        total = (self.teacher_weight * parts["loss_teacher"] + self.enhance_weight * parts.get("loss_enhance", 0.0)
                  + self.class_weight * parts.get("loss_class", 0.0))
         return total, {k: float(v.item()) for k, v in parts.items()}
 

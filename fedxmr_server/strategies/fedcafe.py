@@ -33,6 +33,7 @@ class FedCafeXmr(XmrStrategy):
     def __init__(self, cfg: RunConfig) -> None:
         super().__init__(cfg)
         self.opts: FedCafeSection = cfg.options  # type: ignore[assignment]
+        self._fused_for: tuple[tuple, tuple[np.ndarray, np.ndarray] | None] = ((), None)  # replies -> fused memory
 
     def payload(self, client: str, server_round: int, kind: str) -> RecordDict:
         content = super().payload(client, server_round, kind)
@@ -61,11 +62,16 @@ class FedCafeXmr(XmrStrategy):
         return out
 
     def _fused(self, replies: list[Message]) -> tuple[np.ndarray, np.ndarray] | None:
-        """The next global memory from this round's client memories (deterministic: seeded K-means)."""
-        held = [m for m in self._memories(replies) if m is not None]
-        if not held:
-            return None
-        return fuse_memories([m for m, _ in held], [c for _, c in held], self.opts.kmeans_iters, self.cfg.seed)
+        """The next global memory from this round's client memories, fused once per set of replies (the weights
+        and the stored memory then come from the very same K-means)."""
+        memories = self._memories(replies)
+        key = tuple(None if m is None else (m[0].tobytes(), m[1].tobytes()) for m in memories)
+        if self._fused_for[0] != key:
+            held = [m for m in memories if m is not None]
+            fused = (fuse_memories([m for m, _ in held], [c for _, c in held], self.opts.kmeans_iters, self.cfg.seed)
+                     if held else None)
+            self._fused_for = (key, fused)
+        return self._fused_for[1]
 
     def client_weights(self, replies: list[Message]) -> np.ndarray:
         fused = self._fused(replies)

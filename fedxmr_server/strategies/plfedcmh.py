@@ -18,9 +18,12 @@ The hypernetwork, the prototypes and every client's model live in the strategy s
 
 from __future__ import annotations
 
+from logging import WARNING
+
 import numpy as np
 import torch
 from flwr.app import Message, RecordDict
+from flwr.common.logger import log
 
 from common import protocol as P
 from common.config import RunConfig
@@ -46,9 +49,14 @@ class PlFedCmhXmr(XmrStrategy):
 
     # ---- the hypernetwork and the clients' parameters ----------------------------------------------------------------
     def _index(self, client: str) -> int | None:
-        """A client's row in the hypernetwork: its partition id (None for a node that never said it)."""
+        """A client's row in the hypernetwork: its partition id (None, logged, for a node that never said it or
+        that was not identified when the rows were fixed: it keeps its own parameters)."""
         pid = int(client.split("-", 1)[1]) if client.startswith("client-") else None
-        return pid if pid is not None and pid < self._num_clients() else None
+        if pid is None or pid >= self._num_clients():
+            log(WARNING, "PLFedCMH: %s has no hypernetwork row (rows fixed at %d clients); it is not personalised",
+                client, self._num_clients())
+            return None
+        return pid
 
     def _num_clients(self) -> int:
         meta = self.state.meta
