@@ -247,11 +247,15 @@ def write_results(grid: Grid) -> Path:
              "Every number is the mean ± sample std (ddof=1) over seeds (the seed also draws the partition). Test is "
              "scored once per run, at the round selected on dev. ▲ / ▼: the paired difference to "
              f"{grid.baseline} over the same seeds is significant (two-sided paired t-test, p < 0.05); no mark: "
-             "within the seed noise; ?: fewer than 2 common seeds. Per-client columns: mean R@1/5/10 of each client's own test queries "
-             "(global model; `local`/`fedproto`: the client's own model), mean over clients and by client type; "
-             "`+personal mean` with the client's personal adapters. Hamming columns: the codes of the cell's `hash-bits` (64 unless the setting says otherwise); MAP@all (tie-aware) and std MAP (the hashing papers' convention), Hamming ranking over DERIVED "
-             "concept labels. MB/round: arrays of the train messages, down + up, all clients (evaluation galleries "
-             "not counted). Wall: the whole simulation on 2 cores, one cell at a time.", ""]
+             "within the seed noise; ?: fewer than 2 common seeds. Per-client columns: mean R@1/5/10 of each "
+             "client's own test queries (global model; `local`/`fedproto`/`plfedcmh`: the client's own model), "
+             "mean over clients and by client type; `+personal mean` with the client's personal adapters; `client "
+             "MAP` (and its worst client): the standard Hamming MAP@all of each labelled client's own test queries "
+             "against the shared test gallery, hashed by the same model. Hamming columns: the codes of the cell's "
+             "`hash-bits` (64 unless the run config says otherwise); MAP@all (tie-aware) and std MAP (the hashing "
+             "papers' convention), Hamming ranking over DERIVED concept labels. MB/round: arrays of the train "
+             "messages, down + up, all clients (evaluation galleries not counted). Wall: the whole simulation on 2 "
+             "cores, one cell at a time.", ""]
     all_cells = []
     for setting, rows in groups.items():
         spec = grid.settings[setting]
