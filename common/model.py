@@ -145,6 +145,19 @@ class XmrModel(nn.Module):
         return np.concatenate(embs), np.concatenate(codes)
 
 
+    @torch.no_grad()
+    def hash_features(self, modality: str, feats: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """The enhanced hash feature V_E (= the raw O without AFE) and the concept logits (None without AFE), in
+        eval mode: what FedCAFE's memory and PLFedCMH's prototypes are computed from."""
+        was_training = self.training
+        self.eval()
+        tower = self.tower(modality)
+        x = torch.as_tensor(feats, dtype=torch.float32, device=next(self.parameters()).device)
+        _, logits, v_e = tower.enhance(tower.embed(x))
+        self.train(was_training)
+        return v_e.cpu().numpy(), (None if logits is None else logits.cpu().numpy())
+
+
 def is_personal(key: str) -> bool:
     return ".personal." in key
 

@@ -88,27 +88,15 @@ def label_distributions(labels: np.ndarray) -> np.ndarray:
     return np.where(totals > 0, labels / np.maximum(totals, 1), 0.0).astype(np.float32)
 
 
-@torch.no_grad()
-def enhanced_features(model: XmrModel, mod: str, feats: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-    """(V_E, concept logits or None) of `feats`, in eval mode."""
-    was = model.training
-    model.eval()
-    tower = model.tower(mod)
-    x = torch.as_tensor(feats, dtype=torch.float32, device=next(model.parameters()).device)
-    _, logits, v_e = tower.enhance(tower.embed(x))
-    model.train(was)
-    return v_e.cpu().numpy(), (None if logits is None else logits.cpu().numpy())
-
-
 def fused_items(shard: NodeShard, model: XmrModel) -> tuple[np.ndarray, np.ndarray | None]:
     """Per image of the shard: the normalised mean of its modalities' normalised V_E, and the image's concept
     logits (None without AFE or without images)."""
     parts, logits = [], None
     if "img" in shard.modalities:
-        v_img, logits = enhanced_features(model, "img", shard.feats["img"])
+        v_img, logits = model.hash_features("img", shard.feats["img"])
         parts.append(normalise_rows(v_img))
     if "txt" in shard.modalities:
-        v_txt = normalise_rows(enhanced_features(model, "txt", shard.feats["txt"])[0])
+        v_txt = normalise_rows(model.hash_features("txt", shard.feats["txt"])[0])
         per_image = np.zeros((len(shard.data.images), v_txt.shape[1]), np.float64)
         np.add.at(per_image, shard.data.caption_image, v_txt)
         parts.append(normalise_rows(per_image))

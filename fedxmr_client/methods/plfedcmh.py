@@ -104,17 +104,6 @@ def received_tables(content: RecordDict) -> dict[str, tuple[np.ndarray, np.ndarr
     return {m: (rec[m], rec[f"{m}-count"]) for m in ("img", "txt") if m in rec and f"{m}-count" in rec}
 
 
-@torch.no_grad()
-def relaxed_codes(model: XmrModel, mod: str, feats: np.ndarray) -> np.ndarray:
-    was = model.training
-    model.eval()
-    tower = model.tower(mod)
-    x = torch.as_tensor(feats, dtype=torch.float32, device=next(model.parameters()).device)
-    codes = torch.tanh(tower.enhance(tower.embed(x))[2]).cpu().numpy()
-    model.train(was)
-    return codes
-
-
 class PlFedCmhClient(ClientMethod):
     name = "plfedcmh"
 
@@ -142,7 +131,7 @@ class PlFedCmhClient(ClientMethod):
         shard, labels = plan.shard, plan.shard.data.labels
         tables, pairs = {}, []
         for mod in shard.modalities:
-            codes = relaxed_codes(model, mod, shard.feats[mod])
+            codes = np.tanh(model.hash_features(mod, shard.feats[mod])[0])
             lab = labels if mod == "img" else labels[shard.data.caption_image]
             tables[mod], tables[f"{mod}-count"] = class_prototypes(codes, lab)
             pairs.append((codes, lab))
