@@ -11,6 +11,7 @@ from typing import Any, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
+from common.data.concepts import CONCEPT_NAMES
 from common.data.federation import parse_mix
 from common.data.partition import PARTITIONERS
 from common.losses import HASH_LOSSES, LossWeights
@@ -110,11 +111,14 @@ class RunConfig(BaseModel):
     def mix(self) -> tuple[float, float, float]:
         return parse_mix(self.modality_mix)
 
-    def model_cfg(self, img_dim: int, txt_dim: int, personal: bool = False) -> ModelConfig:
+    def model_cfg(self, img_dim: int, txt_dim: int, personal: bool = False,
+                  concepts: int = len(CONCEPT_NAMES)) -> ModelConfig:
+        """`concepts`: the dataset's label columns (`common.data.datasets.concept_count`; Flickr8k's DERIVED concepts
+        by default), for the heads that predict them."""
         return ModelConfig(img_dim=img_dim, txt_dim=txt_dim, embed_dim=self.embed_dim, adapter_dim=self.adapter_dim,
                            hash_bits=self.hash_bits, temperature=self.temperature,
                            learn_temperature=self.learn_temperature, dropout=self.dropout, personal=personal,
-                           hash_detach=self.hash_detach, afe_concepts=self.options.afe_concepts())
+                           hash_detach=self.hash_detach, afe_concepts=self.options.afe_concepts(concepts))
 
     def train_cfg(self) -> TrainConfig:
         return TrainConfig(epochs=self.local_epochs, batch_size=self.batch_size, lr=self.lr,
@@ -170,9 +174,6 @@ def parse_run_config(raw: Mapping[str, Any]) -> RunConfig:
         default = section().model_dump(by_alias=True)
         problems += [f"run config key '{name}-{k}' (= {v!r}) belongs to method '{name}', but method is "
                      f"'{cfg.method}'" for k, v in parsed.model_dump(by_alias=True).items() if v != default[k]]
-    if cfg.backbone == "identity" and cfg.method in ("fedcafe", "plfedcmh"):
-        problems.append(f"run config key 'method' (= {cfg.method!r}): its memory / prototypes have one row per DERIVED "
-                        f"Flickr8k concept, not the labels of a precomputed-feature dataset (backbone 'identity')")
     if cfg.partition_shots and cfg.partitioner != "nway":
         problems.append(f"run config key 'partition-shots' (= {cfg.partition_shots}) applies to partitioner 'nway' "
                         f"only, not {cfg.partitioner!r}")

@@ -14,7 +14,6 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from common.data.concepts import CONCEPT_NAMES  # the dataset's concepts (Flickr8k's are DERIVED)
 from common.router import ROUTERS
 
 
@@ -27,8 +26,9 @@ class Section(BaseModel):
 
     model_config = ConfigDict(alias_generator=kebab, populate_by_name=True, extra="forbid", frozen=True)
 
-    def afe_concepts(self) -> int:
-        """Concepts of the model's adaptive feature enhancement (`common.model`); 0: none."""
+    def afe_concepts(self, concepts: int) -> int:
+        """Concepts of the model's adaptive feature enhancement (`common.model`) on a dataset with `concepts` label
+        columns; 0: none."""
         return 0
 
 
@@ -100,8 +100,8 @@ class FedCafeSection(Section):
     weighting: Literal["nll", "inverse", "uniform"] = "nll"
     kmeans_iters: int = Field(20, ge=0, le=1000)  # K-means fusion of the memories; 0: the count-weighted means
 
-    def afe_concepts(self) -> int:
-        return len(CONCEPT_NAMES) if self.afe else 0
+    def afe_concepts(self, concepts: int) -> int:
+        return concepts if self.afe else 0
 
 
 class PlFedCmhSection(Section):

@@ -24,10 +24,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 
 from common.backbones import Backbone, resolve_device
 from common.config import RunConfig, parse_node_config, parse_run_config
-from common.data.datasets import backbone_for
+from common.data.datasets import backbone_for, split_concepts
 from common.data.federation import CLIENT_TYPES
 from common.data.flickr8k import DATA_DIR_ENV, RetrievalSplit
-from common.data.shards import cut_shard, read_shard, shard_dir
+from common.data.shards import cut_shard, read_shard, shard_backbone, shard_dir
 from common.features import resolve_cache_dir, split_features
 from common.model import XmrModel, is_personal, load_numpy_state
 from common import protocol as P
@@ -54,8 +54,13 @@ class NodeShard:
     def modalities(self) -> tuple[str, ...]:
         return CLIENT_TYPES[self.client_type]
 
+    @property
+    def concepts(self) -> int:
+        return split_concepts(self.data)
+
     def new_model(self) -> XmrModel:
-        cfg = self.cfg.model_cfg(self.backbone.img_dim, self.backbone.txt_dim, personal=self.cfg.personal_adapters)
+        cfg = self.cfg.model_cfg(self.backbone.img_dim, self.backbone.txt_dim, personal=self.cfg.personal_adapters,
+                                 concepts=self.concepts)
         return XmrModel(cfg).to(self.device)
 
 
@@ -134,7 +139,8 @@ def _load_shard(cfg: RunConfig, node_config: dict, split: str) -> NodeShard:
     else:
         shard = cut_shard(cfg, node.partition_id, node.num_partitions, data_dir, split)
     device = node.device or cfg.device
-    backbone = backbone_for(cfg.backbone, data_dir, cfg.data_keys, device)
+    backbone = (shard_backbone(private, cfg.backbone, device) if private is not None
+                else backbone_for(cfg.backbone, data_dir, cfg.data_keys, device))
     feats = split_features(shard.data, backbone, resolve_cache_dir(node.cache_dir or cfg.cache_dir),
                            modalities=CLIENT_TYPES[shard.client_type], batch_size=cfg.encode_batch_size)
     return NodeShard(cfg=cfg, partition_id=shard.partition_id, num_partitions=shard.num_partitions,

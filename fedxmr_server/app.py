@@ -16,7 +16,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from threadpoolctl import threadpool_limits
 
-from common.data.datasets import backbone_for
+from common.data.datasets import backbone_for, concept_count
 from common.config import ConfigError, parse_run_config
 from common.preflight import CHECKPOINT, path_problems
 from common.model import XmrModel
@@ -47,7 +47,8 @@ def _run(grid: Grid, context: Context) -> None:
     strategy = build_strategy(cfg)
     backbone = backbone_for(cfg.backbone, cfg.data_dir, cfg.data_keys, cfg.device)
     torch.manual_seed(cfg.seed)
-    model = XmrModel(cfg.model_cfg(backbone.img_dim, backbone.txt_dim))
+    strategy.concepts = concept_count(cfg.data_dir, cfg.data_keys)
+    model = XmrModel(cfg.model_cfg(backbone.img_dim, backbone.txt_dim, concepts=strategy.concepts))
     recorder = RunRecorder(cfg, {"model": model.cfg.to_dict(), "flwr": flwr.__version__, "torch": torch.__version__,
                                  "strategy": strategy.description,
                                  "trainable-params": sum(v.numel() for v in model.state_dict().values())})

@@ -12,7 +12,7 @@ import numpy as np
 
 from common.backbones import Backbone
 from common.config import RunConfig
-from common.data.datasets import load_split
+from common.data.datasets import concept_count, load_split
 from common.data.flickr8k import RetrievalSplit
 from common.evaluate import evaluate_retrieval
 from common.features import resolve_cache_dir, split_features
@@ -44,7 +44,8 @@ class ServerEvaluator:
         return self._splits[name]
 
     def _model(self, arrays: dict[str, np.ndarray]) -> XmrModel:
-        model = XmrModel(self.cfg.model_cfg(self.backbone.img_dim, self.backbone.txt_dim))
+        model = XmrModel(self.cfg.model_cfg(self.backbone.img_dim, self.backbone.txt_dim,
+                                           concepts=concept_count(self.cfg.data_dir, self.cfg.data_keys)))
         load_numpy_state(model, arrays)
         return model
 

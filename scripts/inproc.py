@@ -61,7 +61,7 @@ class Federation:
         self.initial: Arrays = state_to_numpy(self.model())
 
     def model(self, arrays: Arrays | None = None) -> XmrModel:
-        model = XmrModel(self.cfg.model_cfg(self.backbone.img_dim, self.backbone.txt_dim))
+        model = XmrModel(self.cfg.model_cfg(self.backbone.img_dim, self.backbone.txt_dim, concepts=self.shards[0].concepts))
         if arrays is not None:
             load_numpy_state(model, arrays, partial=True)
         return model

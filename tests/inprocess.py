@@ -18,12 +18,15 @@ class Killed(BaseException):
 
 
 class InProcessGrid:
-    def __init__(self, run_config: dict, node_ids: list[int], kill_at: tuple[int, str] | None = None) -> None:
+    def __init__(self, run_config: dict, node_ids: list[int], kill_at: tuple[int, str] | None = None,
+                 node_configs: list[dict] | None = None) -> None:
         """`kill_at`: (round, message type): die after the nodes handled that round's messages of that type, before
-        the ServerApp sees the replies."""
+        the ServerApp sees the replies. `node_configs`: each node's own (default: its partition of the simulation)."""
+        configs = node_configs or [{"partition-id": pid, "num-partitions": len(node_ids)}
+                                   for pid in range(len(node_ids))]
         self.contexts = {nid: Context(run_id=1, node_id=nid, state=RecordDict(), run_config=dict(run_config),
-                                      node_config={"partition-id": pid, "num-partitions": len(node_ids)})
-                         for pid, nid in enumerate(node_ids)}
+                                      node_config=dict(config))
+                         for nid, config in zip(node_ids, configs)}
         self.kill_at = kill_at
 
     def get_node_ids(self) -> Iterable[int]:

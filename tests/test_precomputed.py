@@ -18,7 +18,9 @@ import scipy.sparse
 from common.config import parse_run_config
 from common.data.datasets import backbone_for, check_data_dir, load_split
 from common.data.flickr8k import DatasetError
+from common.data.federation import CLIENT_TYPES
 from common.data.precomputed import read_feature_file
+from common.data.shards import FEATURES, LOCAL_SPLITS, MANIFEST, ShardError, cut_shard, materialise, read_shard, verify
 from fedxmr_server.app import _run
 from tests.inprocess import InProcessGrid, server_context
 
@@ -128,12 +130,69 @@ def test_a_two_round_federated_run_on_each_layout(fmt: str, tmp_path: Path) -> N
     assert client_maps["image-only-global-smap_i2t-mean"] > 0, "image-only nodes keep the dataset's labels"
 
 
-def test_fedcafe_and_plfedcmh_are_refused_on_feature_datasets() -> None:
-    from common.config import ConfigError
+@pytest.mark.parametrize("method", ["fedcafe", "plfedcmh", "fedproto"])
+def test_label_indexed_methods_size_their_tables_by_the_files_labels(method: str, tmp_path: Path) -> None:
+    """FedCAFE's memory, PLFedCMH's and FedProto's prototypes have one row per label of the file (C = 5 here, not
+    Flickr8k's 32 derived concepts), on paired and unimodal nodes alike."""
+    path = write_npz(tmp_path / "data.npz")
+    read_feature_file.cache_clear()
+    raw = {"backbone": "identity", "data-dir": str(path), "cache-dir": str(tmp_path / "cache"), "method": method,
+           "out-dir": str(tmp_path / "runs"), "run-name": "f", "num-server-rounds": 2, "local-epochs": 1,
+           "batch-size": 8, "embed-dim": 16, "adapter-dim": 4, "hash-bits": 16, "modality-mix": "0.34,0.33,0.33",
+           "client-eval-every": 1}
+    cfg = parse_run_config(raw).as_flat_dict()
+    _run(InProcessGrid(cfg, [3, 4, 5]), server_context(cfg))
+    run = tmp_path / "runs" / "f"
+    rounds = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["train"]["replies"] for r in rounds if r["round"]] == [3, 3], "every node's reply was accepted"
+    with np.load(run / "strategy-state.npz") as state:
+        tables = {k: state[k].shape for k in state.files if "memory" in k or "proto" in k}
+    assert tables and all(shape[0] in (C, C + 1) for shape in tables.values()), tables
+    final = json.loads((run / "final.json").read_text())
+    maps = [v for k, v in final["per-client"]["summary"].items() if k.startswith("all-") and "smap_i2t-mean" in k]
+    assert maps and all(v > 0 for v in maps)
 
-    for method in ("fedcafe", "plfedcmh"):
-        with pytest.raises(ConfigError, match="one row per DERIVED"):
-            parse_run_config({"method": method, "backbone": "identity"})
+
+def test_a_nodes_materialised_feature_shard_is_its_simulated_partition_and_runs(tmp_path: Path) -> None:
+    """`common.data.shards` on a feature file (MATLAB v5, struct fields, 1-based indices): each node's directory
+    holds its partition's features of only the modalities it holds, reads back as the simulated partition, and a
+    2-round run whose nodes read only their own directories trains every node."""
+    path = write_mat_v5(tmp_path / "data.mat")
+    read_feature_file.cache_clear()
+    raw = {"backbone": "identity", "data-dir": str(path), "data-keys": FORMATS["mat-v5"][2], "embed-dim": 16,
+           "cache-dir": str(tmp_path / "cache"), "out-dir": str(tmp_path / "runs"), "run-name": "f",
+           "num-server-rounds": 2, "local-epochs": 1, "batch-size": 8, "adapter-dim": 4, "hash-bits": 16,
+           "modality-mix": "0.34,0.33,0.33", "partitioner": "dirichlet", "partition-beta": 1.0}
+    cfg = parse_run_config(raw)
+    roots = [tmp_path / f"node-{pid}" for pid in range(3)]
+    kinds = []
+    for pid, root in enumerate(roots):
+        manifest = materialise(cfg, pid, 3, path, root)
+        kinds.append(manifest["client-type"])
+        mods = CLIENT_TYPES[manifest["client-type"]]
+        assert manifest["feature-dims"] == {"img": D_IMG, "txt": D_TXT}
+        assert {p.name for p in root.iterdir()} == {MANIFEST, FEATURES}
+        with np.load(root / FEATURES) as z:
+            assert set(z.files) == {f"{s}-{k}" for s in LOCAL_SPLITS for k in (*mods, "labels")}
+        for split in LOCAL_SPLITS:
+            cut, read = cut_shard(cfg, pid, 3, path, split), read_shard(root, split, cfg)
+            np.testing.assert_array_equal(read.pool_indices, cut.pool_indices)
+            assert read.data.images == cut.data.images and read.data.captions == cut.data.captions
+            np.testing.assert_array_equal(read.data.labels, cut.data.labels)
+            assert set(read.data.features) == set(mods) == set(cut.data.features)
+            for m in mods:
+                np.testing.assert_array_equal(read.data.features[m], cut.data.features[m])
+        verify(root)
+    assert sorted(kinds) == ["image-only", "paired", "text-only"]
+    flat = cfg.as_flat_dict()
+    _run(InProcessGrid(flat, [3, 4, 5], node_configs=[{"data-dir": str(r)} for r in roots]), server_context(flat))
+    final = json.loads((tmp_path / "runs" / "f" / "final.json").read_text())
+    assert final["test"]["hash_smap_i2t"] > 0
+    assert sorted(c["client-type"] for c in final["per-client"]["clients"]) == [0, 1, 2]
+    with np.load(roots[0] / FEATURES) as z:  # a damaged feature file: the error names file and key
+        np.savez(roots[0] / FEATURES, **{k: z[k] for k in z.files if k != "dev-labels"})
+    with pytest.raises(ShardError, match=r"features.npz: missing key\(s\) \['dev-labels'\]"):
+        read_shard(roots[0], "dev", cfg)
 
 
 def _npz(tmp_path: Path, **change) -> Path:

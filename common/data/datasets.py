@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from common.backbones import IDENTITY, Backbone, BackboneError, build_backbone, identity_backbone
+from common.data.concepts import CONCEPT_NAMES
 from common.data.flickr8k import DATA_DIR_ENV, DatasetError, RetrievalSplit, resolve_data_dir
 from common.data.flickr8k import load_split as load_flickr8k_split
 from common.data.karpathy import karpathy_file, load_karpathy_split, read_karpathy
@@ -71,3 +72,18 @@ def backbone_for(name: str, data_dir: str | os.PathLike | None, data_keys: str =
         raise BackboneError(f"backbone 'identity' needs a precomputed-feature dataset (.npz / .mat), not {root}")
     data = read_feature_file(root, data_keys)
     return identity_backbone(data.img.shape[1], data.txt.shape[1])
+
+
+def concept_count(data_dir: str | os.PathLike | None, data_keys: str = "") -> int:
+    """Label columns of the dataset in `data_dir`: a feature file's own labels, else the DERIVED Flickr8k concepts
+    (Flickr8k and Karpathy JSON: labels come from captions). Sizes the heads and tables that are indexed by label
+    (FedCAFE's memory and classifier, PLFedCMH's and FedProto's prototypes)."""
+    root = _root(data_dir)
+    return read_feature_file(root, data_keys).labels.shape[1] if is_feature_file(root) else len(CONCEPT_NAMES)
+
+
+def split_concepts(data: RetrievalSplit) -> int:
+    """`concept_count` from a split (a node's shard, which may be a materialised directory): its own label columns
+    when it came from a feature file (kept by every node), else the DERIVED concepts (an image-only view holds
+    none)."""
+    return data.labels.shape[1] if data.features is not None else len(CONCEPT_NAMES)

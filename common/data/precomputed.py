@@ -238,7 +238,14 @@ def load_feature_split(data: FeatureData, split: str, max_images: int = 0) -> Re
     idx = data.splits[split][:max_images] if max_images > 0 else data.splits[split]
     if not len(idx):
         raise DatasetError(f"{data.path}: split {split!r} is empty")
-    ids = tuple(str(int(i)) for i in idx)
-    return RetrievalSplit(name=split, root=data.path.parent, images=ids, caption_ids=tuple(f"{i}#0" for i in ids),
-                          captions=ids, caption_image=np.arange(len(idx)), labels=data.labels[idx],
-                          dataset=f"features-{data.path.stem}", features={"img": data.img[idx], "txt": data.txt[idx]})
+    return feature_split(split, data.path.parent, f"features-{data.path.stem}", idx, data.labels[idx],
+                         {"img": data.img[idx], "txt": data.txt[idx]})
+
+
+def feature_split(name: str, root: Path, dataset: str, items: np.ndarray, labels: np.ndarray,
+                  features: dict[str, np.ndarray]) -> RetrievalSplit:
+    """A split of a feature dataset: one text per item, both named by the item's index in the file (`features` may
+    hold one modality: a node's materialised shard)."""
+    ids = tuple(str(int(i)) for i in items)
+    return RetrievalSplit(name=name, root=root, images=ids, caption_ids=tuple(f"{i}#0" for i in ids), captions=ids,
+                          caption_image=np.arange(len(ids)), labels=labels, dataset=dataset, features=features)

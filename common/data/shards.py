@@ -8,6 +8,10 @@ once (run by whoever holds the full dataset), and the node then reads only that 
                                the source split indices of each local split (train, dev, test) and a content hash
     <dir>/images/*.jpg         the node's images, only if it holds images (hard links where possible, else copies)
     <dir>/Flickr8k.token.txt   the node's captions, only if it holds text (Flickr8k token format)
+    <dir>/features.npz         instead of both, for a precomputed-feature dataset (`common.data.precomputed`):
+                               per local split `<split>-img` / `<split>-txt` (only the modalities the node holds)
+                               and `<split>-labels`; the manifest's `feature-dims` give the identity backbone both
+                               towers' input sizes
 
 A node reading its directory gets exactly the samples (and so the cached features: the cache is keyed by item id)
 that the simulated partition of the same run config gets. The directory says which run config it was cut for; a
@@ -15,6 +19,7 @@ run whose partition keys, partition or client type disagree is refused, naming t
 
     python -m common.data.shards --data-dir FLICKR8K --out DIR --partition-id K --num-partitions N \\
         [--partitioner dirichlet --partition-beta 0.1 --modality-mix 0.5,0.25,0.25 --seed 0 ...]
+        [--data-keys img=data.X1,txt=data.X2,...]   # a feature file's variables, as the run config names them
     python -m common.data.shards --verify DIR      # recompute the content hash
 """
 
@@ -32,13 +37,16 @@ from typing import Any
 import numpy as np
 
 from common.config import RunConfig, parse_run_config
-from common.data.datasets import load_split
+from common.backbones import IDENTITY, Backbone, build_backbone, identity_backbone
+from common.data.datasets import check_data_dir, load_split
 from common.data.federation import CLIENT_TYPES, client_types, node_split
 from common.data.flickr8k import DATA_DIR_ENV, TOKEN_FILE, DatasetError, RetrievalSplit, assemble_split, read_captions
 from common.data.partition import dominant_class, follow_partition, partition
+from common.data.precomputed import feature_split, read_feature_file
 from common.features import resolve_cache_dir
 
 MANIFEST = "shard.json"
+FEATURES = "features.npz"
 FORMAT = "fedxmr-shard/1"
 # a node trains on one; its per-client queries come from dev (every round) and test (once, at the selected round)
 LOCAL_SPLITS: tuple[str, ...] = ("train", "dev", "test")
@@ -128,18 +136,18 @@ def materialise(cfg: RunConfig, partition_id: int, num_partitions: int, data_dir
     if out.exists() and any(out.iterdir()):
         raise ShardError(f"shard output directory {out} is not empty; materialise into a new directory")
     shards = {split: cut_shard(cfg, partition_id, num_partitions, data_dir, split) for split in LOCAL_SPLITS}
-    if shards["train"].data.features is not None:
-        raise ShardError(f"{data_dir}: materialising a shard of a precomputed-feature dataset is not supported yet; "
-                         f"give each node its own feature file instead")
     client_type = shards["train"].client_type
     modalities = CLIENT_TYPES[client_type]
     out.mkdir(parents=True, exist_ok=True)
-    if "img" in modalities:
+    extra = {}
+    if shards["train"].data.features is not None:
+        extra = {"feature-dims": _write_features(shards, out, data_dir, cfg.data_keys)}
+    elif "img" in modalities:
         (out / "images").mkdir()
         for shard in shards.values():
             for src, name in zip(shard.data.image_paths(), shard.data.images):
                 _place(src, out / "images" / name)
-    if "txt" in modalities:
+    if "txt" in modalities and not extra:
         lines = [f"{cid}\t{cap}\n" for s in shards.values() for cid, cap in zip(s.data.caption_ids, s.data.captions)]
         (out / TOKEN_FILE).write_text("".join(lines), encoding="utf-8")
     manifest = {
@@ -147,12 +155,22 @@ def materialise(cfg: RunConfig, partition_id: int, num_partitions: int, data_dir
         "client-type": client_type, "modalities": list(modalities), "run-config": _partition_keys(cfg),
         "splits": {split: {"indices": s.pool_indices.tolist(), "images": list(s.data.images)}
                    for split, s in shards.items()},
-        "content-sha256": _content_hash(out),
+        **extra, "content-sha256": _content_hash(out),
     }
     tmp = out / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
     os.replace(tmp, out / MANIFEST)
     return manifest
+
+
+def _write_features(shards: dict[str, Shard], out: Path, data_dir: str | os.PathLike,
+                    data_keys: str) -> dict[str, int]:
+    """The node's features and labels of every local split into `out/FEATURES`; returns both towers' input sizes."""
+    arrays = {f"{split}-{m}": f for split, s in shards.items() for m, f in s.data.features.items()}
+    arrays.update({f"{split}-labels": s.data.labels for split, s in shards.items()})
+    np.savez(out / FEATURES, **arrays)
+    data = read_feature_file(check_data_dir(data_dir, data_keys), data_keys)
+    return {"img": int(data.img.shape[1]), "txt": int(data.txt.shape[1])}
 
 
 def read_manifest(root: Path) -> dict[str, Any]:
@@ -193,10 +211,47 @@ def read_shard(root: Path, split: str, cfg: RunConfig, partition_id: int | None 
         raise ShardError(f"{path}: no split {split!r} (has {sorted(manifest['splits'])})")
     entry = manifest["splits"][split]
     modalities = CLIENT_TYPES[client_type]
-    captions = read_captions(root) if "txt" in modalities else None
-    data = assemble_split(split, root, entry["images"], captions, check_images="img" in modalities, source=path,
-                          dataset=str(manifest.get("dataset", "flickr8k")))
+    dataset = str(manifest.get("dataset", "flickr8k"))
+    if "feature-dims" in manifest:
+        data = _read_features(root, split, entry["images"], modalities, dataset)
+    else:
+        captions = read_captions(root) if "txt" in modalities else None
+        data = assemble_split(split, root, entry["images"], captions, check_images="img" in modalities, source=path,
+                              dataset=dataset)
     return Shard(pid, nparts, client_type, np.asarray(entry["indices"], dtype=np.int64), data)
+
+
+def _read_features(root: Path, split: str, items: list[str], modalities: tuple[str, ...],
+                   dataset: str) -> RetrievalSplit:
+    path = root / FEATURES
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError) as exc:
+        raise ShardError(f"cannot read {path}: {exc}") from exc
+    keys = [f"{split}-{m}" for m in modalities] + [f"{split}-labels"]
+    missing = [k for k in keys if k not in arrays]
+    if missing:
+        raise ShardError(f"{path}: missing key(s) {missing}")
+    wrong = [k for k in keys if len(arrays[k]) != len(items)]
+    if wrong:
+        raise ShardError(f"{path}: key(s) {wrong} do not have one row per item of split {split!r} ({len(items)})")
+    data = feature_split(split, root, dataset, np.asarray([int(i) for i in items], dtype=np.int64),
+                         arrays[f"{split}-labels"], {m: arrays[f"{split}-{m}"] for m in modalities})
+    return node_split(data, np.arange(len(items)), modalities)
+
+
+def shard_backbone(root: Path, name: str, device: str = "cpu") -> Backbone:
+    """The backbone a node reading shard `root` uses: `identity` takes both towers' sizes from the manifest (a
+    unimodal node holds one modality's features only)."""
+    if name != IDENTITY:
+        return build_backbone(name, device)
+    manifest = read_manifest(root)
+    dims = manifest.get("feature-dims")
+    if not isinstance(dims, dict) or not all(isinstance(dims.get(m), int) for m in ("img", "txt")):
+        raise ShardError(f"{root / MANIFEST}: key 'feature-dims' is {dims!r}; backbone 'identity' needs a shard of a "
+                         f"precomputed-feature dataset, with both towers' input sizes")
+    return identity_backbone(dims["img"], dims["txt"])
 
 
 def verify(root: Path) -> str:
@@ -216,6 +271,7 @@ def main() -> None:
     parser.add_argument("--out", help="new shard directory")
     parser.add_argument("--partition-id", type=int)
     parser.add_argument("--num-partitions", type=int)
+    parser.add_argument("--data-keys", default="", help="a feature file's variables (run-config key 'data-keys')")
     defaults = RunConfig().as_flat_dict()
     for key in PARTITION_KEYS:
         parser.add_argument(f"--{key}", type=type(defaults[key]), default=defaults[key],
@@ -226,8 +282,12 @@ def main() -> None:
         return
     if args.out is None or args.partition_id is None or args.num_partitions is None:
         parser.error("--out, --partition-id and --num-partitions are required (or --verify DIR)")
-    cfg = parse_run_config({k: getattr(args, k.replace("-", "_")) for k in PARTITION_KEYS})
-    manifest = materialise(cfg, args.partition_id, args.num_partitions, args.data_dir, args.out)
+    cfg = parse_run_config({**{k: getattr(args, k.replace("-", "_")) for k in PARTITION_KEYS},
+                            "data-keys": args.data_keys})
+    try:
+        manifest = materialise(cfg, args.partition_id, args.num_partitions, args.data_dir, args.out)
+    except DatasetError as exc:  # names the file and key; a traceback would only bury that
+        parser.exit(2, f"error: {exc}\n")
     sizes = ", ".join(f"{s}: {len(v['images'])} images" for s, v in manifest["splits"].items())
     print(f"{args.out}: partition {args.partition_id}/{args.num_partitions}, {manifest['client-type']} "
           f"({'+'.join(manifest['modalities'])}), {sizes}")

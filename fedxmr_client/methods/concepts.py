@@ -42,7 +42,7 @@ def received_prototypes(content: RecordDict) -> Tables:
 def concept_targets(shard: NodeShard, model: XmrModel, globals_: Tables) -> np.ndarray:
     """(n_images, C) multi-hot targets: derived labels, or pseudo-labels for image-only nodes (none before the
     first global image prototypes exist)."""
-    if "txt" in shard.modalities:
+    if shard.data.labels.shape[1]:  # derived from captions, or a feature file's labels (every node keeps those)
         return shard.data.labels
     if "img" not in globals_:
         return np.zeros((len(shard.data.images), len(CONCEPT_NAMES)), dtype=np.uint8)

@@ -41,6 +41,7 @@ from flwr.serverapp.strategy import Result, Strategy
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from common.config import RunConfig
+from common.data.concepts import CONCEPT_NAMES
 from common.data.federation import TYPE_CODES
 from common.evaluate import client_summary
 from common import protocol as P
@@ -102,6 +103,9 @@ class XmrStrategy(ClientRegistry, Strategy):
         self.timings: dict[str, float] = {}
         # set by the ServerApp: (arrays, split) -> gallery arrays (embedded by `arrays`, or raw features if None)
         self.gallery_fn: Callable[[Arrays | None, str], Arrays] | None = None
+        # set by the ServerApp: the dataset's label columns (`common.data.datasets.concept_count`), the rows of the
+        # label-indexed tables clients send (memories, prototypes)
+        self.concepts = len(CONCEPT_NAMES)
         self.run_key = ""  # set by the ServerApp: names the run for the nodes' on-disk state (`P.RUN_KEY`)
 
     def summary(self) -> None:

@@ -17,7 +17,6 @@ from flwr.app import Message, RecordDict
 
 from common import protocol as P
 from common.config import RunConfig
-from common.data.concepts import CONCEPT_NAMES
 from common.memory import fuse_memories, memory_nll, memory_weights
 from common.method_config import FedCafeSection
 from fedxmr_server.strategies.base import XmrStrategy, from_array_record, to_array_record
@@ -47,7 +46,7 @@ class FedCafeXmr(XmrStrategy):
             return problem
         rec = from_array_record(msg.content[P.MEMORY])
         memory, count = rec.get("memory"), rec.get("count")
-        expected = (len(CONCEPT_NAMES), self.cfg.hash_bits)
+        expected = (self.concepts, self.cfg.hash_bits)
         if memory is None or count is None or memory.shape != expected or count.shape != (expected[0],):
             return f"memory record missing or mis-shaped (expected memory {expected} and count ({expected[0]},))"
         if not (np.all(np.isfinite(memory)) and np.all(np.isfinite(count))) or np.any(count < 0):

@@ -27,7 +27,6 @@ from flwr.common.logger import log
 
 from common import protocol as P
 from common.config import RunConfig
-from common.data.concepts import CONCEPT_NAMES
 from common.hypernet import LayerHypernet, hypernet_step, layer_of, personalized
 from common.method_config import PlFedCmhSection
 from fedxmr_server.strategies.base import Arrays, XmrStrategy, from_array_record, to_array_record
@@ -121,7 +120,7 @@ class PlFedCmhXmr(XmrStrategy):
         if problem or P.PROTOTYPES not in msg.content.array_records:
             return problem
         rec = from_array_record(msg.content[P.PROTOTYPES])
-        shape = (len(CONCEPT_NAMES), self.cfg.hash_bits)
+        shape = (self.concepts, self.cfg.hash_bits)
         for mod in MODS:
             if mod in rec or f"{mod}-count" in rec:
                 table, count = rec.get(mod), rec.get(f"{mod}-count")
