@@ -256,7 +256,8 @@ def _client_lines(summary: dict[str, float]) -> list[str]:
     maps = [group for group in ("all", *CLIENT_TYPES) if f"{group}-global-smap_i2t-mean" in summary
             or f"{group}-global-smap_t2i-mean" in summary]
     if maps:
-        lines += ["", "Per-client standard Hamming MAP@all (clients with labels: image-only clients have none):", "",
+        lines += ["", "Per-client standard Hamming MAP@all (clients whose queries have labels: a Flickr8k "
+                  "image-only client has none, its labels would come from captions):", "",
                   "| clients | MAP i2t mean | worst | MAP t2i mean | worst |", "|---|---|---|---|---|"]
         for group in maps:
             cells = [f"{summary[k]:.3f}" if k in summary else "-" for d in ("i2t", "t2i")

@@ -15,7 +15,8 @@ import pytest
 import scipy.io
 import scipy.sparse
 
-from common.config import parse_run_config
+from common.config import RunConfig, parse_run_config
+from common.method_config import SECTIONS
 from common.data.datasets import backbone_for, check_data_dir, load_split
 from common.data.flickr8k import DatasetError
 from common.data.federation import CLIENT_TYPES
@@ -111,15 +112,20 @@ def _task_identity() -> None:
     TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = 1
 
 
+def _config(tmp_path: Path, path: Path, **keys: object) -> RunConfig:
+    """A tiny 2-round run on the feature file `path`: a paired, an image-only and a text-only node."""
+    return parse_run_config({
+        "backbone": "identity", "data-dir": str(path), "cache-dir": str(tmp_path / "cache"),
+        "out-dir": str(tmp_path / "runs"), "run-name": "f", "num-server-rounds": 2, "local-epochs": 1, "batch-size": 8,
+        "embed-dim": 16, "adapter-dim": 4, "hash-bits": 16, "modality-mix": "0.34,0.33,0.33", **keys})
+
+
 @pytest.mark.parametrize("fmt", sorted(FORMATS))
 def test_a_two_round_federated_run_on_each_layout(fmt: str, tmp_path: Path) -> None:
     write, name, keys = FORMATS[fmt]
     path = write(tmp_path / name)
     read_feature_file.cache_clear()
-    raw = {"backbone": "identity", "data-dir": str(path), "data-keys": keys, "cache-dir": str(tmp_path / "cache"),
-           "out-dir": str(tmp_path / "runs"), "run-name": "f", "num-server-rounds": 2, "local-epochs": 1,
-           "batch-size": 8, "embed-dim": 16, "adapter-dim": 4, "hash-bits": 16, "modality-mix": "0.34,0.33,0.33"}
-    cfg = parse_run_config(raw).as_flat_dict()
+    cfg = _config(tmp_path, path, **{"data-keys": keys}).as_flat_dict()
     _run(InProcessGrid(cfg, [3, 4, 5]), server_context(cfg))
     final = json.loads((tmp_path / "runs" / "f" / "final.json").read_text())
     assert 0.0 < final["test"]["hash_smap_i2t"] <= 1.0 and final["test"]["rsum"] > 0
@@ -130,17 +136,27 @@ def test_a_two_round_federated_run_on_each_layout(fmt: str, tmp_path: Path) -> N
     assert client_maps["image-only-global-smap_i2t-mean"] > 0, "image-only nodes keep the dataset's labels"
 
 
+@pytest.mark.parametrize("method", sorted(set(SECTIONS) - {"fedavg", "fedcafe", "plfedcmh", "fedproto"}))
+def test_every_other_method_runs_on_a_feature_file(method: str, tmp_path: Path) -> None:
+    """The remaining methods (FedAvg: the layout test above; label-indexed ones: below), 2 in-process rounds with a
+    paired, an image-only and a text-only node (centralized: its one node)."""
+    path = write_npz(tmp_path / "data.npz")
+    read_feature_file.cache_clear()
+    cfg = _config(tmp_path, path, method=method).as_flat_dict()
+    nodes = [3] if method == "centralized" else [3, 4, 5]
+    _run(InProcessGrid(cfg, nodes), server_context(cfg))
+    rounds = [json.loads(line) for line in (tmp_path / "runs" / "f" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["train"]["replies"] for r in rounds if r["round"]] == [len(nodes)] * 2
+    assert (tmp_path / "runs" / "f" / "final.json").is_file()
+
+
 @pytest.mark.parametrize("method", ["fedcafe", "plfedcmh", "fedproto"])
 def test_label_indexed_methods_size_their_tables_by_the_files_labels(method: str, tmp_path: Path) -> None:
     """FedCAFE's memory, PLFedCMH's and FedProto's prototypes have one row per label of the file (C = 5 here, not
     Flickr8k's 32 derived concepts), on paired and unimodal nodes alike."""
     path = write_npz(tmp_path / "data.npz")
     read_feature_file.cache_clear()
-    raw = {"backbone": "identity", "data-dir": str(path), "cache-dir": str(tmp_path / "cache"), "method": method,
-           "out-dir": str(tmp_path / "runs"), "run-name": "f", "num-server-rounds": 2, "local-epochs": 1,
-           "batch-size": 8, "embed-dim": 16, "adapter-dim": 4, "hash-bits": 16, "modality-mix": "0.34,0.33,0.33",
-           "client-eval-every": 1}
-    cfg = parse_run_config(raw).as_flat_dict()
+    cfg = _config(tmp_path, path, method=method, **{"client-eval-every": 1}).as_flat_dict()
     _run(InProcessGrid(cfg, [3, 4, 5]), server_context(cfg))
     run = tmp_path / "runs" / "f"
     rounds = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -159,11 +175,8 @@ def test_a_nodes_materialised_feature_shard_is_its_simulated_partition_and_runs(
     2-round run whose nodes read only their own directories trains every node."""
     path = write_mat_v5(tmp_path / "data.mat")
     read_feature_file.cache_clear()
-    raw = {"backbone": "identity", "data-dir": str(path), "data-keys": FORMATS["mat-v5"][2], "embed-dim": 16,
-           "cache-dir": str(tmp_path / "cache"), "out-dir": str(tmp_path / "runs"), "run-name": "f",
-           "num-server-rounds": 2, "local-epochs": 1, "batch-size": 8, "adapter-dim": 4, "hash-bits": 16,
-           "modality-mix": "0.34,0.33,0.33", "partitioner": "dirichlet", "partition-beta": 1.0}
-    cfg = parse_run_config(raw)
+    cfg = _config(tmp_path, path, partitioner="dirichlet",
+                  **{"data-keys": FORMATS["mat-v5"][2], "partition-beta": 1.0})
     roots = [tmp_path / f"node-{pid}" for pid in range(3)]
     kinds = []
     for pid, root in enumerate(roots):
