@@ -1,8 +1,9 @@
 """Semantic prototypes of the shared embedding space, per modality (used by RCSR).
 
 A prototype table has one row per slot: row 0 is the mean of all embeddings, rows 1..C the per-concept means over
-the DERIVED concept labels (`common.data.concepts`), each L2-normalised; `counts` says how many items fed a row (0:
-the row is empty). Clients without labels (image-only: labels come from captions) use pseudo-labels, the nearest
+the dataset's labels (a feature file's own, else the DERIVED concepts of `common.data.concepts`), each L2-normalised;
+`counts` says how many items fed a row (0: the row is empty). Clients without labels (Flickr8k image-only: labels
+come from captions) use pseudo-labels, the nearest
 global image prototype. The server fuses client tables into global tables with an EMA; clients anchor to them.
 Pure numpy/torch.
 """

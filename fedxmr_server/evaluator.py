@@ -34,6 +34,10 @@ class ServerEvaluator:
     _splits: dict[str, _Split] = field(default_factory=dict)
     _last_gallery: tuple[object, str, dict[str, np.ndarray]] | None = None
 
+    @property
+    def concepts(self) -> int:
+        return concept_count(self.cfg.data_dir, self.cfg.data_keys)  # the feature file is read once (lru_cache)
+
     def _split(self, name: str) -> _Split:
         if name not in self._splits:
             data = load_split(self.cfg.data_dir, name, self.cfg.max_eval_images, data_keys=self.cfg.data_keys,
@@ -44,8 +48,7 @@ class ServerEvaluator:
         return self._splits[name]
 
     def _model(self, arrays: dict[str, np.ndarray]) -> XmrModel:
-        model = XmrModel(self.cfg.model_cfg(self.backbone.img_dim, self.backbone.txt_dim,
-                                           concepts=concept_count(self.cfg.data_dir, self.cfg.data_keys)))
+        model = XmrModel(self.cfg.model_cfg(self.backbone.img_dim, self.backbone.txt_dim, concepts=self.concepts))
         load_numpy_state(model, arrays)
         return model
 
@@ -56,7 +59,7 @@ class ServerEvaluator:
                                   s.data.labels, standard_map=split == "test")
 
     def gallery(self, arrays: dict[str, np.ndarray] | None, split: str) -> dict[str, np.ndarray]:
-        """The shared gallery of `split` for per-client evaluation: its DERIVED labels per image (`label`), embedded
+        """The shared gallery of `split` for per-client evaluation: its labels per image (`label`: DERIVED on Flickr8k), embedded
         and hashed by `arrays` (`img-emb`, `txt-emb`, `img-code`, `txt-code`), or, for methods whose models stay on
         the nodes (`arrays` None), the raw frozen features (`img-feat`, `txt-feat`) that each node embeds itself.
         Never used for model selection on the server. The last gallery is cached, so that every node of a round is

@@ -19,7 +19,7 @@ import torch
 from flwr.app import RecordDict
 
 from common.config import RunConfig, parse_run_config
-from common.data.datasets import backbone_for, load_split
+from common.data.datasets import backbone_for, concept_count, load_split
 from common.features import resolve_cache_dir, split_features
 from common.metrics import hamming_recalls, retrieval_recalls
 from common.model import XmrModel, load_numpy_state, state_to_numpy, upload_keys
@@ -61,7 +61,8 @@ class Federation:
         self.initial: Arrays = state_to_numpy(self.model())
 
     def model(self, arrays: Arrays | None = None) -> XmrModel:
-        model = XmrModel(self.cfg.model_cfg(self.backbone.img_dim, self.backbone.txt_dim, concepts=self.shards[0].concepts))
+        model = XmrModel(self.cfg.model_cfg(self.backbone.img_dim, self.backbone.txt_dim,
+                                            concepts=concept_count(self.cfg.data_dir, self.cfg.data_keys)))
         if arrays is not None:
             load_numpy_state(model, arrays, partial=True)
         return model

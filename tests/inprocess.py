@@ -26,7 +26,7 @@ class InProcessGrid:
                                    for pid in range(len(node_ids))]
         self.contexts = {nid: Context(run_id=1, node_id=nid, state=RecordDict(), run_config=dict(run_config),
                                       node_config=dict(config))
-                         for nid, config in zip(node_ids, configs)}
+                         for nid, config in zip(node_ids, configs, strict=True)}
         self.kill_at = kill_at
 
     def get_node_ids(self) -> Iterable[int]:

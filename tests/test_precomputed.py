@@ -21,7 +21,8 @@ from common.data.datasets import backbone_for, check_data_dir, load_split
 from common.data.flickr8k import DatasetError
 from common.data.federation import CLIENT_TYPES
 from common.data.precomputed import read_feature_file
-from common.data.shards import FEATURES, LOCAL_SPLITS, MANIFEST, ShardError, cut_shard, materialise, read_shard, verify
+from common.data.shards import (FEATURES, LOCAL_SPLITS, MANIFEST, ShardError, cut_shard, materialise, read_shard,
+                                shard_backbone, verify)
 from fedxmr_server.app import _run
 from tests.inprocess import InProcessGrid, server_context
 
@@ -163,7 +164,8 @@ def test_label_indexed_methods_size_their_tables_by_the_files_labels(method: str
     assert [r["train"]["replies"] for r in rounds if r["round"]] == [3, 3], "every node's reply was accepted"
     with np.load(run / "strategy-state.npz") as state:
         tables = {k: state[k].shape for k in state.files if "memory" in k or "proto" in k}
-    assert tables and all(shape[0] in (C, C + 1) for shape in tables.values()), tables
+    rows = C + 1 if method == "fedproto" else C  # FedProto's tables: the global mean, then one row per label
+    assert tables and all(shape[0] == rows for shape in tables.values()), tables
     final = json.loads((run / "final.json").read_text())
     maps = [v for k, v in final["per-client"]["summary"].items() if k.startswith("all-") and "smap_i2t-mean" in k]
     assert maps and all(v > 0 for v in maps)
@@ -203,9 +205,14 @@ def test_a_nodes_materialised_feature_shard_is_its_simulated_partition_and_runs(
     assert final["test"]["hash_smap_i2t"] > 0
     assert sorted(c["client-type"] for c in final["per-client"]["clients"]) == [0, 1, 2]
     with np.load(roots[0] / FEATURES) as z:  # a damaged feature file: the error names file and key
-        np.savez(roots[0] / FEATURES, **{k: z[k] for k in z.files if k != "dev-labels"})
+        kept = {k: z[k] for k in z.files if k != "dev-labels"}
+    np.savez(roots[0] / FEATURES, **kept)
     with pytest.raises(ShardError, match=r"features.npz: missing key\(s\) \['dev-labels'\]"):
         read_shard(roots[0], "dev", cfg)
+    with pytest.raises(ShardError, match="'backbone' = 'identity'"):  # features given: nothing to encode
+        shard_backbone(roots[1], "openclip:fedxmr-tiny")
+    backbone = shard_backbone(roots[1], "identity")
+    assert (backbone.img_dim, backbone.txt_dim) == (D_IMG, D_TXT)
 
 
 def _npz(tmp_path: Path, **change) -> Path:

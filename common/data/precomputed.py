@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import zipfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -88,7 +89,7 @@ def _read_variables(path: Path) -> dict[str, object]:
 
             with h5py.File(path, "r") as f:
                 return {k: _h5(f[k]) for k in f.keys() if not k.startswith("#")}
-    except (OSError, ValueError, EOFError) as exc:  # a bad zip, pickled objects, not HDF5 / MATLAB
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:  # a bad zip, pickled objects, not HDF5 / MATLAB
         raise DatasetError(f"{path}: not a readable {path.suffix} file ({exc})") from None
 
 

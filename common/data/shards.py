@@ -30,6 +30,7 @@ import hashlib
 import json
 import os
 import shutil
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -213,7 +214,7 @@ def read_shard(root: Path, split: str, cfg: RunConfig, partition_id: int | None 
     modalities = CLIENT_TYPES[client_type]
     dataset = str(manifest.get("dataset", "flickr8k"))
     if "feature-dims" in manifest:
-        data = _read_features(root, split, entry["images"], modalities, dataset)
+        data = _read_features(root, split, entry["images"], modalities, dataset, manifest["feature-dims"])
     else:
         captions = read_captions(root) if "txt" in modalities else None
         data = assemble_split(split, root, entry["images"], captions, check_images="img" in modalities, source=path,
@@ -221,13 +222,13 @@ def read_shard(root: Path, split: str, cfg: RunConfig, partition_id: int | None 
     return Shard(pid, nparts, client_type, np.asarray(entry["indices"], dtype=np.int64), data)
 
 
-def _read_features(root: Path, split: str, items: list[str], modalities: tuple[str, ...],
-                   dataset: str) -> RetrievalSplit:
+def _read_features(root: Path, split: str, items: list[str], modalities: tuple[str, ...], dataset: str,
+                   dims: dict[str, int]) -> RetrievalSplit:
     path = root / FEATURES
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
-    except (OSError, ValueError, EOFError) as exc:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise ShardError(f"cannot read {path}: {exc}") from exc
     keys = [f"{split}-{m}" for m in modalities] + [f"{split}-labels"]
     missing = [k for k in keys if k not in arrays]
@@ -236,6 +237,11 @@ def _read_features(root: Path, split: str, items: list[str], modalities: tuple[s
     wrong = [k for k in keys if len(arrays[k]) != len(items)]
     if wrong:
         raise ShardError(f"{path}: key(s) {wrong} do not have one row per item of split {split!r} ({len(items)})")
+    narrow = [f"{split}-{m}" for m in modalities
+              if arrays[f"{split}-{m}"].ndim != 2 or arrays[f"{split}-{m}"].shape[1] != dims.get(m)]
+    if narrow:
+        raise ShardError(f"{path}: key(s) {narrow} are not (items, feature-dims) with feature-dims {dims} of "
+                         f"{root / MANIFEST}")
     data = feature_split(split, root, dataset, np.asarray([int(i) for i in items], dtype=np.int64),
                          arrays[f"{split}-labels"], {m: arrays[f"{split}-{m}"] for m in modalities})
     return node_split(data, np.arange(len(items)), modalities)
@@ -244,9 +250,12 @@ def _read_features(root: Path, split: str, items: list[str], modalities: tuple[s
 def shard_backbone(root: Path, name: str, device: str = "cpu") -> Backbone:
     """The backbone a node reading shard `root` uses: `identity` takes both towers' sizes from the manifest (a
     unimodal node holds one modality's features only)."""
-    if name != IDENTITY:
-        return build_backbone(name, device)
     manifest = read_manifest(root)
+    if name != IDENTITY:
+        if "feature-dims" in manifest:
+            raise ShardError(f"{root / MANIFEST}: a shard of a precomputed-feature dataset needs run config key "
+                             f"'backbone' = 'identity', not {name!r}")
+        return build_backbone(name, device)
     dims = manifest.get("feature-dims")
     if not isinstance(dims, dict) or not all(isinstance(dims.get(m), int) for m in ("img", "txt")):
         raise ShardError(f"{root / MANIFEST}: key 'feature-dims' is {dims!r}; backbone 'identity' needs a shard of a "

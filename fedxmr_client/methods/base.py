@@ -58,5 +58,6 @@ class ClientMethod:
         global one (same seed), without touching the training RNG."""
         with torch.random.fork_rng():
             torch.manual_seed(shard.cfg.seed)
-            model = XmrModel(shard.cfg.model_cfg(shard.backbone.img_dim, shard.backbone.txt_dim, concepts=shard.concepts))
+            model = XmrModel(shard.cfg.model_cfg(shard.backbone.img_dim, shard.backbone.txt_dim,
+                                                 concepts=shard.concepts))
         return shared_state(model)

@@ -12,7 +12,8 @@ of `common.model`). On top of the shared objective (whose hash term is FedCAFE's
 After training it sends its local memory (`common.memory.local_memory`) of the fused enhanced features: per item,
 the normalised mean of its image's V_E and its captions' V_E (the modalities it holds).
 Unimodal nodes (the paper has none): a text-only node's memory comes from its captions alone, with their labels;
-an image-only node has no labels (they come from captions), so it trains no L_P and labels its items for the
+an image-only node on Flickr8k has no labels (they come from captions; on a feature file it keeps the file's
+labels and is treated as labelled), so it trains no L_P and labels its items for the
 memory by its classifier's prediction (the global classifier's, trained by the labelled nodes), or without AFE by
 the nearest global memory row; before either exists it sends no memory rows.
 """
@@ -105,7 +106,7 @@ def fused_items(shard: NodeShard, model: XmrModel) -> tuple[np.ndarray, np.ndarr
 
 def memory_labels(shard: NodeShard, fused: np.ndarray, logits: np.ndarray | None,
                   memory: np.ndarray | None) -> np.ndarray:
-    """Multi-hot labels of the shard's images for the local memory: the derived labels where the node has them;
+    """Multi-hot labels of the shard's images for the local memory: the dataset's labels where the node has them;
     otherwise one-hot pseudo-labels (module docstring), all zero when nothing to label by exists yet."""
     if shard.data.labels.shape[1]:
         return shard.data.labels

@@ -2,7 +2,7 @@
 
 The node trains the personalized model the server generated for it (`fedxmr_server/strategies/plfedcmh.py`) with
 the shared objective plus, per modality, on the relaxed codes F = tanh(hash head) of its labelled items (labels:
-the DERIVED concepts, multi-hot; c = bits):
+multi-hot (a feature file's own; on Flickr8k and Karpathy JSON the DERIVED concepts, which come from captions); c = bits):
 - instance-class similarity to its own class codes Y ∈ {±1}^{C×c}: mean((c·L - F Yᵀ)² / c²) (`plfedcmh-class-weight`);
 - the same toward the global prototypes P of that modality (rows of concepts nobody holds yet left out)
   (`plfedcmh-global-weight`);
@@ -10,8 +10,8 @@ the DERIVED concepts, multi-hot; c = bits):
 After training, Y gets the released code's discrete update (cyclic coordinate descent over the bits, at most 3
 sweeps), kept on the node's disk between rounds, and the node sends its per-concept prototypes (class means of F)
 with item counts. Prototypes are class means of the *relaxed codes* (bounded), not of the pre-tanh outputs as in the
-released code, so the two instance-class terms compare like with like. Image-only nodes have no labels (they come
-from captions): they train the shared objective only and send no prototypes.
+released code, so the two instance-class terms compare like with like. Image-only nodes on Flickr8k have no labels
+(they come from captions): they train the shared objective only and send no prototypes.
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ class PlFedCmhClient(ClientMethod):
 
     def begin(self, shard: NodeShard, model: XmrModel, content: RecordDict, states: States) -> PlFedCmhPlan:
         labels = shard.data.labels
-        if not labels.shape[1]:  # image-only: no labels
+        if not labels.shape[1]:  # a Flickr8k image-only node: no labels
             return PlFedCmhPlan(shard)
         stored = states.get(CLASS_CODES)
         if stored is None:
