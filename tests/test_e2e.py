@@ -283,13 +283,15 @@ run-config = {{ partitioner = "iid" }}
 name = "fedavg"
 settings = ["iid"]
 """)
-    proc = subprocess.Popen([sys.executable, "-m", "scripts.grid", str(grid)], cwd=Path(__file__).resolve().parents[1],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "grid.log"  # says why when the grid stops early (e.g. it refuses uncommitted code changes)
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "scripts.grid", str(grid)],
+                                cwd=Path(__file__).resolve().parents[1], stdout=out, stderr=subprocess.STDOUT)
     deadline, started = time.time() + 300, []
-    while time.time() < deadline and not started:
+    while time.time() < deadline and not started and proc.poll() is None:
         started = [p for p in descendants([proc.pid]) if p in processes_matching("local-superlink")]
         time.sleep(1)
-    assert started, "the grid's simulation never started"
+    assert started, f"the grid's simulation never started (grid exit {proc.poll()}): {log.read_text()[-1500:]}"
     time.sleep(5)
     tree = descendants([proc.pid])
     proc.send_signal(signal.SIGTERM)
