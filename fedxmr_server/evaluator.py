@@ -59,9 +59,10 @@ class ServerEvaluator:
                                   s.data.labels, standard_map=split == "test")
 
     def gallery(self, arrays: dict[str, np.ndarray] | None, split: str) -> dict[str, np.ndarray]:
-        """The shared gallery of `split` for per-client evaluation: its labels per image (`label`: DERIVED on Flickr8k), embedded
-        and hashed by `arrays` (`img-emb`, `txt-emb`, `img-code`, `txt-code`), or, for methods whose models stay on
-        the nodes (`arrays` None), the raw frozen features (`img-feat`, `txt-feat`) that each node embeds itself.
+        """The shared gallery of `split` for per-client evaluation: its labels per image (`label`: DERIVED on
+        Flickr8k), embedded and hashed by `arrays` (`img-emb`, `txt-emb`, `img-code`, `txt-code`), or, for methods
+        whose models stay on the nodes (`arrays` None), the raw frozen features (`img-feat`, `txt-feat`)
+        that each node embeds itself.
         Never used for model selection on the server. The last gallery is cached, so that every node of a round is
         sent the same one without re-embedding it."""
         if self._last_gallery is not None and self._last_gallery[0] is arrays and self._last_gallery[1] == split:

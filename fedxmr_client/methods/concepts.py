@@ -1,7 +1,8 @@
 """Concept targets and prototype tables on a node, for the methods that exchange prototypes (RCSR, FedProto).
 
-Targets per item: the dataset's labels (a feature file's own; on Flickr8k and Karpathy JSON the DERIVED concepts, which come from captions) where the node has them; pseudo-labels (nearest global image
-prototype) for Flickr8k image-only nodes, whose labels would need captions.
+Targets per item: the dataset's labels where the node has them (a feature file's own; on Flickr8k and Karpathy
+JSON the DERIVED concepts, which come from captions); pseudo-labels (nearest global image prototype) for Flickr8k
+image-only nodes, whose labels would need captions.
 """
 
 from __future__ import annotations

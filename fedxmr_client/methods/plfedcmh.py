@@ -2,7 +2,7 @@
 
 The node trains the personalized model the server generated for it (`fedxmr_server/strategies/plfedcmh.py`) with
 the shared objective plus, per modality, on the relaxed codes F = tanh(hash head) of its labelled items (labels:
-multi-hot (a feature file's own; on Flickr8k and Karpathy JSON the DERIVED concepts, which come from captions); c = bits):
+multi-hot, a feature file's own or, on Flickr8k and Karpathy JSON, the DERIVED concepts; c = bits):
 - instance-class similarity to its own class codes Y ∈ {±1}^{C×c}: mean((c·L - F Yᵀ)² / c²) (`plfedcmh-class-weight`);
 - the same toward the global prototypes P of that modality (rows of concepts nobody holds yet left out)
   (`plfedcmh-global-weight`);

@@ -1,9 +1,10 @@
 """FedProto (Tan et al., AAAI 2022), adapted to cross-modal retrieval: only prototypes are exchanged, never weights.
 
 Each node keeps its own model on its disk/state (`fedxmr_client/methods/fedproto.py`) and sends, per modality it
-holds, a table of per-concept prototypes (the dataset's labels; pseudo-labels for Flickr8k image-only nodes) with item counts. The
-server fuses them into global tables, row by row weighted by item counts (`fedproto-proto-ema` 0: this round's
-mean), and sends them back; clients add a prototype-distance term to their loss. No global model: nodes are
+holds, a table of per-concept prototypes (the dataset's labels; pseudo-labels for Flickr8k image-only nodes)
+with item counts. The server fuses them into global tables, row by row weighted by item counts
+(`fedproto-proto-ema` 0: this round's mean), and sends them back; clients add a prototype-distance term to their loss.
+No global model: nodes are
 evaluated with their own models (they embed the shared gallery's raw features themselves), and the round is
 selected on the mean per-client dev score.
 """
