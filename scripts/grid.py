@@ -6,8 +6,9 @@ Each cell is one `flwr run .` simulation (scripts/simulate.py). A cell already f
 and config is skipped, so an interrupted grid resumes where it stopped (a half-written cell is run again from
 scratch). Cells run `--jobs` at a time; one progress line per finished cell (done / total, elapsed, estimated
 remaining). A failed cell is reported and the grid goes on; the exit status says whether every cell finished. At the
-end, `scripts.results` writes the results file from every finished cell. SIGTERM and SIGHUP stop the running cells
-and everything they started, as Ctrl-C does (exit 128 + the signal).
+end, `scripts.results` writes the results file from every finished cell, with the grid's tables across grids
+(`scripts.cross_table`). SIGTERM and SIGHUP stop the running cells and everything they started, as Ctrl-C does (exit
+128 + the signal).
 """
 
 from __future__ import annotations
@@ -99,6 +100,7 @@ def main() -> None:
     parser.add_argument("--only", default="", help="run only the cells whose name contains this text")
     parser.add_argument("--results-only", action="store_true", help="only (re)write the results file")
     args = parser.parse_args()
+    from scripts.cross_table import check_tables, cross_tables
     from scripts.results import write_results
     from scripts.simulate import descendants, exit_on_signals, kill_tree
 
@@ -108,11 +110,12 @@ def main() -> None:
 
     try:
         grid = load_grid(args.grid)
+        check_tables(grid)
         counts = {"failed": 0}
         if not args.results_only:
             counts = run_grid(grid, code_version(), head_commit(), jobs=args.jobs, only=args.only)
             print(f"grid done: {counts}", flush=True)
-        path = write_results(grid)
+        path = write_results(grid, appendix=cross_tables(grid))
     except GridError as exc:
         sys.exit(f"error: {exc}")
     print(f"results: {path}")

@@ -77,6 +77,7 @@ class Grid:
     baseline: str = "fedavg"
     gap: tuple[str, str, str] | None = None  # (from method, reference setting, reference method)
     columns: tuple[str, ...] | None = None  # the results table's metric columns (scripts/results.py); None: all
+    tables: list[dict[str, Any]] = field(default_factory=list)  # tables across grids (scripts/cross_table.py)
 
     def cells(self) -> list[Cell]:
         out = []
@@ -146,12 +147,15 @@ def load_grid(path: str | Path) -> Grid:
         if gap[1].split("/")[0] not in settings:
             raise GridError(f"grid file {path}: 'gap' names an unknown setting {gap[1].split('/')[0]!r}")
         gap = (gap[0], *gap[1].split("/"))
+    tables = raw.get("tables", [])
+    if not (isinstance(tables, list) and all(isinstance(t, dict) for t in tables)):
+        raise GridError(f"grid file {path}: 'tables' must be an array of tables ([[tables]])")
     return Grid(path=path, title=raw["title"], clients=int(raw.get("clients", 10)), seeds=list(raw["seeds"]),
                 out_dir=Path(_resolve(raw.get("out-dir", f"runs/grid-{path.stem}"))),
                 results=Path(_resolve(raw.get("results", f"docs/RESULTS-{path.stem}.md"))),
                 settings=settings, methods=raw["methods"], run_config=run_config,
                 baseline=str(raw.get("baseline", "fedavg")), gap=gap,
-                columns=tuple(raw["columns"]) if "columns" in raw else None)
+                columns=tuple(raw["columns"]) if "columns" in raw else None, tables=tables)
 
 
 def code_version(root: Path = PROJECT) -> str:

@@ -5,14 +5,14 @@ selected (best-dev) round, a mark for differences to the grid's baseline (FedAvg
 than the seed noise (paired t-test over seeds,
 two-sided, p < 0.05; the seed fixes the partition, so seeds pair up), bytes per round and wall time; a method with
 a swept knob is shown with the value of best mean dev score (the others in a table of their own); convergence plots
-with a ± std band over seeds beside the file; and a list of every cell with its commit, config and wall time.
+with a ± std band over seeds beside the file; the grid's tables across grids (scripts/cross_table.py); and a list of
+every cell with its commit, config and wall time.
 
-    python -m scripts.results grids/flickr8k.toml      # also run at the end of scripts.grid
+    python -m scripts.grid grids/flickr8k.toml --results-only      # also run at the end of every grid run
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from pathlib import Path
@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from scripts.grid_spec import PROJECT, Cell, Grid, load_grid, read_record, run_config_text
+from scripts.grid_spec import PROJECT, Cell, Grid, read_record, run_config_text
 
 # (column, how to get it from a cell's outputs); test numbers are at the run's selected round
 COLUMNS = {
@@ -101,7 +101,7 @@ def paired_mark(ours: dict[int, float | None], base: dict[int, float | None], al
     return ("▲" if a.mean() > b.mean() else "▼") if p < alpha else ""
 
 
-def _fmt(name: str, values: list[float | None], mark: str = "") -> str:
+def format_mean_std(name: str, values: list[float | None], mark: str = "") -> str:
     mean, std, n = mean_std(values)
     if not n:
         return "–"
@@ -145,10 +145,11 @@ def setting_table(rows: dict[tuple[str, str], list], baseline: str,
         for name in columns:
             mark = (paired_mark({c.seed: n[name] for c, _, n in done}, base_by[name])
                     if name in SIGNIFICANCE and method != baseline and base else "")
-            row.append(_fmt(name, [n[name] for _, _, n in done], mark))
+            row.append(format_mean_std(name, [n[name] for _, _, n in done], mark))
         mb = mean_std([n["MB/round"] for _, _, n in done])[0]  # the same every seed: the mean alone
         row += ["–" if math.isnan(mb) else f"{mb:.1f}",
-                _fmt("wall", [r["wall-s"] for _, r, _ in done]), ", ".join(str(n["best-round"]) for _, _, n in done)]
+                format_mean_std("wall", [r["wall-s"] for _, r, _ in done]),
+                ", ".join(str(n["best-round"]) for _, _, n in done)]
         lines.append("| " + " | ".join(row) + " |")
     return lines
 
@@ -188,8 +189,9 @@ def sweep_table(rows: dict[tuple[str, str], list]) -> list[str]:
              "| method | value | seeds | dev score | test rsum |", "|---|---|---|---|---|"]
     for (method, variant), cells in swept.items():
         done = [n for _, _, n in cells if n]
-        lines.append(f"| {method} | {variant} | {len(done)}/{len(cells)} | {_fmt('dev', [n['dev'] for n in done])} | "
-                     f"{_fmt('test rsum', [n['test rsum'] for n in done])} |")
+        dev = format_mean_std("dev", [n["dev"] for n in done])
+        lines.append(f"| {method} | {variant} | {len(done)}/{len(cells)} | {dev} | "
+                     f"{format_mean_std('test rsum', [n['test rsum'] for n in done])} |")
     return lines + [""]
 
 
@@ -238,7 +240,9 @@ def _shown(path: Path) -> Path:
         return path
 
 
-def write_results(grid: Grid) -> Path:
+def write_results(grid: Grid, appendix: list[str] | None = None) -> Path:
+    """Write the grid's results file; `appendix` (markdown lines, e.g. its tables across grids) goes before the
+    list of cells."""
     groups = _groups(grid)
     out = grid.results
     lines = [f"# {grid.title}", "",
@@ -269,6 +273,7 @@ def write_results(grid: Grid) -> Path:
         if png:
             lines += [f"![convergence, {setting}]({png.name})", ""]
         all_cells += [c for cells in rows.values() for c in cells]
+    lines += appendix or []
     shared = {k: v for k, v in grid.run_config.items() if k not in ("data-dir", "cache-dir")}
     lines += ["## Cells", "", f"Shared run config: `{run_config_text(shared)}`, "
               f"{grid.clients} simulated clients unless noted.", "",
@@ -283,12 +288,3 @@ def write_results(grid: Grid) -> Path:
     out.write_text("\n".join(lines))
     return out
 
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("grid")
-    print(write_results(load_grid(parser.parse_args().grid)))
-
-
-if __name__ == "__main__":
-    main()

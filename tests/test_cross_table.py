@@ -1,0 +1,139 @@
+"""Tables across results grids (scripts/cross_table.py) on two tiny fixture grids: entries from the right grid and
+setting, the fallback source for a row one group's first grid lacks, marks against the baseline, unfinished seeds
+counted, and bad specs refused before anything runs. No simulation runs: a fake runner writes what a run leaves."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from scripts.cross_table import check_tables, cross_tables
+from scripts.grid import run_grid
+from scripts.grid_spec import GridError, load_grid
+from scripts.results import write_results
+
+BITS = """
+title = "bits grid"
+clients = 2
+seeds = [0, 1, 2]
+out-dir = "{out}"
+results = "{out}/BITS.md"
+[settings.b16]
+run-config = {{ hash-bits = 16 }}
+[settings.central]
+run-config = {{ hash-bits = 16 }}
+[[methods]]
+name = "fedavg"
+settings = ["b16"]
+[[methods]]
+name = "fedcafe"
+settings = ["b16"]
+[[methods]]
+name = "centralized"
+settings = ["central"]
+clients = 1
+"""
+
+MAIN = """
+title = "main grid"
+clients = 2
+seeds = [0, 1, 2]
+out-dir = "{out}"
+results = "{out}/RESULTS.md"
+[settings.b32]
+run-config = {{ hash-bits = 32 }}
+[[methods]]
+name = "fedavg"
+[[methods]]
+name = "fedcafe"
+[[tables]]
+title = "MAP by code length"
+rows = ["centralized", "fedavg", "fedcafe", "moon"]
+metrics = ["std MAP i2t"]
+[[tables.groups]]
+title = "16 bits"
+from = ["{bits}:b16", "{bits}:central"]
+[[tables.groups]]
+title = "32 bits"
+from = ["{main}:b32"]
+"""
+
+# std MAP i2t per (method, bits, seed): fedcafe is above fedavg at 16 bits on every seed, within the noise at 32
+MAP = {("fedavg", 16): [0.50, 0.52, 0.51], ("fedcafe", 16): [0.55, 0.571, 0.56], ("centralized", 16): [0.7, 0.7, 0.7],
+       ("fedavg", 32): [0.60, 0.62, 0.61], ("fedcafe", 32): [0.63, 0.59, 0.62]}
+
+
+def fake_runner(skip: set[str] = frozenset()):
+    def run(cell, run_dir: Path) -> tuple[str, str]:
+        if cell.name in skip:
+            return "failed", "left unfinished by the test"
+        value = MAP[(cell.method, cell.run_config["hash-bits"])][cell.seed]
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "final.json").write_text(json.dumps({
+            "best-round": 1, "dev": {"rsum": 1.0}, "test": {"rsum": 100.0, "hash_smap_i2t": value}}))
+        (run_dir / "metrics.jsonl").write_text(json.dumps({"round": 1, "dev": {"rsum": 1.0}}) + "\n")
+        return "finished:completed", ""
+
+    return run
+
+
+def _grids(tmp_path: Path, main_text: str = MAIN):
+    bits_path, main_path = tmp_path / "bits.toml", tmp_path / "main.toml"
+    bits_path.write_text(BITS.format(out=tmp_path / "runs-bits"))
+    main_path.write_text(main_text.format(out=tmp_path / "runs-main", bits=bits_path, main=main_path))
+    return load_grid(bits_path), load_grid(main_path)
+
+
+def _row(text: str, label: str) -> list[str]:
+    """The label's row of the cross table (the grid's own tables come before it)."""
+    table = text[text.index("## MAP by code length"):]
+    line = next(line for line in table.splitlines() if line.startswith(f"| {label} |"))
+    return [part.strip() for part in line.strip("|").split("|")]
+
+
+def test_entries_come_from_the_named_grids_with_marks_and_the_fallback_source(tmp_path: Path) -> None:
+    bits, main = _grids(tmp_path)
+    run_grid(bits, code="v1", commit="c1", runner=fake_runner({"b16.fedcafe.seed2"}), log=lambda _: None)
+    run_grid(main, code="v1", commit="c1", runner=fake_runner(), log=lambda _: None)
+    text = write_results(main, appendix=cross_tables(main)).read_text()
+
+    assert text.index("## MAP by code length") < text.index("## Cells")
+    fedavg16 = MAP[("fedavg", 16)]
+    assert _row(text, "fedavg")[1:] == [f"{np.mean(fedavg16):.3f} ± {np.std(fedavg16, ddof=1):.3f}",
+                                        f"{np.mean(MAP[('fedavg', 32)]):.3f} ± 0.010"]
+    fedcafe16 = MAP[("fedcafe", 16)][:2]  # seed 2 did not finish: two seeds, counted, still paired with fedavg
+    assert _row(text, "fedcafe")[1] == (f"{np.mean(fedcafe16):.3f} ± {np.std(fedcafe16, ddof=1):.3f} ▲ (2/3)")
+    assert "▲" not in _row(text, "fedcafe")[2] and "▼" not in _row(text, "fedcafe")[2]  # within the noise at 32
+    assert _row(text, "centralized")[1:] == ["0.700 ± 0.000 ▲", "–"]  # from the fallback source; absent at 32
+    assert _row(text, "moon")[1:] == ["–", "–"]  # in no source
+    assert (f"- 16 bits: centralized ← `{bits.path}:central`; fedavg, fedcafe ← `{bits.path}:b16`; in no source: "
+            "moon") in text
+    assert f"- 32 bits: fedavg, fedcafe ← `{main.path}:b32`; in no source: centralized, moon" in text
+
+
+def test_a_table_without_tables_adds_nothing(tmp_path: Path) -> None:
+    bits, _ = _grids(tmp_path)
+    assert bits.tables == [] and cross_tables(bits) == []
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (('metrics = ["std MAP i2t"]', 'metrics = ["MAP@64"]'), "tables\\[0\\]: unknown metrics \\['MAP@64'\\]"),
+    (('"{bits}:central"', '"{bits}:nowhere"'), "group '16 bits'.*has no setting 'nowhere'"),
+    (('"{bits}:central"', '"{bits}"'), "is not 'grid-file:setting'"),
+    (('rows = ["centralized", "fedavg", "fedcafe", "moon"]\n', ''), "key 'rows' is missing"),
+])
+def test_a_bad_table_is_refused_before_any_cell_runs(tmp_path: Path, change: tuple[str, str], message: str) -> None:
+    _, main = _grids(tmp_path, MAIN.replace(*change))
+    with pytest.raises(GridError, match=message):
+        check_tables(main)
+    assert not (tmp_path / "runs-main").exists()
+
+
+def test_tables_must_be_an_array_of_tables(tmp_path: Path) -> None:
+    path = tmp_path / "g.toml"
+    path.write_text('title = "t"\nseeds = [0]\ntables = "x"\n[settings.a]\n[[methods]]\nname = "fedavg"\n')
+    with pytest.raises(GridError, match="'tables' must be an array of tables"):
+        load_grid(path)
