@@ -16,6 +16,8 @@ A grid file (`grids/*.toml`):
     [settings.<name>]                    # title and run-config of one setting (partition x modality mix x ...)
     [[methods]]                          # name; optional: sweep = {key = [values]} (chosen on dev),
                                          # run-config, settings = [...], seeds = [...], clients, label
+    [[tables]]                           # optional: tables across grids at the end of the results file
+                                         # (scripts/cross_table.py)
 
 A cell is one run: setting x method x swept values x seed. Its record (`cell.json`) holds the code version and the
 full config; a cell whose record matches both is finished and is skipped when the grid runs again.

@@ -102,6 +102,7 @@ def paired_mark(ours: dict[int, float | None], base: dict[int, float | None], al
 
 
 def format_mean_std(name: str, values: list[float | None], mark: str = "") -> str:
+    """'mean ± std [mark]' over the values present, with the column's digits; '–' if none."""
     mean, std, n = mean_std(values)
     if not n:
         return "–"
