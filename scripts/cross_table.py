@@ -129,6 +129,8 @@ def _entries(table: dict[str, Any], where: str) -> list[tuple[str, dict[str, Ent
 
 def _entry_text(metric: str, entry: Entry, numbers: dict[int, dict], base: Entry, base_numbers: dict[int, dict],
                 mark_it: bool) -> str:
+    """One table entry: mean ± std, a mark only against the baseline's cells of the same setting (seeds pair up
+    only there), and (n/m) while seeds are missing."""
     values = {seed: n[metric] for seed, n in numbers.items()}
     mark = ""
     if mark_it and entry.source == base.source and any(v is not None for v in values.values()):
