@@ -7,12 +7,14 @@ with `flwr run . --run-config "k=v ..."`). `parse_run_config` validates it once;
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from common.data.concepts import CONCEPT_NAMES
 from common.data.federation import parse_mix
+from common.data.precomputed import is_feature_file
 from common.data.partition import PARTITIONERS
 from common.losses import HASH_LOSSES, LossWeights
 from common.model import ModelConfig
@@ -45,6 +47,10 @@ class RunConfig(BaseModel):
     # round); selection only sees scored rounds, so 1 (every round) is the protocol, larger is for fast grids
     eval_every: int = Field(1, ge=1)
     client_eval_every: int = Field(1, ge=1)
+    # the dev metric that selects the reported round (fedxmr_server/strategies/base.py: selection_score): "rsum"
+    # (continuous R@K, instance-level), "map" (continuous label MAP), "hash-map" (standard Hamming MAP, what the
+    # hashing tables report); "auto": hash-map on a feature file (labels given), rsum on captions (Flickr8k)
+    select_on: Literal["auto", "rsum", "map", "hash-map"] = "auto"
     partitioner: Literal[PARTITIONERS] = "iid"  # type: ignore[valid-type]
     partition_beta: float = Field(0.5, gt=0.0, le=1000.0)
     partition_ways: int = Field(2, ge=1)
@@ -72,6 +78,8 @@ class RunConfig(BaseModel):
     hash_balance_weight: float = Field(0.0, ge=0.0)  # common/losses.py: bit_balance
     hash_straight_through: bool = False
     hash_detach: bool = False  # common/model.py: Tower.forward
+    hash_scale: float = Field(1.0, gt=0.0, le=1000.0)  # common/model.py: ModelConfig.hash_scale
+    label_positives: float = Field(0.0, ge=0.0, le=1.0)  # common/losses.py: info_nce
     hash_loss: Literal[HASH_LOSSES] = "infonce"  # type: ignore[valid-type]  # common/losses.py: retrieval_loss
     # data, backbone, outputs
     backbone: str = Field("effnet-lite0+minilm", min_length=1)
@@ -84,6 +92,9 @@ class RunConfig(BaseModel):
     resume: str = ""  # a run dir: continue it after its last completed round (same config otherwise)
     max_train_images: int = Field(0, ge=0)
     max_eval_images: int = Field(0, ge=0)
+    # the database of the test MAP (fedxmr_server/evaluator.py): "test" (test vs test) or "retrieval" (test queries
+    # vs train + test items, the hashing papers' retrieval set); R@K and dev stay within their split
+    gallery: Literal["test", "retrieval"] = "test"
     encode_batch_size: int = Field(32, ge=1, le=4096)
     # fault drills (tests, rehearsals): "partition:kind,..." with kind raise | nan | poison (fedxmr_client/faults.py)
     faults: str = Field("", pattern=r"^(\d+:(raise|nan|poison)(,\d+:(raise|nan|poison))*)?$")
@@ -108,6 +119,12 @@ class RunConfig(BaseModel):
         parse_mix(value)
         return value
 
+    def selection_metric(self) -> str:
+        """What `select-on` means for this run's data: "auto" is "hash-map" on a feature file, else "rsum"."""
+        if self.select_on != "auto":
+            return self.select_on
+        return "hash-map" if is_feature_file(Path(self.data_dir)) else "rsum"
+
     def mix(self) -> tuple[float, float, float]:
         return parse_mix(self.modality_mix)
 
@@ -118,14 +135,15 @@ class RunConfig(BaseModel):
         return ModelConfig(img_dim=img_dim, txt_dim=txt_dim, embed_dim=self.embed_dim, adapter_dim=self.adapter_dim,
                            hash_bits=self.hash_bits, temperature=self.temperature,
                            learn_temperature=self.learn_temperature, dropout=self.dropout, personal=personal,
-                           hash_detach=self.hash_detach, afe_concepts=self.options.afe_concepts(concepts))
+                           hash_detach=self.hash_detach, hash_scale=self.hash_scale,
+                           afe_concepts=self.options.afe_concepts(concepts))
 
     def train_cfg(self) -> TrainConfig:
         return TrainConfig(epochs=self.local_epochs, batch_size=self.batch_size, lr=self.lr,
                            weight_decay=self.weight_decay,
                            weights=LossWeights(self.hash_weight, self.quant_weight, self.hash_temperature,
                                                self.hash_distill_weight, self.hash_balance_weight,
-                                               self.hash_straight_through, self.hash_loss))
+                                               self.hash_straight_through, self.hash_loss, self.label_positives))
 
     def as_flat_dict(self) -> dict[str, Any]:
         """The flat run config: the common keys and the selected method's section (`<method>-<key>`)."""

@@ -115,6 +115,12 @@ class PlFedCmhSection(Section):
     hn_embed_dim: int = Field(32, ge=1, le=4096)  # client embedding and hidden width of the hypernetwork
 
 
+class LinearSection(Section):
+    """The closed-form floor (`common/linear.py`): ridge onto the labels, then federated ITQ."""
+
+    ridge: float = Field(100.0, gt=0.0)  # λ of the ridge regression on standardised features
+
+
 # The registry of method names: every name here has a server strategy and a client method (tests check both).
 SECTIONS: dict[str, type[Section] | None] = {
     "fedavg": None,
@@ -128,4 +134,5 @@ SECTIONS: dict[str, type[Section] | None] = {
     "moon": MoonSection,
     "fedcafe": FedCafeSection,
     "plfedcmh": PlFedCmhSection,
+    "linear": LinearSection,
 }

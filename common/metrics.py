@@ -220,23 +220,28 @@ def _map(q: np.ndarray, db: np.ndarray, q_lab: np.ndarray, db_lab: np.ndarray, a
     return ap_sum / n_valid if n_valid else float("nan")
 
 
+def _sorted_ap(rel_sorted: np.ndarray) -> tuple[float, int]:
+    """Sum of the per-query APs of ranked relevance rows (precision at each relevant position) and how many queries
+    have a relevant item (the others are left out of the mean)."""
+    pos = np.arange(1, rel_sorted.shape[1] + 1, dtype=np.float64)
+    cum_rel = np.cumsum(rel_sorted, axis=1, dtype=np.float64)
+    r = cum_rel[:, -1]
+    valid = r > 0
+    prec_sum = np.where(rel_sorted, cum_rel / pos, 0.0).sum(axis=1)
+    return float((prec_sum[valid] / r[valid]).sum()), int(valid.sum())
+
+
 def _smap(q: np.ndarray, db: np.ndarray, q_lab: np.ndarray, db_lab: np.ndarray) -> float:
     """Standard MAP@all: stable argsort on Hamming distance (ties by db index), precision at each relevant rank."""
     # small-integer distances let numpy's stable sort use radix sort; the order is the same for any int dtype
     dtype = np.int16 if q.shape[1] < np.iinfo(np.int16).max else np.int64
-    pos = np.arange(1, db.shape[0] + 1, dtype=np.float64)
     ap_sum, n_valid = 0.0, 0
     for a in range(0, q.shape[0], CHUNK):
         dist = _hamming(q[a:a + CHUNK], db).astype(dtype)
         rel = (q_lab[a:a + CHUNK] @ db_lab.T) > 0
         order = np.argsort(dist, axis=1, kind="stable")
-        rel_sorted = np.take_along_axis(rel, order, axis=1)
-        cum_rel = np.cumsum(rel_sorted, axis=1, dtype=np.float64)
-        r = cum_rel[:, -1]
-        valid = r > 0
-        prec_sum = np.where(rel_sorted, cum_rel / pos, 0.0).sum(axis=1)
-        ap_sum += float((prec_sum[valid] / r[valid]).sum())
-        n_valid += int(valid.sum())
+        ap, n = _sorted_ap(np.take_along_axis(rel, order, axis=1))
+        ap_sum, n_valid = ap_sum + ap, n_valid + n
     return ap_sum / n_valid if n_valid else float("nan")
 
 
@@ -275,3 +280,23 @@ def hash_maps(img_codes: np.ndarray, txt_codes: np.ndarray, img_labels: np.ndarr
         out |= {f"{prefix}smap_i2t": _smap(img, txt, img_lab, txt_lab),
                 f"{prefix}smap_t2i": _smap(txt, img, txt_lab, img_lab)}
     return out
+
+
+def ranked_map(scores: np.ndarray, query_labels: np.ndarray, db_labels: np.ndarray) -> float:
+    """Standard MAP@all over a real-valued ranking (higher score = earlier; ties by ascending db index, as
+    ``standard_map``): the label MAP of continuous embeddings or relaxed codes, the ceiling their sign codes are
+    measured against. ``scores`` is (n_q, n_db)."""
+    scores = np.asarray(scores)
+    if scores.ndim != 2:
+        raise ValueError(f"scores must be 2-D (queries x database), got shape {scores.shape}")
+    q_lab = np.asarray(query_labels, dtype=np.float32)
+    db_lab = np.asarray(db_labels, dtype=np.float32)
+    if q_lab.shape[0] != scores.shape[0] or db_lab.shape[0] != scores.shape[1] or q_lab.shape[1] != db_lab.shape[1]:
+        raise ValueError(f"labels {q_lab.shape} / {db_lab.shape} do not fit scores {scores.shape}")
+    ap_sum, n_valid = 0.0, 0
+    for a in range(0, scores.shape[0], CHUNK):
+        rel = (q_lab[a:a + CHUNK] @ db_lab.T) > 0
+        order = np.argsort(-scores[a:a + CHUNK], axis=1, kind="stable")
+        ap, n = _sorted_ap(np.take_along_axis(rel, order, axis=1))
+        ap_sum, n_valid = ap_sum + ap, n_valid + n
+    return ap_sum / n_valid if n_valid else float("nan")

@@ -38,6 +38,7 @@ class ModelConfig:
     dropout: float = 0.3
     personal: bool = False
     hash_detach: bool = False  # the hash head learns on the embedding without moving it (hash terms: head only)
+    hash_scale: float = 1.0  # the hash feature is scale × Linear(unit embedding): > 1 lets codes reach ±1 sooner
     afe_concepts: int = 0  # > 0: adaptive feature enhancement over that many concepts (FedCAFE)
 
     def to_dict(self) -> dict:
@@ -70,6 +71,7 @@ class Tower(nn.Module):
         self.personal = Adapter(cfg.embed_dim, cfg.adapter_dim, cfg.dropout) if cfg.personal else None
         self.hash = nn.Linear(cfg.embed_dim, cfg.hash_bits)
         self.hash_detach = cfg.hash_detach
+        self.hash_scale = cfg.hash_scale
         self.classifier = nn.Linear(cfg.hash_bits, cfg.afe_concepts) if cfg.afe_concepts else None
         if cfg.afe_concepts:  # round 1: an all-zero memory, so V_E = O
             self.register_buffer("memory", torch.zeros(cfg.afe_concepts, cfg.hash_bits))
@@ -90,7 +92,7 @@ class Tower(nn.Module):
 
     def enhance(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """(O, concept logits, V_E) of the hash head on `emb`: V_E = O without enhancement."""
-        raw = self.hash(emb.detach() if self.hash_detach else emb)
+        raw = self.hash(emb.detach() if self.hash_detach else emb) * self.hash_scale
         if self.classifier is None:
             return raw, None, raw
         logits = self.classifier(raw)
@@ -128,9 +130,10 @@ class XmrModel(nn.Module):
         self.logit_scale.clamp_(max=math.log(MAX_SCALE))
 
     @torch.no_grad()
-    def encode(self, modality: str, feats: np.ndarray, batch_size: int = 4096,
-               personal: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """Embeddings and ±1 hash codes (sign, with 0 -> +1) for retrieval, in eval mode."""
+    def encode_relaxed(self, modality: str, feats: np.ndarray, batch_size: int = 4096,
+                       personal: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Embeddings and relaxed codes (tanh of the hash feature, in (-1, 1)), in eval mode: what the codes are
+        before the sign, to measure how binary they are and what the sign costs."""
         was_training = self.training
         self.eval()
         tower = self.tower(modality)
@@ -140,10 +143,15 @@ class XmrModel(nn.Module):
             x = torch.as_tensor(feats[start:start + batch_size], dtype=torch.float32, device=device)
             emb, relaxed = tower(x, personal)
             embs.append(emb.cpu().numpy())
-            codes.append(np.where(relaxed.cpu().numpy() >= 0, 1, -1).astype(np.int8))
+            codes.append(relaxed.cpu().numpy())
         self.train(was_training)
         return np.concatenate(embs), np.concatenate(codes)
 
+    def encode(self, modality: str, feats: np.ndarray, batch_size: int = 4096,
+               personal: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Embeddings and ±1 hash codes (sign, with 0 -> +1) for retrieval, in eval mode."""
+        emb, relaxed = self.encode_relaxed(modality, feats, batch_size, personal)
+        return emb, np.where(relaxed >= 0, 1, -1).astype(np.int8)
 
     @torch.no_grad()
     def hash_features(self, modality: str, feats: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:

@@ -16,6 +16,7 @@ METRICS = "metrics"  # MetricRecord, node -> server
 GALLERY = "gallery"  # ArrayRecord, server -> node (evaluate): the shared dev/test gallery
 PROTOTYPES = "prototypes"  # ArrayRecord, both ways: {mod: (1 + C, d) table, f"{mod}-count": (1 + C,) counts}
 MEMORY = "memory"  # ArrayRecord, both ways (FedCAFE): {"memory": (C, bits) rows, "count": (C,) items per row}
+LINEAR = "linear"  # ArrayRecord, node -> server (method linear): feature statistics (round 1), ITQ sums after
 
 # config keys (server -> node)
 SERVER_ROUND = "server-round"

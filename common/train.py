@@ -103,12 +103,11 @@ def _optimise(model: XmrModel, params: list[torch.nn.Parameter], n_items: int, c
     return {k: v / max(steps, 1) for k, v in totals.items()} | {"steps": float(steps)}
 
 
-def similar_of(labels: np.ndarray | None, items: np.ndarray, device: torch.device) -> torch.Tensor | None:
-    """(b, b) 1/0: items sharing a label, and every item with itself (its own counterpart); None without labels."""
+def labels_of(labels: np.ndarray | None, items: np.ndarray, device: torch.device) -> torch.Tensor | None:
+    """The batch's multi-hot label rows (float), for the label-aware hash terms; None without labels."""
     if labels is None or labels.shape[1] == 0:
         return None
-    lab = torch.as_tensor(labels[items], dtype=torch.float32, device=device)
-    return ((lab @ lab.t() > 0) | torch.eye(len(items), dtype=torch.bool, device=device)).float()
+    return torch.as_tensor(labels[items], dtype=torch.float32, device=device)
 
 
 def _captions_of(caption_image: np.ndarray, n_images: int) -> list[np.ndarray]:
@@ -132,17 +131,17 @@ def train_paired(model: XmrModel, img: np.ndarray, txt: np.ndarray, caption_imag
     def batch_loss(idx: np.ndarray) -> tuple[torch.Tensor, dict, Batch]:
         cap = np.array([rng.choice(groups[i]) for i in idx])
         img, txt = img_t[idx], txt_t[cap]
-        similar = similar_of(labels, idx, device)
+        lab = labels_of(labels, idx, device)
         if not personal:
             (img_e, img_c), (txt_e, txt_c) = model.img(img), model.txt(txt)
-            loss, parts = retrieval_loss(img_e, txt_e, img_c, txt_c, model.scale(), cfg.weights, similar)
+            loss, parts = retrieval_loss(img_e, txt_e, img_c, txt_c, model.scale(), cfg.weights, lab)
             return loss, parts, Batch({"img": img_e, "txt": txt_e}, idx, {"img": img, "txt": txt})
         # personal image queries vs global captions, and personal caption queries vs global images
         with torch.no_grad():
             img_g, txt_g = model.img(img), model.txt(txt)
         (img_p, img_pc), (txt_p, txt_pc) = model.img(img, True), model.txt(txt, True)
-        loss_i, parts_i = retrieval_loss(img_p, txt_g[0], img_pc, txt_g[1], model.scale(), cfg.weights, similar)
-        loss_t, parts_t = retrieval_loss(img_g[0], txt_p, img_g[1], txt_pc, model.scale(), cfg.weights, similar)
+        loss_i, parts_i = retrieval_loss(img_p, txt_g[0], img_pc, txt_g[1], model.scale(), cfg.weights, lab)
+        loss_t, parts_t = retrieval_loss(img_g[0], txt_p, img_g[1], txt_pc, model.scale(), cfg.weights, lab)
         return 0.5 * (loss_i + loss_t), {k: 0.5 * (parts_i[k] + parts_t[k]) for k in parts_i}, Batch({}, idx, {})
 
     return _optimise(model, trainable(model, ("img", "txt"), personal), len(img), cfg, rng, batch_loss,
@@ -184,7 +183,7 @@ def train_unimodal(model: XmrModel, modality: str, feats: np.ndarray, cfg: Train
         with torch.set_grad_enabled(not personal):  # personal: the second view is the global embedding
             b_emb, b_code = tower(b)
         loss, parts = retrieval_loss(a_emb, b_emb, a_code, b_code, model.scale().detach(), cfg.weights,
-                                     similar_of(labels, scenes[idx], device))
+                                     labels_of(labels, scenes[idx], device))
         if personal:
             return loss, parts, Batch({}, scenes[idx], {})
         return loss, parts, Batch({modality: a_emb}, scenes[idx], {modality: a})

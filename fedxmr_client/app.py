@@ -88,7 +88,7 @@ def train(msg: Message, context: Context) -> Message:
     records = RecordDict()
     metrics: dict[str, float] = {}
     if plan.train:
-        stats = _train(model, plan.shard, cfg, rng, personal=False, plan=plan)
+        stats = method.fit(model, plan, lambda: _train(model, plan.shard, cfg, rng, personal=False, plan=plan))
         metrics = {f"train-{k.replace('_', '-')}": float(v) for k, v in stats.items()}
         if shard.cfg.personal_adapters:
             personal_cfg = replace(cfg, epochs=shard.cfg.personal_epochs)

@@ -97,7 +97,15 @@ def _run(grid: Grid, context: Context) -> None:
     recorder.plot_layer_weights(best.round)
     n_clients = max((r["train"].get("replies", 0) for r in recorder.rounds if r.get("train")), default=0)
     text = recorder.summary(best.round, dev, test, {"clients": n_clients, "per-client": clients,
-                                                    "selected-on": "dev rsum" if strategy.has_global_model
-                                                    else "mean per-client dev score"})
+                                                    "selected-on": _selected_on(cfg.selection_metric(),
+                                                                                strategy.has_global_model)})
     print(text, flush=True)
     log(INFO, "fedxmr: outputs in %s", recorder.dir)
+
+
+def _selected_on(metric: str, global_model: bool) -> str:
+    """How the reported round was chosen, in words for the summary."""
+    words = {"rsum": "rsum", "map": "continuous label MAP", "hash-map": "Hamming label MAP"}[metric]
+    if global_model:
+        return f"dev {words}"
+    return "mean per-client dev score" if metric == "rsum" else "mean per-client dev Hamming MAP"

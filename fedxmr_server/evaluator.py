@@ -2,6 +2,14 @@
 
 Every round the global model is scored on dev; the strategy keeps the round with the best dev score, and only that
 model is scored on test, once, at the end (model selection never looks at test).
+
+Run config key `gallery` sets the database of the test split's label MAPs (hash_map*, hash_mapr*, hash_smap*):
+- "test": the test split itself (test queries vs test items);
+- "retrieval": the hashing papers' retrieval set, test queries vs the train split's items followed by the test
+  split's (train as the run trains on it, capped by max-train-images; test by max-eval-images). i2t ranks the
+  captions of both splits, t2i their images, so Flickr8k and Karpathy data work as feature files do. The standard
+  MAP breaks Hamming ties by database index: train items rank before test items at equal distance.
+R@K stays test vs test (its ground truth is the query's own item), and dev is always scored within dev.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from common.data.datasets import concept_count, load_split
 from common.data.flickr8k import RetrievalSplit
 from common.evaluate import evaluate_retrieval
 from common.features import resolve_cache_dir, split_features
+from common.metrics import mean_average_precision, standard_map
 from common.model import XmrModel, load_numpy_state
 
 
@@ -23,6 +32,16 @@ from common.model import XmrModel, load_numpy_state
 class _Split:
     data: RetrievalSplit
     feats: dict[str, np.ndarray]
+
+
+@dataclass
+class Database:
+    """The retrieval set's codes and labels (one row per image / per caption), in database order."""
+
+    img_code: np.ndarray
+    txt_code: np.ndarray
+    img_labels: np.ndarray
+    txt_labels: np.ndarray
 
 
 @dataclass
@@ -40,7 +59,8 @@ class ServerEvaluator:
 
     def _split(self, name: str) -> _Split:
         if name not in self._splits:
-            data = load_split(self.cfg.data_dir, name, self.cfg.max_eval_images, data_keys=self.cfg.data_keys,
+            cap = self.cfg.max_train_images if name == "train" else self.cfg.max_eval_images  # as the run trains
+            data = load_split(self.cfg.data_dir, name, cap, data_keys=self.cfg.data_keys,
                               cache_dir=resolve_cache_dir(self.cfg.cache_dir))
             feats = split_features(data, self.backbone, resolve_cache_dir(self.cfg.cache_dir),
                                    batch_size=self.cfg.encode_batch_size)
@@ -53,10 +73,37 @@ class ServerEvaluator:
         return model
 
     def score(self, arrays: dict[str, np.ndarray], split: str) -> dict[str, float]:
-        """All metrics of `split`; the standard MAP (half the scoring time) only on test, which is scored once."""
+        """All metrics of `split`, the standard MAPs included on dev too (about half the scoring time), since
+        `select-on` may select on them. With `gallery` "retrieval", test's Hamming label MAPs rank the retrieval set
+        (module docstring); the continuous and relaxed MAPs stay test against test."""
         s = self._split(split)
-        return evaluate_retrieval(self._model(arrays), s.feats["img"], s.feats["txt"], s.data.caption_image,
-                                  s.data.labels, standard_map=split == "test")
+        model = self._model(arrays)
+        out = evaluate_retrieval(model, s.feats["img"], s.feats["txt"], s.data.caption_image, s.data.labels,
+                                 standard_map=True)
+        if split == "test" and self.cfg.gallery == "retrieval":
+            out |= self._retrieval_maps(model, s)
+        return out
+
+    def database(self, model: XmrModel) -> Database:
+        """The retrieval set (train then test items) hashed by `model`; codes are encoded split by split, so the
+        train split's features are never concatenated."""
+        parts = [self._split("train"), self._split("test")]
+        img = [model.encode("img", p.feats["img"])[1] for p in parts]
+        txt = [model.encode("txt", p.feats["txt"])[1] for p in parts]
+        return Database(np.concatenate(img), np.concatenate(txt), np.concatenate([p.data.labels for p in parts]),
+                        np.concatenate([p.data.labels[p.data.caption_image] for p in parts]))
+
+    def _retrieval_maps(self, model: XmrModel, test: _Split) -> dict[str, float]:
+        """hash_map*, hash_mapr*, hash_smap* of the test queries (images for i2t, captions for t2i) against the
+        retrieval set: the keys of `common.metrics.hash_maps`, replacing their test-vs-test values."""
+        db = self.database(model)
+        img, txt = model.encode("img", test.feats["img"])[1], model.encode("txt", test.feats["txt"])[1]
+        img_lab, txt_lab = test.data.labels, test.data.labels[test.data.caption_image]
+        i2t, t2i = (img, db.txt_code, img_lab, db.txt_labels), (txt, db.img_code, txt_lab, db.img_labels)
+        return {"hash_map_i2t": mean_average_precision(*i2t), "hash_map_t2i": mean_average_precision(*t2i),
+                "hash_mapr_i2t": mean_average_precision(*i2t, at_r=True),
+                "hash_mapr_t2i": mean_average_precision(*t2i, at_r=True),
+                "hash_smap_i2t": standard_map(*i2t), "hash_smap_t2i": standard_map(*t2i)}
 
     def gallery(self, arrays: dict[str, np.ndarray] | None, split: str) -> dict[str, np.ndarray]:
         """The shared gallery of `split` for per-client evaluation: its labels per image (`label`: DERIVED on

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from scripts.grid_spec import PROJECT, Cell, Grid, GridError, load_grid, read_record
-from scripts.results import COLUMNS, cell_numbers, format_mean_std, paired_mark
+from scripts.results import COLUMNS, cell_numbers, format_mean_std, improving_mark, paired_mark
 
 
 TABLE_KEYS = {"title", "rows", "metrics", "baseline", "note", "groups"}
@@ -130,13 +130,15 @@ def _entries(table: dict[str, Any], where: str) -> list[tuple[str, dict[str, Ent
 def _entry_text(metric: str, entry: Entry, numbers: dict[int, dict], base: Entry, base_numbers: dict[int, dict],
                 mark_it: bool) -> str:
     """One table entry: mean ± std, a mark only against the baseline's cells of the same setting (seeds pair up
-    only there), and (n/m) while seeds are missing."""
+    only there), (n/m) while seeds are missing, and † k/n where k of the n finished runs were still improving."""
     values = {seed: n[metric] for seed, n in numbers.items()}
     mark = ""
     if mark_it and entry.source == base.source and any(v is not None for v in values.values()):
         mark = paired_mark(values, {seed: n[metric] for seed, n in base_numbers.items()})
     text = format_mean_std(metric, list(values.values()), mark)
-    return text + (f" ({len(numbers)}/{len(entry.cells)})" if entry.cells and len(numbers) < len(entry.cells) else "")
+    text += f" ({len(numbers)}/{len(entry.cells)})" if entry.cells and len(numbers) < len(entry.cells) else ""
+    late = improving_mark(list(numbers.values()))
+    return f"{text} {late}" if late else text
 
 
 def table_lines(table: dict[str, Any], where: str, default_baseline: str = "fedavg",
@@ -151,8 +153,9 @@ def table_lines(table: dict[str, Any], where: str, default_baseline: str = "feda
              "sample std over seeds at each run's best-dev round; ▲ / ▼: the paired difference to "
              f"{baseline} over the same seeds is significant (two-sided paired t-test, p < 0.05), drawn only where "
              f"the row and {baseline} come from the same grid setting; ?: fewer than 2 common seeds; `(n/m)`: only "
-             "n of the m seeds the grid lists have finished; –: no number (the label is in no source of that group, "
-             "see Sources; or none of its seeds has finished; or the method has no global model to score a "
+             "n of the m seeds the grid lists have finished; † k/n: in k of the n finished seeds the selected round "
+             "was in the last fifth of the rounds (still improving); –: no number (the label is in no source of that "
+             "group, see Sources; or none of its seeds has finished; or the method has no global model to score a "
              "global-model metric).", ""]
     if table.get("note"):
         lines += [table["note"], ""]

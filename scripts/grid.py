@@ -7,8 +7,8 @@ and config is skipped, so an interrupted grid resumes where it stopped (a half-w
 scratch). Cells run `--jobs` at a time; one progress line per finished cell (done / total, elapsed, estimated
 remaining). A failed cell is reported and the grid goes on; the exit status says whether every cell finished. At the
 end, `scripts.results` writes the results file from every finished cell, with the grid's tables across grids
-(`scripts.cross_table`). SIGTERM and SIGHUP stop the running cells and everything they started, as Ctrl-C does (exit
-128 + the signal).
+(`scripts.cross_table`), and its JSON twin beside it (`docs/NAME.json`, the same rows for scripts). SIGTERM and
+SIGHUP stop the running cells and everything they started, as Ctrl-C does (exit 128 + the signal).
 """
 
 from __future__ import annotations
@@ -98,10 +98,11 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1, help="cells run at the same time (default 1: on 2 cores one "
                         "10-client simulation already keeps both busy)")
     parser.add_argument("--only", default="", help="run only the cells whose name contains this text")
-    parser.add_argument("--results-only", action="store_true", help="only (re)write the results file")
+    parser.add_argument("--results-only", action="store_true",
+                        help="only (re)write the results file and its JSON twin")
     args = parser.parse_args()
     from scripts.cross_table import check_tables, cross_tables
-    from scripts.results import write_results
+    from scripts.results import results_json, write_results
     from scripts.simulate import descendants, exit_on_signals, kill_tree
 
     # SIGTERM/SIGHUP: the cells' simulations run in worker threads, which unwinding the main thread does not reach:
@@ -118,7 +119,7 @@ def main() -> None:
         path = write_results(grid, appendix=cross_tables(grid))
     except GridError as exc:
         sys.exit(f"error: {exc}")
-    print(f"results: {path}")
+    print(f"results: {path}, {results_json(grid)}")
     sys.exit(1 if counts["failed"] else 0)
 
 

@@ -7,7 +7,7 @@ A grid file (`grids/*.toml`):
     clients = 10                         # simulated SuperNodes per cell
     seeds = [0, 1, 2]
     out-dir = "runs/grid-flickr8k"       # run directories, relative to the project
-    results = "docs/RESULTS.md"          # the generated file (plots beside it)
+    results = "docs/RESULTS.md"          # the generated file (plots and RESULTS.json, its rows for scripts, beside it)
     baseline = "fedavg"                  # optional: the method the ▲/▼ marks compare with (default fedavg)
     gap = ["paired-only", "all-paired/fedavg"]  # optional: report how much of the gap from a method to a
                                          # reference (setting/method) each method recovers, per setting

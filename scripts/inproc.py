@@ -77,7 +77,8 @@ class Federation:
         plan = self.method.begin(shard, model, content if content is not None else RecordDict(), {})
         if not plan.train:
             return Update(k, shard.client_type, {}, float(len(shard.data.images)))
-        stats = _train(model, plan.shard, self.method.train_config(shard.cfg), rng, personal=False, plan=plan)
+        stats = self.method.fit(model, plan, lambda: _train(model, plan.shard, self.method.train_config(shard.cfg), rng,
+                                                             personal=False, plan=plan))
         state = model.state_dict()
         arrays = {key: state[key].detach().numpy().copy() for key in upload_keys(state, shard.modalities)
                   if key not in plan.frozen}

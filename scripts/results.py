@@ -6,7 +6,9 @@ than the seed noise (paired t-test over seeds,
 two-sided, p < 0.05; the seed fixes the partition, so seeds pair up), bytes per round and wall time; a method with
 a swept knob is shown with the value of best mean dev score (the others in a table of their own); convergence plots
 with a ± std band over seeds beside the file; the grid's tables across grids (scripts/cross_table.py); and a list of
-every cell with its commit, config and wall time.
+every cell with its commit, config and wall time. A row whose runs selected a round in the last fifth of their rounds
+is marked † n/m (still improving: its numbers may understate the method). Beside the file, `<name>.json` holds the
+same rows for scripts: one record per (setting, method, metric) with the per-seed values (see `result_records`).
 
     python -m scripts.grid grids/flickr8k.toml --results-only      # also run at the end of every grid run
 """
@@ -15,12 +17,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from scripts.grid_spec import PROJECT, Cell, Grid, read_record, run_config_text
+from scripts.grid_spec import PROJECT, RECORD, Cell, Grid, read_record, run_config_text
 
 # (column, how to get it from a cell's outputs); test numbers are at the run's selected round
 COLUMNS = {
@@ -49,6 +52,11 @@ DIGITS = {"MAP@all i2t": 3, "MAP@all t2i": 3, "std MAP i2t": 3, "std MAP t2i": 3
           "client MAP t2i": 3, "worst client MAP i2t": 3, "worst client MAP t2i": 3}
 # marked against the grid's baseline
 SIGNIFICANCE = ("test rsum", "Hamming rsum", "client mean", "image-only", "text-only")
+# a run whose selected round is past this fraction of its rounds was still improving when it stopped
+LATE = 0.8
+IMPROVING = "†"
+FOOTNOTE = (f"{IMPROVING} n/m: the selected round was in the last fifth of the rounds in n of m seeds: the run was "
+            "still improving (selected round > 0.8 × its rounds), so its numbers may understate the method.")
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -59,13 +67,42 @@ def _summary(final: dict, key: str) -> float | None:
     return final.get("per-client", {}).get("summary", {}).get(key)
 
 
+def _number(value: int | float) -> int | float | None:
+    """A metric value as strict JSON can hold it: NaN / inf as None."""
+    return value if math.isfinite(value) else None
+
+
+def flat_metrics(final: dict) -> dict[str, int | float | None]:
+    """Every scalar metric of final.json under its own key (per-client summary keys as they are, `dev_<key>` for the
+    dev section, test keys as they are: the same names a reader finds in the file), plus `selected_round`."""
+    sections = (("", final.get("per-client", {}).get("summary", {})), ("dev_", final.get("dev") or {}),
+                ("", final.get("test") or {}))
+    out = {prefix + k: _number(v) for prefix, section in sections for k, v in section.items()
+           if not isinstance(v, bool) and isinstance(v, (int, float))}
+    return {**out, "selected_round": int(final["best-round"])}
+
+
+def _num_rounds(run_dir: Path, rounds: list[dict]) -> int:
+    """The cell's number of server rounds: its resolved config (config.json), else its grid record, else the last
+    round it logged."""
+    for name, key in (("config.json", "run"), (RECORD, "run-config")):
+        path = run_dir / name
+        if path.exists():
+            value = json.loads(path.read_text()).get(key, {}).get("num-server-rounds")
+            if value:
+                return int(value)
+    return max((r["round"] for r in rounds), default=0)
+
+
 def cell_numbers(run_dir: Path) -> dict[str, Any]:
-    """One finished cell's numbers: the table columns, its dev score, bytes per round and the convergence curves."""
+    """One finished cell's numbers: the table columns, its dev score, bytes per round, the convergence curves, every
+    metric of final.json (`metrics`) and whether it was still improving (selected late in its rounds)."""
     final = json.loads((run_dir / "final.json").read_text())
     rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     trained = [r["train"] for r in rounds if r.get("train")]
     selected = next((r for r in rounds if r["round"] == final["best-round"]), {})
     client_dev = selected.get("client-dev", {}).get("summary", {}).get("all-global-mean")
+    num_rounds = _num_rounds(run_dir, rounds)
     return {
         **{name: get(final) for name, get in COLUMNS.items()},
         "dev": final.get("dev", {}).get("rsum", client_dev),
@@ -75,7 +112,26 @@ def cell_numbers(run_dir: Path) -> dict[str, Any]:
         "dev-curve": {r["round"]: r["dev"]["rsum"] for r in rounds if r.get("dev") and r["round"] > 0},
         "client-curve": {r["round"]: r["client-dev"]["summary"]["all-global-mean"] for r in rounds
                          if r.get("client-dev", {}).get("summary", {}).get("all-global-mean") is not None},
+        "rounds": num_rounds,
+        "still-improving": final["best-round"] > LATE * num_rounds,
+        "metrics": flat_metrics(final),
     }
+
+
+def improving_mark(numbers: list[dict[str, Any] | None]) -> str:
+    """'† n/m' if n of the m finished cells were still improving, '' if none was."""
+    done = [n for n in numbers if n]
+    late = sum(bool(n["still-improving"]) for n in done)
+    return f"{IMPROVING} {late}/{len(done)}" if late else ""
+
+
+def _marked(text: str, numbers: list[dict[str, Any] | None]) -> str:
+    mark = improving_mark(numbers)
+    return f"{text} {mark}" if mark else text
+
+
+def _label(method: str, variant: str) -> str:
+    return method + (f" ({variant}, chosen on dev)" if variant else "")
 
 
 def mean_std(values: list[float | None]) -> tuple[float, float, int]:
@@ -141,8 +197,7 @@ def setting_table(rows: dict[tuple[str, str], list], baseline: str,
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for (method, variant), cells in chosen.items():
         done = [(c, r, n) for c, r, n in cells if n]
-        label = method + (f" ({variant}, chosen on dev)" if variant else "")
-        row = [label, f"{len(done)}/{len(cells)}"]
+        row = [_marked(_label(method, variant), [n for _, _, n in done]), f"{len(done)}/{len(cells)}"]
         for name in columns:
             mark = (paired_mark({c.seed: n[name] for c, _, n in done}, base_by[name])
                     if name in SIGNIFICANCE and method != baseline and base else "")
@@ -178,7 +233,8 @@ def gap_table(rows: dict[tuple[str, str], list], reference: list, start: str, re
         gap = np.mean([ref[s] - base[s] for s in seeds])
         diffs = [ours[s] - base[s] for s in seeds]
         closed = f"{100 * np.mean(diffs) / gap:.0f}%" if gap > 0 else "–"
-        lines.append(f"| {method} | {len(seeds)} | {gap:.1f} | {', '.join(f'{d:+.1f}' for d in diffs)} | {closed} |")
+        label = _marked(method, [n for _, _, n in cells])
+        lines.append(f"| {label} | {len(seeds)} | {gap:.1f} | {', '.join(f'{d:+.1f}' for d in diffs)} | {closed} |")
     return lines + [""]
 
 
@@ -191,7 +247,7 @@ def sweep_table(rows: dict[tuple[str, str], list]) -> list[str]:
     for (method, variant), cells in swept.items():
         done = [n for _, _, n in cells if n]
         dev = format_mean_std("dev", [n["dev"] for n in done])
-        lines.append(f"| {method} | {variant} | {len(done)}/{len(cells)} | {dev} | "
+        lines.append(f"| {method} | {_marked(variant, done)} | {len(done)}/{len(cells)} | {dev} | "
                      f"{format_mean_std('test rsum', [n['test rsum'] for n in done])} |")
     return lines + [""]
 
@@ -241,9 +297,44 @@ def _shown(path: Path) -> Path:
         return path
 
 
+def result_records(groups: dict[str, dict[tuple[str, str], list]]) -> list[dict[str, Any]]:
+    """The rows of the setting tables for scripts, one record per (setting, method, metric), in table order, metrics
+    sorted: {setting, method (the table's label), metric (final.json's name, see `flat_metrics`), mean, std (None
+    if no seed has it), seeds (per seed, None where missing), seed_ids, still_improving, still_improving_seeds}."""
+    records = []
+    for setting, rows in groups.items():
+        for (method, variant), cells in _chosen(rows).items():
+            numbers = [n for _, _, n in cells]
+            late = sum(bool(n["still-improving"]) for n in numbers if n)
+            for metric in sorted({"selected_round"}.union(*(n["metrics"] for n in numbers if n))):
+                seeds = [n["metrics"].get(metric) if n else None for n in numbers]
+                mean, std, count = mean_std(seeds)
+                records.append({"setting": setting, "method": _label(method, variant), "metric": metric,
+                                "mean": mean if count else None, "std": std if count else None, "seeds": seeds,
+                                "seed_ids": [c.seed for c, _, _ in cells], "still_improving": late > 0,
+                                "still_improving_seeds": late})
+    return records
+
+
+def results_json(grid: Grid) -> Path:
+    """Where the machine-readable twin of the results file goes: beside it, `<name>.json`."""
+    return grid.results.with_suffix(".json")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write through a temporary file and a rename, so a reader (or a killed grid) never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_results(grid: Grid, appendix: list[str] | None = None) -> Path:
-    """Write the grid's results file; `appendix` (markdown lines, e.g. its tables across grids) goes before the
-    list of cells."""
+    """Write the grid's results file and its JSON twin (`results_json`); `appendix` (markdown lines, e.g. its tables
+    across grids) goes before the list of cells."""
     groups = _groups(grid)
     out = grid.results
     lines = [f"# {grid.title}", "",
@@ -274,6 +365,8 @@ def write_results(grid: Grid, appendix: list[str] | None = None) -> Path:
         if png:
             lines += [f"![convergence, {setting}]({png.name})", ""]
         all_cells += [c for cells in rows.values() for c in cells]
+    if any(line.startswith("|") and IMPROVING in line for line in lines):  # under the grid's own tables; the
+        lines += [FOOTNOTE, ""]                                               # cross tables explain it themselves
     lines += appendix or []
     shared = {k: v for k, v in grid.run_config.items() if k not in ("data-dir", "cache-dir")}
     lines += ["## Cells", "", f"Shared run config: `{run_config_text(shared)}`, "
@@ -285,7 +378,8 @@ def write_results(grid: Grid, appendix: list[str] | None = None) -> Path:
                      f"{record['wall-s'] if record else '–'} |")
     total = sum(r["wall-s"] for _, r, _ in all_cells if r)
     lines += ["", f"Total wall time of the finished cells: {total / 60:.0f} min.", ""]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines))
+    _write_atomic(out, "\n".join(lines))
+    records = [json.dumps(r, allow_nan=False) for r in result_records(groups)]  # one a line: diffs stay readable
+    _write_atomic(results_json(grid), "[\n" + ",\n".join(records) + "\n]\n")
     return out
 

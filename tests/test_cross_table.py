@@ -74,14 +74,19 @@ MAP = {("fedavg", 16): [0.50, 0.52, 0.51], ("fedcafe", 16): [0.55, 0.571, 0.56],
        ("fedavg", 32): [0.60, 0.62, 0.61], ("fedcafe", 32): [0.63, 0.59, 0.62]}
 
 
-def fake_runner(skip: frozenset[str] = frozenset()) -> Callable[..., tuple[str, str]]:
+def fake_runner(skip: frozenset[str] = frozenset(),
+                improving: frozenset[str] = frozenset()) -> Callable[..., tuple[str, str]]:
+    """Cells selected at round 1 of 5; those in `improving` at round 5 of 5 (still improving)."""
+
     def run(cell, run_dir: Path) -> tuple[str, str]:
         if cell.name in skip or cell.method == "moon":  # moon: listed, never finishes
             return "failed", "left unfinished by the test"
         value = MAP[(cell.method, cell.run_config["hash-bits"])][cell.seed]
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "final.json").write_text(json.dumps({
-            "best-round": 1, "dev": {"rsum": 1.0}, "test": {"rsum": 100.0, "hash_smap_i2t": value}}))
+            "best-round": 5 if cell.name in improving else 1, "dev": {"rsum": 1.0},
+            "test": {"rsum": 100.0, "hash_smap_i2t": value}}))
+        (run_dir / "config.json").write_text(json.dumps({"run": {"num-server-rounds": 5}}))
         (run_dir / "metrics.jsonl").write_text(json.dumps({"round": 1, "dev": {"rsum": 1.0}}) + "\n")
         return "finished:completed", ""
 
@@ -125,6 +130,18 @@ def test_entries_come_from_the_named_grids_with_marks_and_the_fallback_source(tm
             "in no source: plfedcmh") in text
     assert (f"- 32 bits: fedavg, fedcafe ← `{main.path}:b32` (v2); moon ← `{bits.path}:b16` (none finished); "
             "in no source: centralized, plfedcmh") in text
+
+
+def test_an_entry_with_a_run_still_improving_is_marked(tmp_path: Path) -> None:
+    bits, main = _grids(tmp_path)
+    run_grid(bits, code="v1", commit="c1", runner=fake_runner(improving=frozenset({"b16.fedcafe.seed0"})),
+             log=lambda _: None)
+    run_grid(main, code="v2", commit="c2", runner=fake_runner(), log=lambda _: None)
+    text = write_results(main, appendix=cross_tables(main)).read_text()
+    assert _row(text, "fedcafe")[1].endswith(" ▲ † 1/3")  # 16 bits: seed 0 selected at round 5 of 5
+    assert "†" not in _row(text, "fedcafe")[2] and "†" not in "".join(_row(text, "fedavg"))
+    assert "† k/n: in k of the n finished seeds the selected round was in the last fifth" in text
+    assert "† n/m: the selected round" not in text  # the grid's own tables have no mark: no footnote of theirs
 
 
 def test_sources_are_relative_to_the_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

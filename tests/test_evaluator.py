@@ -41,10 +41,12 @@ def test_score_is_evaluate_retrieval_on_the_split(setup) -> None:
     split = evaluator._split("dev")
     model = evaluator._model(arrays)
     direct = evaluate_retrieval(model, split.feats["img"], split.feats["txt"], split.data.caption_image,
-                                split.data.labels, standard_map=False)
+                                split.data.labels, standard_map=True)
     assert evaluator.score(arrays, "dev") == direct
-    assert len(split.data.images) == 30 and {"rsum", "hash_rsum", "hash_map_i2t"} <= set(direct)
-    test = evaluator.score(arrays, "test")  # scored once: with the standard MAP too
+    # dev carries the standard MAPs too: `select-on` may select on them
+    assert len(split.data.images) == 30 and {"rsum", "hash_rsum", "hash_map_i2t", "hash_smap_i2t", "smap_t2i",
+                                             "relaxed_smap_i2t", "code_abs_mean"} <= set(direct)
+    test = evaluator.score(arrays, "test")
     assert {"hash_smap_i2t", "hash_smap_t2i"} <= set(test) and test["rsum"] != direct["rsum"]
 
 
@@ -97,3 +99,25 @@ def test_per_client_scores_index_the_shared_gallery_correctly(setup) -> None:
         standard_map(codes["img"][rows], codes["txt"], full.labels[rows], full.labels[full.caption_image]))
     assert metrics["global-smap_t2i"] == pytest.approx(
         standard_map(codes["txt"][caps], codes["img"], full.labels[full.caption_image[caps]], full.labels))
+
+
+def test_gallery_retrieval_on_flickr8k_ranks_train_and_test_captions_and_images(setup) -> None:
+    """Flickr8k with `gallery = "retrieval"`: i2t ranks the captions of train + test, t2i their images (labels
+    DERIVED from the captions), train first; R@K stays test vs test."""
+    raw, _, evaluator, arrays = setup
+    cfg = parse_run_config({**raw, "gallery": "retrieval"})
+    ours = ServerEvaluator(cfg, evaluator.backbone)
+    model = ours._model(arrays)
+    db = ours.database(model)
+    train, test = ours._split("train"), ours._split("test")
+    assert len(db.img_code) == len(train.data.images) + len(test.data.images) == 40 + 30
+    assert len(db.txt_code) == len(train.data.captions) + len(test.data.captions)
+    np.testing.assert_array_equal(db.txt_labels[:len(train.data.captions)],
+                                  train.data.labels[train.data.caption_image])
+    scores, plain = ours.score(arrays, "test"), evaluator.score(arrays, "test")
+    codes = {m: model.encode(m, test.feats[m])[1] for m in ("img", "txt")}
+    assert scores["hash_smap_i2t"] == pytest.approx(
+        standard_map(codes["img"], db.txt_code, test.data.labels, db.txt_labels))
+    assert scores["hash_smap_t2i"] == pytest.approx(
+        standard_map(codes["txt"], db.img_code, test.data.labels[test.data.caption_image], db.img_labels))
+    assert {k: scores[k] for k in ("rsum", "hash_rsum")} == {k: plain[k] for k in ("rsum", "hash_rsum")}

@@ -10,10 +10,10 @@ import torch
 
 from common.config import parse_run_config
 from common.data.concepts import CONCEPT_NAMES
-from common.losses import LossWeights, pairwise_likelihood, retrieval_loss
+from common.losses import LossWeights, label_similarity, pairwise_likelihood, retrieval_loss
 from common.memory import fuse_memories, local_memory, memory_nll, memory_weights, normalise_rows
 from common.model import ModelConfig, XmrModel, enhanced
-from common.train import similar_of
+from common.train import labels_of
 from fedxmr_client.methods.moon import model_contrast
 from fedxmr_server.strategies import build_strategy
 from tests.messages import reply
@@ -131,12 +131,14 @@ def test_pairwise_likelihood_rewards_similar_items_with_agreeing_codes() -> None
     assert agree < swapped
     assert pairwise_likelihood(codes, codes, torch.ones(2, 2)) > agree, "calling the two items similar costs"
     labels = np.array([[1, 0], [1, 1], [0, 0]], dtype=np.uint8)
-    s = similar_of(labels, np.array([0, 1, 2]), torch.device("cpu"))
+    lab = labels_of(labels, np.array([0, 1, 2]), torch.device("cpu"))
+    s = label_similarity(lab, 3, torch.device("cpu"))
     torch.testing.assert_close(s, torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]))
-    assert similar_of(np.zeros((3, 0), np.uint8), np.array([0, 1]), torch.device("cpu")) is None
+    assert labels_of(np.zeros((3, 0), np.uint8), np.array([0, 1]), torch.device("cpu")) is None
+    torch.testing.assert_close(label_similarity(None, 2, torch.device("cpu")), torch.eye(2))
     emb = torch.nn.functional.normalize(torch.randn(3, 8), dim=-1)
     code = torch.tanh(torch.randn(3, 4))
-    _, parts = retrieval_loss(emb, emb, code, code, torch.tensor(10.0), LossWeights(hash_loss="pairwise"), s)
+    _, parts = retrieval_loss(emb, emb, code, code, torch.tensor(10.0), LossWeights(hash_loss="pairwise"), lab)
     expected = pairwise_likelihood(code, code, s).item()
     assert parts["loss_hash"] == pytest.approx(expected)
 

@@ -1,18 +1,21 @@
 """The results grid: cells from a grid file, finished cells skipped on a rerun (resume), and the results writer on a
-tiny fixture grid (mean ± std, the dev-chosen sweep value, significance marks). No simulation runs: a fake runner
-writes the files a run leaves."""
+tiny fixture grid (mean ± std, the dev-chosen sweep value, significance marks, † for runs still improving, the JSON
+twin of the tables). No simulation runs: a fake runner writes the files a run leaves."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import pytest
 
+import scripts.grid
+import scripts.simulate
 from scripts.grid import run_grid
-from scripts.grid_spec import GridError, load_grid, run_config_text
-from scripts.results import mean_std, paired_mark, write_results
+from scripts.grid_spec import Cell, GridError, load_grid, run_config_text
+from scripts.results import FOOTNOTE, cell_numbers, format_mean_std, mean_std, paired_mark, results_json, write_results
 
 GRID = """
 title = "fixture grid"
@@ -45,8 +48,10 @@ def grid(tmp_path: Path):
     return load_grid(path)
 
 
-def fake_runner(calls: list[str]):
-    """Writes what a finished run leaves: final.json and metrics.jsonl with known numbers."""
+def fake_runner(calls: list[str], best: Callable[[Cell], int] = lambda cell: 2, num_rounds: int | None = None,
+                extra: dict[str, Any] | None = None):
+    """Writes what a finished run leaves: final.json and metrics.jsonl with known numbers, selected at round
+    `best(cell)`; config.json with `num_rounds` rounds if given (else the rounds are the grid record's)."""
 
     def run(cell, run_dir: Path) -> tuple[str, str]:
         calls.append(cell.name)
@@ -55,9 +60,11 @@ def fake_runner(calls: list[str]):
         run_dir.mkdir(parents=True, exist_ok=True)
         summary = {"all-global-mean": rsum / 10, "all-global-worst": rsum / 20, "paired-global-mean": rsum / 10}
         (run_dir / "final.json").write_text(json.dumps({
-            "best-round": 2, "dev": {"rsum": rsum - 10}, "test": {"rsum": rsum, "hash_rsum": rsum - 50,
-                                                                  "hash_map_i2t": 0.5, "hash_map_t2i": 0.4},
-            "per-client": {"summary": summary}}))
+            "best-round": best(cell), "dev": {"rsum": rsum - 10},
+            "test": {"rsum": rsum, "hash_rsum": rsum - 50, "hash_map_i2t": 0.5, "hash_map_t2i": 0.4, **(extra or {})},
+            "per-client": {"summary": summary}, "selected-on": "dev rsum"}))
+        if num_rounds is not None:
+            (run_dir / "config.json").write_text(json.dumps({"run": {"num-server-rounds": num_rounds}}))
         rounds = [{"round": r, "dev": {"rsum": rsum - 10 * (3 - r)}, "train": {"download-bytes": 2e6,
                                                                                "upload-bytes": 1e6}}
                   for r in (1, 2)]
@@ -117,15 +124,121 @@ def test_a_failed_cell_is_not_finished_and_runs_again(grid) -> None:
 def test_results_file_has_mean_and_sample_std_the_dev_chosen_sweep_value_and_marks(grid) -> None:
     run_grid(grid, code="v1", commit="c1", runner=fake_runner([]), log=lambda _: None)
     text = write_results(grid).read_text()
-    fedavg = next(line for line in text.splitlines() if line.startswith("| fedavg |"))
+    fedavg = next(line for line in text.splitlines() if line.startswith("| fedavg † 3/3 |"))  # round 2 of 2
     assert "| 3/3 | 205.0 ± 5.0 |" in fedavg  # mean of 200, 210, 205; sample std 5.0
     assert "| 155.0 ± 5.0 |" in fedavg and "| 3.0 |" in fedavg  # 64-bit rsum; MB/round = (2e6 + 1e6) / 1e6
     prox = next(line for line in text.splitlines() if line.startswith("| fedprox ("))
     assert "fedprox-mu=0.1, chosen on dev" in prox
     assert f"{np.mean([230, 241, 236]):.1f} ± {np.std([230, 241, 236], ddof=1):.1f} ▲" in prox
-    assert "| fedprox | fedprox-mu=0.01 | 3/3 |" in text  # the sweep table lists the other value
+    assert "| fedprox | fedprox-mu=0.01 † 3/3 | 3/3 |" in text  # the sweep table lists the other value
     assert (grid.results.parent / "RESULTS-a.png").exists()
     assert "| a.fedavg.seed0 | finished | c1 | v1 | 3 |" in text
+
+
+def _table_row(text: str, prefix: str) -> dict[str, str]:
+    """The first setting-table row whose label starts with `prefix`, as {column: entry}."""
+    lines = text.splitlines()
+    i = next(i for i, line in enumerate(lines) if line.startswith(f"| {prefix}"))
+    head = next(lines[j] for j in range(i, -1, -1) if lines[j].startswith("| method |"))
+    cells = lambda line: [part.strip() for part in line.strip("|").split("|")]  # noqa: E731
+    return dict(zip(cells(head), cells(lines[i])))
+
+
+def _records(grid) -> list[dict[str, Any]]:
+    def strict(constant: str) -> None:
+        raise ValueError(f"not strict JSON: {constant}")
+
+    return json.loads(results_json(grid).read_text(), parse_constant=strict)
+
+
+def test_results_json_records_match_the_table(grid) -> None:
+    failed = "a.fedavg.seed2"
+    runner = fake_runner([], extra={"hash_mapr_i2t": float("nan")})
+    run_grid(grid, code="v1", commit="c1", log=lambda _: None,
+             runner=lambda cell, run_dir: ("failed", "boom") if cell.name == failed else runner(cell, run_dir))
+    text = write_results(grid).read_text()
+    assert results_json(grid) == grid.results.parent / "RESULTS.json"
+    records = _records(grid)
+    assert [p.name for p in grid.results.parent.iterdir() if p.name.endswith(".tmp")] == []  # written atomically
+    keys = {"setting", "method", "metric", "mean", "std", "seeds", "seed_ids", "still_improving",
+            "still_improving_seeds"}
+    assert all(set(r) == keys for r in records)
+    # one record per table row (the chosen sweep value) and final.json metric, in table order, metrics sorted
+    rows = list(dict.fromkeys((r["setting"], r["method"]) for r in records))
+    assert rows == [("a", "fedavg"), ("a", "fedprox (fedprox-mu=0.1, chosen on dev)")]
+    for row in rows:
+        metrics = [r["metric"] for r in records if (r["setting"], r["method"]) == row]
+        assert metrics == sorted(metrics) and {"rsum", "hash_rsum", "hash_map_i2t", "dev_rsum", "all-global-mean",
+                                               "all-global-worst", "selected_round"} <= set(metrics)
+    by = {(r["method"].split()[0], r["metric"]): r for r in records}
+    assert by[("fedavg", "rsum")]["seeds"] == [200.0, 210.0, None] and by[("fedavg", "rsum")]["seed_ids"] == [0, 1, 2]
+    assert by[("fedavg", "rsum")]["mean"] == 205.0 and by[("fedavg", "rsum")]["std"] == pytest.approx(np.sqrt(50))
+    assert by[("fedprox", "rsum")]["seeds"] == [230.0, 241.0, 236.0]
+    assert by[("fedprox", "hash_mapr_i2t")]["seeds"] == [None] * 3 and by[("fedprox", "hash_mapr_i2t")]["mean"] is None
+    assert by[("fedavg", "selected_round")]["seeds"] == [2, 2, None]
+    # the table's entries are the records' mean ± std over the same per-seed values
+    columns = {"rsum": "test rsum", "hash_rsum": "Hamming rsum", "hash_map_i2t": "MAP@all i2t",
+               "all-global-mean": "client mean", "all-global-worst": "client worst", "paired-global-mean": "paired"}
+    for label in ("fedavg", "fedprox"):
+        row = _table_row(text, label)
+        for metric, column in columns.items():
+            record = by[(label, metric)]
+            assert row[column].startswith(f"{record['mean']:.{3 if 'MAP' in column else 1}f} ± ")
+            assert row[column].split(" ▲")[0] == format_mean_std(column, record["seeds"])
+    assert _table_row(text, "fedavg")["seeds"] == "2/3"
+    before = results_json(grid).read_bytes()
+    write_results(grid)
+    assert results_json(grid).read_bytes() == before  # deterministic
+
+
+def test_a_cell_selected_in_the_last_fifth_of_its_rounds_is_marked(tmp_path: Path) -> None:
+    path = tmp_path / "late.toml"
+    path.write_text(GRID.format(out=tmp_path / "runs", results=tmp_path / "docs" / "LATE.md")
+                    .replace("num-server-rounds = 2", "num-server-rounds = 10"))
+    grid = load_grid(path)
+    # fedprox mu=0.1 (the chosen value): round 9 of 10 is late, 8 of 10 (= 0.8 x 10) and 5 of 10 are not
+    late = {("fedprox", 0.1): [9, 5, 8], ("fedprox", 0.01): [10, 10, 10], ("fedavg", None): [5, 5, 5]}
+    best = lambda cell: late[(cell.method, cell.variant.get("fedprox-mu"))][cell.seed]  # noqa: E731
+    run_grid(grid, code="v1", commit="c1", runner=fake_runner([], best, num_rounds=10), log=lambda _: None)
+    numbers = {c.name: cell_numbers(grid.out_dir / c.name) for c in grid.cells()}
+    assert numbers["a.fedprox.fedprox-mu-0.1.seed0"]["still-improving"] is True  # round 9 of 10
+    assert numbers["a.fedavg.seed0"]["still-improving"] is False  # round 5 of 10
+    assert numbers["a.fedprox.fedprox-mu-0.1.seed2"]["still-improving"] is False  # round 8 of 10
+    text = write_results(grid).read_text()
+    assert "| fedavg | 3/3 |" in text
+    assert "| fedprox (fedprox-mu=0.1, chosen on dev) † 1/3 | 3/3 |" in text
+    assert "| fedprox | fedprox-mu=0.01 † 3/3 | 3/3 |" in text  # the sweep table too
+    assert text.count(FOOTNOTE) == 1 and FOOTNOTE.startswith("† n/m: the selected round was in the last fifth")
+    records = _records(grid)
+    assert {(r["method"], r["still_improving"], r["still_improving_seeds"]) for r in records} == {
+        ("fedavg", False, 0), ("fedprox (fedprox-mu=0.1, chosen on dev)", True, 1)}
+    assert next(r for r in records if r["method"] == "fedavg" and r["metric"] == "selected_round")["seeds"] == [5] * 3
+
+    # no run selected late: no mark, no footnote; without config.json the rounds are the grid record's (10)
+    run_grid(grid, code="v2", commit="c2", runner=fake_runner([], lambda cell: 8), log=lambda _: None)
+    assert not (grid.out_dir / "a.fedavg.seed0" / "config.json").exists()
+    text = write_results(grid).read_text()
+    assert "†" not in text and not any(r["still_improving"] for r in _records(grid))
+
+
+def test_results_only_rewrites_the_json(grid, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    run_grid(grid, code="v1", commit="c1", runner=fake_runner([]), log=lambda _: None)
+    results_json(grid).parent.mkdir(parents=True, exist_ok=True)
+    results_json(grid).write_text("stale {")
+    monkeypatch.setattr("sys.argv", ["scripts.grid", str(grid.path), "--results-only"])
+    monkeypatch.setattr(scripts.simulate, "exit_on_signals", lambda _: None)
+
+    def no_cells(*args: object, **kwargs: object) -> dict[str, int]:
+        raise AssertionError("a cell ran")
+
+    monkeypatch.setattr(scripts.grid, "run_grid", no_cells)
+    with pytest.raises(SystemExit) as exit_info:
+        scripts.grid.main()
+    assert exit_info.value.code == 0
+    assert str(results_json(grid)) in capsys.readouterr().out
+    records = _records(grid)
+    assert len({(r["setting"], r["method"]) for r in records}) == 2 and all(r["seed_ids"] == [0, 1, 2] for r in records)
+    assert grid.results.exists()
 
 
 def test_mean_std_and_paired_mark() -> None:

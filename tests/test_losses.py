@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
-from common.losses import LossWeights, bit_balance, code_distill, info_nce, retrieval_loss, signed
+from common.losses import (LossWeights, bit_balance, center_loss, center_targets, code_distill, info_nce,
+                           retrieval_loss, signed)
 
 
 def _unit(n: int, d: int, seed: int) -> torch.Tensor:
@@ -67,3 +69,32 @@ def test_with_hash_detach_the_hash_terms_move_the_head_but_not_the_towers() -> N
     (_, ic), (_, tc) = model.img(torch.randn(6, 12)), model.txt(torch.randn(6, 10))
     info_nce(F.normalize(ic, dim=-1), F.normalize(tc, dim=-1), 10.0).backward()
     assert model.img.hash.weight.grad.abs().sum() > 0 and model.img.proj.weight.grad is None
+
+
+def test_hash_centers_are_shared_far_apart_codewords_and_multi_label_items_get_the_sign_of_their_sum() -> None:
+    labels = torch.tensor([[1.0, 0, 0, 0], [0, 1, 0, 0], [1, 1, 1, 0], [0, 0, 0, 0]])
+    targets = center_targets(labels, 16)
+    assert torch.equal(targets, center_targets(labels, 16)), "every client derives the same centers"
+    assert set(targets[:3].unique().tolist()) == {-1.0, 1.0} and torch.all(targets[3] == 0)
+    single = center_targets(torch.eye(32), 16)  # 32 labels, 16 bits: Hadamard rows and their negations
+    hamming = (16 - single @ single.T) / 2
+    off = hamming[~torch.eye(32, dtype=torch.bool)]
+    assert off.min() >= 8, "two labels' centers differ in at least half the bits"
+    total = single[0] + single[1] + single[2]
+    assert torch.equal(targets[2], torch.sign(total))
+    assert center_targets(torch.eye(3), 24).shape == (3, 24)  # not a power of 2: seeded random codewords
+
+
+def test_center_loss_is_lowest_at_the_center_and_ignores_unlabelled_items() -> None:
+    labels = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
+    target = center_targets(labels, 8)
+    near = center_loss(torch.tanh(3 * target) + 0.0, labels)
+    far = center_loss(torch.tanh(-3 * target), labels)
+    assert near < 0.1 < far
+    code = torch.zeros(3, 8, requires_grad=True)
+    center_loss(code, labels).backward()
+    assert torch.all(code.grad[2] == 0) and torch.any(code.grad[0] != 0)
+    emb = torch.nn.functional.normalize(torch.randn(3, 8), dim=-1)
+    _, parts = retrieval_loss(emb, emb, torch.tanh(target), torch.tanh(target), torch.tensor(10.0),
+                              LossWeights(hash_loss="center"), labels)
+    assert parts["loss_hash"] == pytest.approx(center_loss(torch.tanh(target), labels).item())

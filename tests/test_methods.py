@@ -76,6 +76,39 @@ def test_methods_without_a_global_model_select_on_the_mean_client_dev_score() ->
     assert s.best.round == 2
 
 
+DEV_ROUNDS = [{"rsum": 250.0, "smap_i2t": 0.60, "smap_t2i": 0.60, "hash_smap_i2t": 0.50, "hash_smap_t2i": 0.50},
+              {"rsum": 270.0, "smap_i2t": 0.55, "smap_t2i": 0.57, "hash_smap_i2t": 0.52, "hash_smap_t2i": 0.50},
+              {"rsum": 260.0, "smap_i2t": 0.58, "smap_t2i": 0.58, "hash_smap_i2t": 0.55, "hash_smap_t2i": 0.56}]
+
+
+@pytest.mark.parametrize("select_on,expected", [("rsum", 2), ("map", 1), ("hash-map", 3), ("auto", 2)])
+def test_select_on_selects_the_round_with_the_best_dev_value_of_that_metric(select_on: str, expected: int) -> None:
+    """`auto` on Flickr8k captions (not a feature file) is rsum."""
+    s = strategy("fedavg", **{"select-on": select_on})
+    for rnd, dev in enumerate(DEV_ROUNDS, start=1):
+        s._select(rnd, dev)
+    assert s.best.round == expected
+
+
+def test_select_on_a_map_without_labels_is_a_named_error_and_auto_is_hash_map_on_a_feature_file(tmp_path) -> None:
+    s = strategy("fedavg", **{"select-on": "hash-map"})
+    with pytest.raises(ValueError, match="select-on"):
+        s._select(1, {"rsum": 1.0})
+    features = tmp_path / "data.npz"
+    features.write_bytes(b"")
+    assert parse_run_config({"data-dir": str(features)}).selection_metric() == "hash-map"
+    assert parse_run_config({"data-dir": str(tmp_path)}).selection_metric() == "rsum"
+
+
+def test_methods_without_a_global_model_select_on_the_mean_client_hamming_map() -> None:
+    s = strategy("local", **{"select-on": "hash-map"})
+    for rnd, (score, smap) in enumerate([(5.0, 0.4), (9.0, 0.3), (7.0, 0.5)], start=1):
+        s.last_evaluate = {"summary": {"all-global-mean": score, "all-global-smap_i2t-mean": smap,
+                                       "all-global-smap_t2i-mean": smap}}
+        s._select(rnd, None)
+    assert s.best.round == 3
+
+
 # ---- local ---------------------------------------------------------------------------------------------------------
 def test_local_keeps_one_model_per_client_and_sends_each_node_its_own() -> None:
     """Per-client models are keyed by partition (node ids change when a run is resumed)."""

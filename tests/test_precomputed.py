@@ -1,8 +1,10 @@
 """Precomputed-feature datasets (issue 16): tiny fixtures written in each real layout (`.npz`; MATLAB v5 with a
 struct, sparse labels, 1-based split indices; MATLAB v7.3 through HDF5, stored feature-by-item, without split
 indices), read back item-by-feature with 0-based splits, a 2-round federated run on each (backbone `identity`, real
-ServerApp and ClientApp in process), and an error naming the file and key for every malformed case. The feature
-values are SYNTHETIC (format tests, not results)."""
+ServerApp and ClientApp in process), and an error naming the file and key for every malformed case. Issue 25: a file
+with train and test indices only (the Wikipedia / MIRFlickr layout) gets a seeded dev carved from train, and
+`gallery = "retrieval"` scores test queries against train + test. The feature values are SYNTHETIC (format tests, not
+results)."""
 
 from __future__ import annotations
 
@@ -20,10 +22,13 @@ from common.method_config import SECTIONS
 from common.data.datasets import backbone_for, check_data_dir, load_split
 from common.data.flickr8k import DatasetError
 from common.data.federation import CLIENT_TYPES
-from common.data.precomputed import read_feature_file
+from common.data.precomputed import MAX_DEV, read_feature_file
 from common.data.shards import (FEATURES, LOCAL_SPLITS, MANIFEST, ShardError, cut_shard, materialise, read_shard,
                                 shard_backbone, verify)
+from common.metrics import mean_average_precision, standard_map
+from common.model import XmrModel, state_to_numpy
 from fedxmr_server.app import _run
+from fedxmr_server.evaluator import ServerEvaluator
 from tests.inprocess import InProcessGrid, server_context
 
 N, D_IMG, D_TXT, C = 60, 12, 9, 5
@@ -104,6 +109,42 @@ def test_each_layout_reads_back_item_by_feature_with_zero_based_splits(fmt: str,
         np.testing.assert_array_equal(one_based.features["img"], img[0:39])
     with pytest.raises(DatasetError, match="unknown split"):
         load_split(path, "val", data_keys=keys)
+
+
+TRAIN_TEST = {"train": np.arange(0, 40), "test": np.arange(50, 60)}  # items 40..49 in no split
+
+
+def write_train_test(path: Path, one_based: bool = False) -> Path:
+    """Train and test indices, no dev: the Wikipedia / MIRFlickr releases (`.mat`: 1-based, as MATLAB writes)."""
+    img, txt, labels = _data()
+    if path.suffix == ".mat":
+        scipy.io.savemat(path, {"I": img, "T": txt, "L": labels.astype(float),
+                                **{k: v + int(one_based) for k, v in TRAIN_TEST.items()}})
+    else:
+        np.savez(path, img=img, txt=txt, labels=labels, **TRAIN_TEST)
+    return path
+
+
+def _rows(path: Path, cache: Path | None) -> dict[str, list[int]]:
+    read_feature_file.cache_clear()
+    return {s: [int(i) for i in load_split(path, s, cache_dir=cache).images] for s in ("train", "dev", "test")}
+
+
+@pytest.mark.parametrize("name", ["wiki.npz", "mirflickr.mat"])
+def test_a_file_without_dev_gets_a_seeded_dev_carved_from_train(name: str, tmp_path: Path) -> None:
+    path = write_train_test(tmp_path / name, one_based=name.endswith(".mat"))
+    cache = tmp_path / "cache"
+    rows = _rows(path, cache)
+    train, dev, test = (set(rows[s]) for s in ("train", "dev", "test"))
+    assert len(dev) == 4 and not dev & train and not dev & test and not train & test, "10 % of train, disjoint"
+    assert dev | train == set(TRAIN_TEST["train"].tolist()) and rows["test"] == TRAIN_TEST["test"].tolist()
+    assert len(rows["train"]) == len(train) == 36
+    record = next((cache / "splits").glob(f"{path.stem}-*-dev.json"))
+    assert json.loads(record.read_text()) == rows, "written down in the cache"
+    assert _rows(path, cache) == rows == _rows(path, None), "same file, same seed: the same dev, cached or not"
+    record.write_text(json.dumps({**rows, "dev": rows["dev"][:2], "train": rows["train"] + rows["dev"][2:]}))
+    assert _rows(path, cache)["dev"] == rows["dev"][:2], "a written-down split is reused, not cut again"
+    assert MAX_DEV == 2000  # the documented cap
 
 
 @pytest.fixture(autouse=True)
@@ -229,7 +270,8 @@ def _npz(tmp_path: Path, **change) -> Path:
     ({"txt": np.zeros((50, D_TXT), np.float32)}, "", "no item count they share"),
     ({"labels": np.full((N, C), 2, np.uint8)}, "", "labels 'labels' are not 0/1"),
     ({"test": np.arange(55, 61)}, "", "split indices 'test' out of range for 60 items"),
-    ({"dev": None}, "", "split indices for ['test', 'train'] but not ['dev']"),
+    ({"test": None}, "", "split indices for ['dev', 'train'] but not ['test']"),
+    ({"dev": None, "train": np.arange(0, 1)}, "", "hold 1 item(s), too few to carve a dev split"),
     ({}, "image=img", "'image=img' is not <role>=<variable>"),
     ({"train": np.arange(1, 40), "dev": np.arange(40, 50), "test": np.arange(50, 59)}, "",
      "cannot tell whether split indices"),
@@ -242,3 +284,32 @@ def test_a_malformed_file_is_an_error_naming_file_and_key(tmp_path: Path, change
         load_split(path, "train", data_keys=keys)
     assert message in str(err.value)
     assert "data-keys" in str(err.value) or str(path) in str(err.value)
+
+
+def test_gallery_retrieval_scores_test_queries_against_train_plus_test(tmp_path: Path) -> None:
+    """`gallery = "retrieval"`: the test label MAPs rank a database of |train| + |test| items (train first); R@K and
+    dev are scored as with `gallery = "test"`."""
+    path = write_train_test(tmp_path / "wiki.npz")
+    read_feature_file.cache_clear()
+    backbone = backbone_for("identity", path)
+    evaluators = {g: ServerEvaluator(_config(tmp_path, path, gallery=g), backbone) for g in ("test", "retrieval")}
+    arrays = state_to_numpy(XmrModel(evaluators["test"].cfg.model_cfg(D_IMG, D_TXT, concepts=C)))
+    ours = evaluators["retrieval"]
+    model = ours._model(arrays)
+    db = ours.database(model)
+    train, test = ours._split("train").data, ours._split("test").data
+    assert len(db.img_code) == len(db.txt_code) == len(train.images) + len(test.images) == 36 + 10
+    _, _, labels = _data()
+    items = [int(i) for i in train.images + test.images]
+    np.testing.assert_array_equal(db.img_labels, labels[items])
+    scores = {g: e.score(arrays, "test") for g, e in evaluators.items()}
+    assert set(scores["test"]) == set(scores["retrieval"])
+    codes = {m: model.encode(m, test.features[m])[1] for m in ("img", "txt")}
+    assert scores["retrieval"]["hash_map_i2t"] == pytest.approx(
+        mean_average_precision(codes["img"], db.txt_code, test.labels, db.txt_labels))
+    assert scores["retrieval"]["hash_smap_t2i"] == pytest.approx(
+        standard_map(codes["txt"], db.img_code, test.labels, db.img_labels))
+    for key in scores["test"]:
+        same = scores["test"][key] == pytest.approx(scores["retrieval"][key], nan_ok=True)
+        assert same == ("map" not in key or not key.startswith("hash_")), key  # only the label hash MAPs move
+    assert evaluators["test"].score(arrays, "dev") == ours.score(arrays, "dev"), "dev is scored within dev"

@@ -49,8 +49,9 @@ def load_split(data_dir: str | os.PathLike | None, split: str, max_images: int =
                data_keys: str = "", cache_dir: Path | None = None) -> RetrievalSplit:
     """Split `split` ("train", "dev" or "test") of the dataset in `data_dir`; `max_images` > 0 keeps its first N
     images; `check_images=False` does not look for the image files (a text-only node never reads them);
-    `data_keys` maps a feature file's variables; a feature file without split indices gets a seeded split,
-    written down under `cache_dir/splits`."""
+    `data_keys` maps a feature file's variables; a feature file without split indices gets a seeded split, one
+    without dev indices a dev carved from train, both written down under `cache_dir/splits`
+    (`common.data.precomputed`)."""
     root = _root(data_dir)
     if is_feature_file(root):
         splits_dir = cache_dir / "splits" if cache_dir is not None else None

@@ -12,10 +12,22 @@ Files (`data-dir` points at the file):
   `L`/`label`..., `train`/`dev`/`val`/`test`).
 Detected, not configured: item-by-feature vs feature-by-item (the axis of length n, the one dimension all three
 arrays share; MATLAB v7.3 files store matrices transposed, so this matters), 0- or 1-based split indices (1-based
-when no index is 0 and some index is n), sparse label matrices (densified). Without split indices, a seeded split
-(10 % dev, 10 % test, at most 2,000 each) is cut and written beside the file's features in the cache
-(`<cache>/splits/<file stem>-<digest>.json`, reused after). Indices that hold neither 0 nor n leave the base open:
-`data-keys` then says `base=0` or `base=1`. Every malformed case is an error naming the file and the key.
+when no index is 0 and some index is n), sparse label matrices (densified). Indices that hold neither 0 nor n leave
+the base open: `data-keys` then says `base=0` or `base=1`. Every malformed case is an error naming the file and the
+key.
+
+Splits, seed 0 throughout (not the run's `seed`: every node and the server must cut the same splits):
+- train, dev and test indices: used as given (0-based, in range, disjoint);
+- train and test but no dev (the Wikipedia and MIRFlickr releases): a dev split is carved from train, 10 % of it
+  (at least 1, at most 2,000 items, as for the seeded split below), and train keeps the rest; test is untouched, so
+  published test sets stay comparable. Written down in `<cache>/splits/<file stem>-<digest>-dev.json` (the digest
+  covers the file's version and its train/test indices);
+- no split indices: a seeded split (10 % dev, 10 % test, at most 2,000 each), written down in
+  `<cache>/splits/<file stem>-<digest>.json`;
+- any other subset (dev without train, train without test, ...) is an error.
+A written-down split is reused after (written to a temporary file and renamed: nodes cutting their shards at once
+never read half a file), so a later numpy with another permutation algorithm cannot move items between splits.
+Without a cache dir the split is recomputed (the same, from the same seed).
 """
 
 from __future__ import annotations
@@ -24,6 +36,7 @@ import hashlib
 import json
 import os
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -35,6 +48,7 @@ from common.data.flickr8k import DatasetError, RetrievalSplit
 SUFFIXES = (".npz", ".mat")
 ROLES = ("img", "txt", "labels")
 SPLIT_ROLES = ("train", "dev", "test")
+DEV_SHARE, MAX_DEV = 10, 2000  # seeded and carved dev (and seeded test): 1/10 of the items, at most 2,000
 BASE = "base"  # data-keys "base=0" / "base=1": the split indices' base, when the indices cannot tell
 COMMON_NAMES = {
     "img": ("img", "image", "images", "I", "X", "X1", "I_all", "IAll", "img_feats", "image_features"),
@@ -177,7 +191,7 @@ def _zero_based(splits: dict[str, np.ndarray], names: dict[str, str], n: int, pa
                                f"({'1' if shift else '0'}-based: min {idx.min() + shift}, max {idx.max() + shift})")
         out[role] = idx
     for a, b in (("train", "dev"), ("train", "test"), ("dev", "test")):
-        if np.intersect1d(out[a], out[b]).size:
+        if a in out and b in out and np.intersect1d(out[a], out[b]).size:
             raise DatasetError(f"{path}: split indices {names[a]!r} and {names[b]!r} share items")
     return out
 
@@ -207,30 +221,74 @@ def read_feature_file(path: Path, data_keys: str = "", splits_dir: Path | None =
             raise DatasetError(f"{path}: features {names[role]!r} are not finite")
     split_names = {role: name_of(role) for role in SPLIT_ROLES if name_of(role) is not None}
     splits = {role: _indices(_lookup(variables, name, path, role), path, name) for role, name in split_names.items()}
-    if splits and set(splits) != set(SPLIT_ROLES):
+    if splits and not {"train", "test"} <= set(splits):
         raise DatasetError(f"{path}: split indices for {sorted(splits)} but not "
-                           f"{sorted(set(SPLIT_ROLES) - set(splits))}")
-    splits = (_zero_based(splits, split_names, n, path, mapping.get(BASE)) if splits
-              else _seeded_split(path, n, splits_dir))
+                           f"{sorted(set(SPLIT_ROLES) - set(splits))} (train and test are needed; a missing dev is "
+                           f"carved from train); map them with run config key 'data-keys'")
+    if not splits:
+        splits = _seeded_split(path, n, splits_dir)
+    else:
+        splits = _zero_based(splits, split_names, n, path, mapping.get(BASE))
+        if "dev" not in splits:
+            splits = _carved_dev(path, splits, split_names["train"], splits_dir)
     return FeatureData(path, img.astype(np.float32), txt.astype(np.float32), labels.astype(np.uint8), splits)
 
 
-def _seeded_split(path: Path, n: int, splits_dir: Path | None) -> dict[str, np.ndarray]:
-    """10 % dev, 10 % test (at most 2,000 each, at least 1), seed 0; written down (and reused) in `splits_dir`."""
-    stat = path.stat()  # names the file's version without reading it (feature files can be large)
-    digest = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    record = splits_dir / f"{path.stem}-{digest}.json" if splits_dir is not None else None
+def _dev_size(n: int) -> int:
+    return max(1, min(MAX_DEV, n // DEV_SHARE))
+
+
+def _record(path: Path, splits_dir: Path | None, suffix: str = "", *indices: np.ndarray) -> Path | None:
+    """Where a seeded split of `path` is written down: named by the file's version (path, size, mtime: known without
+    reading a large file) and by the `indices` it was cut from."""
+    if splits_dir is None:
+        return None
+    stat = path.stat()
+    digest = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    for idx in indices:
+        digest.update(np.ascontiguousarray(idx, dtype=np.int64).tobytes() + b"|")
+    return splits_dir / f"{path.stem}-{digest.hexdigest()[:16]}{suffix}.json"
+
+
+def _recorded(record: Path | None, cut: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The split written down in `record`, or `cut()` written down there (temp file + rename: nodes cutting their
+    shards at once never read half a file)."""
     if record is not None and record.is_file():
         return {k: np.asarray(v, dtype=np.int64) for k, v in json.loads(record.read_text()).items()}
-    order = np.random.default_rng(0).permutation(n)
-    cut = max(1, min(2000, n // 10))
-    splits = {"dev": np.sort(order[:cut]), "test": np.sort(order[cut:2 * cut]), "train": np.sort(order[2 * cut:])}
-    if record is not None:  # temp file + rename: nodes cutting their shards at once never read half a file
+    splits = cut()
+    if record is not None:
         record.parent.mkdir(parents=True, exist_ok=True)
         tmp = record.with_name(f"{record.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps({k: v.tolist() for k, v in splits.items()}))
         os.replace(tmp, record)
     return splits
+
+
+def _seeded_split(path: Path, n: int, splits_dir: Path | None) -> dict[str, np.ndarray]:
+    """10 % dev, 10 % test (at most 2,000 each, at least 1), seed 0; written down (and reused) in `splits_dir`."""
+    def cut() -> dict[str, np.ndarray]:
+        order = np.random.default_rng(0).permutation(n)
+        k = _dev_size(n)
+        return {"dev": np.sort(order[:k]), "test": np.sort(order[k:2 * k]), "train": np.sort(order[2 * k:])}
+
+    return _recorded(_record(path, splits_dir), cut)
+
+
+def _carved_dev(path: Path, splits: dict[str, np.ndarray], train_name: str,
+                splits_dir: Path | None) -> dict[str, np.ndarray]:
+    """A file with train and test only: dev = 10 % of train (at least 1, at most 2,000), seed 0, train the rest, test
+    as given; written down (and reused) in `splits_dir`."""
+    train, test = splits["train"], splits["test"]
+    if len(train) < 2:
+        raise DatasetError(f"{path}: split indices {train_name!r} hold {len(train)} item(s), too few to carve a dev "
+                           f"split from; give dev indices in run config key 'data-keys'")
+
+    def cut() -> dict[str, np.ndarray]:
+        pick = np.zeros(len(train), dtype=bool)
+        pick[np.random.default_rng(0).permutation(len(train))[:_dev_size(len(train))]] = True
+        return {"train": np.sort(train[~pick]), "dev": np.sort(train[pick]), "test": np.asarray(test, np.int64)}
+
+    return _recorded(_record(path, splits_dir, "-dev", train, test), cut)
 
 
 def load_feature_split(data: FeatureData, split: str, max_images: int = 0) -> RetrievalSplit:

@@ -8,6 +8,7 @@ from fedxmr_client.methods.centralized import CentralizedClient
 from fedxmr_client.methods.fedcafe import FedCafeClient
 from fedxmr_client.methods.fedprox import FedProxClient
 from fedxmr_client.methods.fedproto import FedProtoClient
+from fedxmr_client.methods.linear import LinearClient
 from fedxmr_client.methods.moon import MoonClient
 from fedxmr_client.methods.paired_only import PairedOnlyClient
 from fedxmr_client.methods.plfedcmh import PlFedCmhClient
@@ -22,7 +23,7 @@ class LocalClient(ClientMethod):
 CLIENT_METHODS: dict[str, type[ClientMethod]] = {
     cls.name: cls for cls in (ClientMethod, FedProxClient, RcsrClient, LocalClient, PairedOnlyClient,
                               CentralizedClient, FedProtoClient, UniAlignClient, MoonClient, FedCafeClient,
-                              PlFedCmhClient)}
+                              PlFedCmhClient, LinearClient)}
 
 
 def client_method(name: str) -> ClientMethod:

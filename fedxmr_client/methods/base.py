@@ -1,14 +1,16 @@
 """The client side of a method: what a node does around the shared local training, in clear steps.
 
 `app.train` calls, in order: `data_config` (what the node loads), `train_config` (the local budget), `begin` (read
-the server's records, decide what to train on, add `LossTerm`s to the shared objective), the shared trainer, then
-`finish` (extra metrics and records to send back). The defaults are FedAvg's: train on the whole shard, no extra
-terms, send the shared arrays of the modalities trained. Methods subclass this in one file each.
+the server's records, decide what to train on, add `LossTerm`s to the shared objective), `fit` (the shared trainer,
+or a method's own: `linear` has none), then `finish` (extra metrics and records to send back). The defaults are
+FedAvg's: train on the whole shard, no extra terms, send the shared arrays of the modalities trained. Methods
+subclass this in one file each.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -48,6 +50,10 @@ class ClientMethod:
 
     def begin(self, shard: NodeShard, model: XmrModel, content: RecordDict, states: States) -> Plan:
         return Plan(shard)
+
+    def fit(self, model: XmrModel, plan: Plan, shared: Callable[[], dict[str, float]]) -> dict[str, float]:
+        """The local training of a train message; `shared()` runs the shared trainer (every gradient method)."""
+        return shared()
 
     def finish(self, plan: Plan, model: XmrModel) -> tuple[dict[str, float], dict[str, ArrayRecord]]:
         """Extra metrics and records (name -> ArrayRecord) of the reply."""

@@ -9,6 +9,7 @@ from fedxmr_server.strategies.fedavg import FedAvgXmr
 from fedxmr_server.strategies.fedcafe import FedCafeXmr
 from fedxmr_server.strategies.fedprox import FedProxXmr
 from fedxmr_server.strategies.fedproto import FedProtoXmr
+from fedxmr_server.strategies.linear import LinearXmr
 from fedxmr_server.strategies.local import LocalXmr
 from fedxmr_server.strategies.moon import MoonXmr
 from fedxmr_server.strategies.paired_only import PairedOnlyXmr
@@ -18,7 +19,7 @@ from fedxmr_server.strategies.unialign import UniAlignXmr
 
 STRATEGIES: dict[str, type[XmrStrategy]] = {
     cls.name: cls for cls in (FedAvgXmr, FedProxXmr, RcsrXmr, LocalXmr, PairedOnlyXmr, CentralizedXmr, FedProtoXmr,
-                               UniAlignXmr, MoonXmr, FedCafeXmr, PlFedCmhXmr)}
+                               UniAlignXmr, MoonXmr, FedCafeXmr, PlFedCmhXmr, LinearXmr)}
 
 
 def build_strategy(cfg: RunConfig) -> XmrStrategy:

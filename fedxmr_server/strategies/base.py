@@ -17,9 +17,10 @@ A method is one subclass (one file) that overrides some of these hooks:
   round after validation, once the weights are accepted, before `aggregate` (so `state.arrays` is still the model
   the clients started from); returns extra per-client report fields.
 A method keeps *all* its state in `self.state` (`StrategyState`, serialisable: `checkpoint()` after every round,
-`start(resume=...)` continues from one); the selection (`self.best`) is kept beside it. Selection: the round with the best dev score (server-side dev
-rsum of the global model, or, for methods without one, the mean per-client dev score) is kept in `self.best`; test is
-scored once, for that round's models (`final_test`).
+`start(resume=...)` continues from one); the selection (`self.best`) is kept beside it. Selection: the round with
+the best dev value of the `select-on` metric (`selection_score`: of the global model on the server's dev split,
+or, for methods without one, of the per-client dev evaluation) is kept in `self.best`; test is scored once, for
+that round's models (`final_test`).
 Failures: every reply left out is recorded (`last_train["rejected"]`: node id, partition id, reason). A round with
 fewer usable train replies than `min-nodes` (or than the nodes asked, if fewer) keeps the model (`under-quorum`);
 `max-failed-rounds` such rounds in a row, or a run in which no reply was ever usable, raise `RunFailed`: the run ends
@@ -269,13 +270,30 @@ class XmrStrategy(ClientRegistry, Strategy):
                                              if mod in mods for kind in kinds]
         return {k: gallery[k] for k in keys if k in gallery}
 
+    def selection_score(self, dev: dict[str, float] | None) -> float:
+        """The dev value that selects the reported round (`select-on`): continuous rsum, the continuous label MAP
+        or the standard Hamming MAP (mean of i2t and t2i). Without a global model, the per-client dev evaluation
+        stands in: its mean R@K score for rsum, its mean per-client Hamming MAP otherwise (the clients' only MAP)."""
+        metric = self.cfg.selection_metric()
+        if not self.has_global_model:  # `last_evaluate` is reset every round, so a stale per-client score never counts
+            summary = self.last_evaluate.get("summary", {})
+            keys = ["all-global-mean"] if metric == "rsum" else ["all-global-smap_i2t-mean", "all-global-smap_t2i-mean"]
+        else:
+            summary = dev or {}
+            keys = {"rsum": ["rsum"], "map": ["smap_i2t", "smap_t2i"],
+                    "hash-map": ["hash_smap_i2t", "hash_smap_t2i"]}[metric]
+        if not summary:
+            return -np.inf
+        missing = [k for k in keys if k not in summary]
+        if missing:
+            raise ValueError(f"run config key 'select-on' = {metric!r}: the dev scores have no {missing} (a MAP needs "
+                             f"labels)")
+        return float(np.mean([summary[k] for k in keys]))
+
     def _select(self, server_round: int, dev: dict[str, float] | None) -> None:
-        """Keep the round if its dev score is the best so far (ties keep the earlier round); a round without a
-        dev score this round (`eval-every` / `client-eval-every`) is never selected."""
-        if self.has_global_model:
-            score = dev["rsum"] if dev else -np.inf
-        else:  # `last_evaluate` is reset every round, so a stale per-client score never counts
-            score = self.last_evaluate.get("summary", {}).get("all-global-mean", -np.inf)
+        """Keep the round if its dev score (`selection_score`) is the best so far (ties keep the earlier round); a
+        round without a dev score this round (`eval-every` / `client-eval-every`) is never selected."""
+        score = self.selection_score(dev)
         if score > self.best.score:
             self.best = Selection(server_round, float(score), {k: v.copy() for k, v in self.state.arrays.items()},
                                   {n: {k: v.copy() for k, v in a.items()} for n, a in self.state.clients.items()})
