@@ -113,8 +113,12 @@ class LinearXmr(XmrStrategy):
         self._set_rotation(rotation)
 
     def _set_rotation(self, rotation: np.ndarray) -> None:
+        """A new arrays dict, never the old one changed in place: the evaluator caches a gallery by the dict's
+        identity."""
         h = (self.state.buffers[P_KEY] @ rotation).T  # bits x C
+        arrays = dict(self.state.arrays)
         for mod in MODALITIES:
-            weight = np.zeros_like(self.state.arrays[f"{mod}.hash.weight"])
+            weight = np.zeros_like(arrays[f"{mod}.hash.weight"])
             weight[:, :self.concepts] = h
-            self.state.arrays[f"{mod}.hash.weight"] = weight.astype(np.float32)
+            arrays[f"{mod}.hash.weight"] = weight.astype(np.float32)
+        self.state.arrays = arrays
