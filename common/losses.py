@@ -136,7 +136,8 @@ def retrieval_loss(img_emb: torch.Tensor, txt_emb: torch.Tensor, img_code: torch
     """InfoNCE(embeddings) + w.hash * hash term + w.quant * mean((|code| - 1)^2)
     [+ w.distill * code_distill + w.balance * bit_balance].
 
-    Hash term "infonce": InfoNCE on the normalised codes. For ±1 codes the cosine is 1 - 2·Hamming/bits, so it
+    Hash term "infonce": InfoNCE on the normalised codes (label-sharing items get `label_positives` of the target
+    too, as in the embedding InfoNCE). For ±1 codes the cosine is 1 - 2·Hamming/bits, so it
     trains the Hamming ranking directly. "pairwise": `pairwise_likelihood`, two items similar when they share a label
     (`labels`: b × C multi-hot, row i for both sides of pair i; without labels only an item and its counterpart are).
     "center": `center_loss` of both sides (no term without labels). The quantisation term pushes tanh outputs to ±1
@@ -151,7 +152,8 @@ def retrieval_loss(img_emb: torch.Tensor, txt_emb: torch.Tensor, img_code: torch
         l_hash = (0.5 * (center_loss(ic, labels) + center_loss(tc, labels)) if labels is not None
                   and labels.shape[1] else ic.sum() * 0.0)
     else:
-        l_hash = info_nce(F.normalize(ic, dim=-1), F.normalize(tc, dim=-1), 1.0 / w.hash_temperature)
+        l_hash = info_nce(F.normalize(ic, dim=-1), F.normalize(tc, dim=-1), 1.0 / w.hash_temperature,
+                          similar if labels is not None else None, w.label_positives)
     l_quant = ((img_code.abs() - 1.0) ** 2).mean() + ((txt_code.abs() - 1.0) ** 2).mean()
     total = l_emb + w.hash_weight * l_hash + w.quant_weight * l_quant
     parts = {"loss_emb": l_emb.item(), "loss_hash": l_hash.item(), "loss_quant": l_quant.item()}

@@ -98,3 +98,14 @@ def test_center_loss_is_lowest_at_the_center_and_ignores_unlabelled_items() -> N
     _, parts = retrieval_loss(emb, emb, torch.tanh(target), torch.tanh(target), torch.tensor(10.0),
                               LossWeights(hash_loss="center"), labels)
     assert parts["loss_hash"] == pytest.approx(center_loss(torch.tanh(target), labels).item())
+
+
+def test_label_positives_stop_pushing_apart_items_of_a_label() -> None:
+    a = _unit(4, 8, 3)
+    b = torch.stack([a[0], a[0], a[2], a[3]])  # caption 1 sits on image 0's embedding
+    same_label = torch.tensor([[1.0, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])
+    plain = info_nce(a, b, 10.0)
+    assert info_nce(a, b, 10.0, same_label, 0.0) == plain, "share 0 is the instance InfoNCE"
+    assert info_nce(a, b, 10.0, same_label, 0.5) < plain, "images 0 and 1 share a label: the mix-up costs less"
+    eye = torch.eye(4)
+    torch.testing.assert_close(info_nce(a, b, 10.0, eye, 0.7), plain)  # no label partners: nothing changes
