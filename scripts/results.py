@@ -34,6 +34,10 @@ COLUMNS = {
     "MAP@all t2i": lambda f: f["test"].get("hash_map_t2i"),
     "std MAP i2t": lambda f: f["test"].get("hash_smap_i2t"),
     "std MAP t2i": lambda f: f["test"].get("hash_smap_t2i"),
+    "continuous MAP i2t": lambda f: f["test"].get("smap_i2t"),
+    "continuous MAP t2i": lambda f: f["test"].get("smap_t2i"),
+    "relaxed MAP i2t": lambda f: f["test"].get("relaxed_smap_i2t"),
+    "mean abs code": lambda f: f["test"].get("code_abs_mean"),
     "client mean": lambda f: _summary(f, "all-global-mean"),
     "client worst": lambda f: _summary(f, "all-global-worst"),
     "client MAP i2t": lambda f: _summary(f, "all-global-smap_i2t-mean"),
@@ -49,9 +53,10 @@ COLUMNS = {
     "+personal mean": lambda f: _summary(f, "all-personal-mean"),
 }
 DIGITS = {"MAP@all i2t": 3, "MAP@all t2i": 3, "std MAP i2t": 3, "std MAP t2i": 3, "client MAP i2t": 3,
-          "client MAP t2i": 3, "worst client MAP i2t": 3, "worst client MAP t2i": 3}
+          "client MAP t2i": 3, "worst client MAP i2t": 3, "worst client MAP t2i": 3, "continuous MAP i2t": 3,
+          "continuous MAP t2i": 3, "relaxed MAP i2t": 3, "mean abs code": 2}
 # marked against the grid's baseline
-SIGNIFICANCE = ("test rsum", "Hamming rsum", "client mean", "image-only", "text-only")
+SIGNIFICANCE = ("test rsum", "Hamming rsum", "client mean", "image-only", "text-only", "std MAP i2t", "std MAP t2i")
 # a run whose selected round is past this fraction of its rounds was still improving when it stopped
 LATE = 0.8
 IMPROVING = "†"
@@ -349,7 +354,9 @@ def write_results(grid: Grid, appendix: list[str] | None = None) -> Path:
              "MAP` (and its worst client): the standard Hamming MAP@all of each labelled client's own test queries "
              "against the shared test gallery, hashed by the same model. Hamming columns: the codes of the cell's "
              "`hash-bits` (64 unless the run config says otherwise); MAP@all (tie-aware) and std MAP (the hashing "
-             "papers' convention), Hamming ranking over DERIVED concept labels. MB/round: arrays of the train "
+             "papers' convention), Hamming ranking over DERIVED concept labels; continuous MAP: the same standard MAP "
+             "ranked by cosine of the embeddings, relaxed MAP: by cosine of the tanh codes (what the sign loses is "
+             "relaxed − std MAP), mean abs code: of the relaxed codes (1: binary). MB/round: arrays of the train "
              "messages, down + up, all clients (evaluation galleries not counted). Wall: the whole simulation on 2 "
              "cores, one cell at a time.", ""]
     all_cells = []
