@@ -195,6 +195,9 @@ def parse_run_config(raw: Mapping[str, Any]) -> RunConfig:
     if cfg.partition_shots and cfg.partitioner != "nway":
         problems.append(f"run config key 'partition-shots' (= {cfg.partition_shots}) applies to partitioner 'nway' "
                         f"only, not {cfg.partitioner!r}")
+    if cfg.hash_loss == "center" and cfg.hash_straight_through:
+        problems.append("run config keys 'hash-loss' = 'center' and 'hash-straight-through' = true: the center loss on "
+                        "exact ±1 codes has no gradient; use one of them")
     if problems:
         raise ConfigError("invalid run config:\n  " + "\n  ".join(problems))
     return cfg

@@ -19,7 +19,7 @@ def evaluate_retrieval(model: XmrModel, img: np.ndarray, txt: np.ndarray, captio
     tie-aware (independent of the order inside Hamming-distance ties), and, with `standard_map`, hash_smap_i2t/t2i:
     the standard MAP@all of the hashing papers (per-position AP of their `calc_map`, stable argsort with ties broken
     by database index), comparable to published numbers but dependent on the database order inside ties (see
-    common.metrics); beside it smap_i2t/t2i, the same MAP of the continuous embeddings (cosine ranking), and
+    common.metrics); beside it emb_smap_i2t/t2i, the same MAP of the continuous embeddings (cosine ranking), and
     relaxed_smap_i2t/t2i, of the relaxed codes (cosine): what the sign loses is relaxed_smap - hash_smap.
     """
     img_emb, img_relaxed = model.encode_relaxed("img", img)
@@ -35,7 +35,8 @@ def evaluate_retrieval(model: XmrModel, img: np.ndarray, txt: np.ndarray, captio
         if standard_map:
             txt_labels = labels[caption_image]
             relaxed = _unit(img_relaxed) @ _unit(txt_relaxed).T
-            out |= {"smap_i2t": ranked_map(sim, labels, txt_labels), "smap_t2i": ranked_map(sim.T, txt_labels, labels),
+            out |= {"emb_smap_i2t": ranked_map(sim, labels, txt_labels),
+                    "emb_smap_t2i": ranked_map(sim.T, txt_labels, labels),
                     "relaxed_smap_i2t": ranked_map(relaxed, labels, txt_labels),
                     "relaxed_smap_t2i": ranked_map(relaxed.T, txt_labels, labels)}
     return out

@@ -82,7 +82,8 @@ def solve_ridge(stats: FeatureStats, lam: float) -> RidgeMap:
         raise ValueError(f"ridge needs at least 2 labelled items, got {stats.n:g}")
     mean = stats.sum / stats.n
     centred_gram = stats.gram - stats.n * np.outer(mean, mean)  # Σ(f−μ)(f−μ)ᵀ
-    std = np.sqrt(np.maximum(np.diag(centred_gram) / stats.n, 1e-12))
+    var = np.diag(centred_gram) / stats.n
+    std = np.sqrt(np.maximum(var, 1e-9 * max(float(var.mean()), 1e-30)))  # near-constant dims: no blow-up
     gram_std = centred_gram / np.outer(std, std)
     xy_std = (stats.xy - np.outer(mean, stats.ysum)) / std[:, None]  # Σ f̃ yᵀ
     w_std = np.linalg.solve(gram_std + lam * np.eye(len(mean)), xy_std)

@@ -31,7 +31,8 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor | float,
         return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
     eye = torch.eye(a.shape[0], device=a.device)
     soft = (1.0 - share) * eye + share * positives / positives.sum(dim=1, keepdim=True)
-    return 0.5 * (F.cross_entropy(logits, soft) + F.cross_entropy(logits.t(), soft.t()))
+    # `positives` is symmetric, so row i of `soft` is item i's target in either direction
+    return 0.5 * (F.cross_entropy(logits, soft) + F.cross_entropy(logits.t(), soft))
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,7 @@ class LossWeights:
     balance_weight: float = 0.0  # bit balance and decorrelation (`bit_balance`)
     straight_through: bool = False  # hash terms on sign(code) with the tanh gradient, not on the relaxed code
     hash_loss: Literal["infonce", "pairwise", "center"] = "infonce"
-    label_positives: float = 0.0  # share of the embedding InfoNCE's target on label-sharing items (`info_nce`)
+    label_positives: float = 0.0  # share of the InfoNCE targets (embeddings, and codes) on label-sharing items
 
 
 HASH_LOSSES: tuple[str, ...] = ("infonce", "pairwise", "center")

@@ -21,6 +21,7 @@ LINEAR = "linear"  # ArrayRecord, node -> server (method linear): feature statis
 # config keys (server -> node)
 SERVER_ROUND = "server-round"
 BEST_ROUND = "best-round"  # the round selected on dev so far (-1: none); nodes keep their state of that round
+LINEAR_PHASE = "linear-phase"  # method linear: "statistics" until the ridge map is solved, then "itq"
 RUN_KEY = "run-key"  # names the run for the nodes' on-disk state: the same for a resumed run, new for a new one
 SPLIT_KEY = "split"  # which local split an evaluate message scores: "dev" every round, "test" once at the end
 SPLIT = {"train": "train", "evaluate": "dev", "test": "test"}  # message kind -> split

@@ -80,7 +80,7 @@ def test_label_space_is_mapped_to_the_code_length() -> None:
     np.testing.assert_allclose(wide @ wide.T, np.eye(4), atol=1e-10)
 
 
-def _config(flickr8k_dir: Path, cache: Path, out: Path, name: str, nodes: int, rounds: int) -> dict:
+def _config(flickr8k_dir: Path, cache: Path, out: Path, name: str, rounds: int) -> dict:
     keys = {"method": "linear", "backbone": "openclip:fedxmr-tiny", "data-dir": str(flickr8k_dir),
             "cache-dir": str(cache), "out-dir": str(out), "run-name": name, "num-server-rounds": rounds,
             "max-train-images": 30, "max-eval-images": 20, "embed-dim": 32, "adapter-dim": 8, "hash-bits": 16,
@@ -91,7 +91,7 @@ def _config(flickr8k_dir: Path, cache: Path, out: Path, name: str, nodes: int, r
 def test_a_federated_linear_run_ends_with_the_one_node_model(flickr8k_dir: Path, tmp_path: Path) -> None:
     cache, out = tmp_path / "cache", tmp_path / "runs"
     for name, nodes in (("federated", 3), ("pooled", 1)):
-        cfg = _config(flickr8k_dir, cache, out, name, nodes, rounds=4)
+        cfg = _config(flickr8k_dir, cache, out, name, rounds=4)
         _run(InProcessGrid(cfg, [20 + i for i in range(nodes)]), server_context(cfg))
     fed, pooled = (np.load(out / n / "strategy-state.npz") for n in ("federated", "pooled"))
     arrays = [k for k in fed.files if k.startswith("arrays/")]
@@ -104,5 +104,41 @@ def test_a_federated_linear_run_ends_with_the_one_node_model(flickr8k_dir: Path,
     quant = [r["train"]["aggregate"]["linear-quant-img"] for r in rounds if r["round"] >= 2]
     assert quant[-1] <= quant[0] + 1e-6, quant  # ITQ lowers the quantisation loss of the image codes
     final = json.loads((out / "federated" / "final.json").read_text())
-    assert "hash_smap_i2t" in final["test"] and "smap_i2t" in final["test"]
+    assert "hash_smap_i2t" in final["test"] and "emb_smap_i2t" in final["test"]
     assert set(load_file(str(out / "federated" / "weights.safetensors"))) >= {"img.proj.weight", "txt.hash.weight"}
+
+
+def _linear_strategy():
+    from fedxmr_server.strategies import build_strategy
+    s = build_strategy(parse_run_config({"method": "linear", "embed-dim": 8, "hash-bits": 16}))
+    s.concepts = 3
+    s.state.arrays = {f"{m}.proj.weight": np.zeros((8, 5), np.float32) for m in ("img", "txt")}
+    s.state.arrays |= {f"{m}.hash.weight": np.zeros((16, 8), np.float32) for m in ("img", "txt")}
+    return s
+
+
+def _reply(record: dict[str, np.ndarray]):
+    from tests.messages import reply
+    return reply(1, None, {"num-examples": 10, "has-img": 1, "has-txt": 1}, records={"linear": record})
+
+
+def test_linear_rejects_malformed_replies_naming_the_problem() -> None:
+    s = _linear_strategy()
+    good = {f"img-{k}": v for k, v in FeatureStats.of(*_data(n=20, d=5, c=3)).as_arrays().items()}
+    assert s.reply_problem(_reply(good)) is None
+    assert "shape" in s.reply_problem(_reply(good | {"img-xy": np.zeros((5, 4))}))
+    assert "finite" in s.reply_problem(_reply(good | {"img-sum": np.full(5, np.inf)}))
+    assert "finite floats" in s.reply_problem(_reply(good | {"img-sum": np.arange(5)}))  # integers are refused
+    assert "ITQ sums sent" in s.reply_problem(_reply({"img-etb": np.zeros((8, 16))}))
+    s.state.buffers["linear-p"] = np.zeros((3, 16))  # the map is solved: the ITQ phase
+    itq = {"img-etb": np.zeros((8, 16)), "img-quant": np.ones(1)}
+    assert s.reply_problem(_reply(itq)) is None
+    assert "no ITQ sums" in s.reply_problem(_reply(good))
+    assert "one value" in s.reply_problem(_reply(itq | {"img-quant": np.zeros(0)}))
+    assert "expected" in s.reply_problem(_reply(itq | {"img-etb": np.zeros((16, 8))}))
+
+
+def test_the_center_loss_with_exact_sign_codes_is_refused() -> None:
+    from common.config import ConfigError
+    with pytest.raises(ConfigError, match="hash-straight-through"):
+        parse_run_config({"hash-loss": "center", "hash-straight-through": True})

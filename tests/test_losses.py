@@ -109,3 +109,16 @@ def test_label_positives_stop_pushing_apart_items_of_a_label() -> None:
     assert info_nce(a, b, 10.0, same_label, 0.5) < plain, "images 0 and 1 share a label: the mix-up costs less"
     eye = torch.eye(4)
     torch.testing.assert_close(info_nce(a, b, 10.0, eye, 0.7), plain)  # no label partners: nothing changes
+
+
+def test_label_positive_targets_are_distributions_in_both_directions() -> None:
+    """Unequal label partners per row: the text->image targets must sum to 1 per caption as well."""
+    a, b = _unit(4, 8, 5), _unit(4, 8, 6)
+    positives = torch.tensor([[1.0, 1, 1, 0], [1, 1, 0, 0], [1, 0, 1, 0], [0, 0, 0, 1]])
+    share = 0.6
+    soft = (1 - share) * torch.eye(4) + share * positives / positives.sum(dim=1, keepdim=True)
+    assert torch.allclose(soft.sum(dim=1), torch.ones(4))
+    logits = 10.0 * a @ b.t()
+    by_hand = 0.5 * (-(soft * logits.log_softmax(dim=1)).sum(dim=1).mean()
+                     - (soft * logits.t().log_softmax(dim=1)).sum(dim=1).mean())
+    torch.testing.assert_close(info_nce(a, b, 10.0, positives, share), by_hand)

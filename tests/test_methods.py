@@ -76,9 +76,9 @@ def test_methods_without_a_global_model_select_on_the_mean_client_dev_score() ->
     assert s.best.round == 2
 
 
-DEV_ROUNDS = [{"rsum": 250.0, "smap_i2t": 0.60, "smap_t2i": 0.60, "hash_smap_i2t": 0.50, "hash_smap_t2i": 0.50},
-              {"rsum": 270.0, "smap_i2t": 0.55, "smap_t2i": 0.57, "hash_smap_i2t": 0.52, "hash_smap_t2i": 0.50},
-              {"rsum": 260.0, "smap_i2t": 0.58, "smap_t2i": 0.58, "hash_smap_i2t": 0.55, "hash_smap_t2i": 0.56}]
+DEV_ROUNDS = [{"rsum": 250.0, "emb_smap_i2t": 0.60, "emb_smap_t2i": 0.60, "hash_smap_i2t": 0.50, "hash_smap_t2i": 0.50},
+              {"rsum": 270.0, "emb_smap_i2t": 0.55, "emb_smap_t2i": 0.57, "hash_smap_i2t": 0.52, "hash_smap_t2i": 0.50},
+              {"rsum": 260.0, "emb_smap_i2t": 0.58, "emb_smap_t2i": 0.58, "hash_smap_i2t": 0.55, "hash_smap_t2i": 0.56}]
 
 
 @pytest.mark.parametrize("select_on,expected", [("rsum", 2), ("map", 1), ("hash-map", 3), ("auto", 2)])

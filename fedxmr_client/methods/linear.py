@@ -1,5 +1,5 @@
-"""`linear`'s client side: no gradient training. Round 1 sends the sufficient statistics of the node's labelled
-items per modality (`common.linear.FeatureStats`: ridge onto the labels, solved on the server); every later round
+"""`linear`'s client side: no gradient training. In the server's "statistics" phase (round 1) it sends the sufficient statistics of the node's labelled
+items per modality (`common.linear.FeatureStats`: ridge onto the labels, solved on the server); in its "itq" phase it
 sends, for the model it was sent, Eᵀ·sign(E·Hᵀ) (the tower's pre-normalisation embedding E against its codes) and
 the quantisation loss, one ITQ iteration's share."""
 
@@ -22,7 +22,7 @@ from fedxmr_client.state_store import States
 
 @dataclass
 class LinearPlan(Plan):
-    statistics: bool = True  # round 1: feature statistics; later rounds: an ITQ iteration
+    statistics: bool = True  # the server's phase: feature statistics until it has solved the map, then ITQ
 
 
 class LinearClient(ClientMethod):
@@ -30,7 +30,7 @@ class LinearClient(ClientMethod):
     sends_weights = False  # the server builds the model from the statistics; the node sends no arrays
 
     def begin(self, shard: NodeShard, model: XmrModel, content: RecordDict, states: States) -> Plan:
-        return LinearPlan(shard, statistics=int(content[P.CONFIG].get(P.SERVER_ROUND, 1)) <= 1)
+        return LinearPlan(shard, statistics=content[P.CONFIG].get(P.LINEAR_PHASE, "statistics") == "statistics")
 
     def fit(self, model: XmrModel, plan: Plan, shared: Callable[[], dict[str, float]]) -> dict[str, float]:
         return {}  # closed form: `finish` computes what the server needs

@@ -271,24 +271,21 @@ class XmrStrategy(ClientRegistry, Strategy):
         return {k: gallery[k] for k in keys if k in gallery}
 
     def selection_score(self, dev: dict[str, float] | None) -> float:
-        """The dev value that selects the reported round (`select-on`): continuous rsum, the continuous label MAP
-        or the standard Hamming MAP (mean of i2t and t2i). Without a global model, the per-client dev evaluation
-        stands in: its mean R@K score for rsum, its mean per-client Hamming MAP otherwise (the clients' only MAP)."""
+        """The dev value that selects the reported round (`select-on`; MAPs: the mean of i2t and t2i). Without a
+        global model the per-client dev evaluation stands in (mean R@K score, or mean per-client Hamming MAP)."""
         metric = self.cfg.selection_metric()
         if not self.has_global_model:  # `last_evaluate` is reset every round, so a stale per-client score never counts
             summary = self.last_evaluate.get("summary", {})
             keys = ["all-global-mean"] if metric == "rsum" else ["all-global-smap_i2t-mean", "all-global-smap_t2i-mean"]
         else:
             summary = dev or {}
-            keys = {"rsum": ["rsum"], "map": ["smap_i2t", "smap_t2i"],
+            keys = {"rsum": ["rsum"], "map": ["emb_smap_i2t", "emb_smap_t2i"],
                     "hash-map": ["hash_smap_i2t", "hash_smap_t2i"]}[metric]
-        if not summary:
-            return -np.inf
         missing = [k for k in keys if k not in summary]
-        if missing:
+        if summary and missing:
             raise ValueError(f"run config key 'select-on' = {metric!r}: the dev scores have no {missing} (a MAP needs "
                              f"labels)")
-        return float(np.mean([summary[k] for k in keys]))
+        return float(np.mean([summary[k] for k in keys])) if summary else -np.inf
 
     def _select(self, server_round: int, dev: dict[str, float] | None) -> None:
         """Keep the round if its dev score (`selection_score`) is the best so far (ties keep the earlier round); a

@@ -12,10 +12,10 @@ nothing of their own.
 
 from __future__ import annotations
 
-from logging import INFO
+from logging import INFO, WARNING
 
 import numpy as np
-from flwr.app import Message
+from flwr.app import Message, RecordDict
 from flwr.common.logger import log
 
 from common import protocol as P
@@ -24,12 +24,20 @@ from common.model import MODALITIES
 from fedxmr_server.strategies.base import XmrStrategy, from_array_record
 
 P_KEY, R_KEY = "linear-p", "linear-r"
+MAX_VALUE = 1e30  # a sum beyond this is no honest statistic of float32 features, and would overflow the total
 
 
 class LinearXmr(XmrStrategy):
     name = "linear"
     description = ("linear: ridge regression onto the labels from the clients' summed statistics (round 1), then one "
                    "federated ITQ iteration per round; codes sign(x·W·P·R)")
+
+    def payload(self, client: str, server_round: int, kind: str) -> RecordDict:
+        """The base payload, plus the phase: the nodes follow the server's state, not the round number, so a first
+        round without usable replies is simply asked again."""
+        content = super().payload(client, server_round, kind)
+        content[P.CONFIG][P.LINEAR_PHASE] = "itq" if P_KEY in self.state.buffers else "statistics"
+        return content
 
     def reply_problem(self, msg: Message) -> str | None:
         problem = self._base_problem(msg, arrays_required=False)
@@ -38,23 +46,39 @@ class LinearXmr(XmrStrategy):
         if P.LINEAR not in msg.content.array_records:
             return f"no '{P.LINEAR}' record"
         record = from_array_record(msg.content[P.LINEAR])
-        bad = sorted(k for k, v in record.items() if not np.all(np.isfinite(v)))
+        bad = sorted(k for k, v in record.items() if v.dtype.kind != "f" or not np.all(np.isfinite(v))
+                     or np.abs(v).max(initial=0.0) > MAX_VALUE)
         if bad:
-            return f"non-finite values in {bad}"
-        for mod in MODALITIES:
-            if P_KEY not in self.state.buffers and f"{mod}-n" in record:
-                try:
-                    stats = FeatureStats.from_arrays({k[len(mod) + 1:]: v for k, v in record.items()
-                                                      if k.startswith(f"{mod}-")})
-                except (KeyError, ValueError) as exc:
-                    return f"{mod} statistics: {exc}"
-                want = (self.state.arrays[f"{mod}.proj.weight"].shape[1], self.concepts)
-                if stats.xy.shape != want:
-                    return f"{mod} statistics of shape {stats.xy.shape}, expected {want} (features x labels)"
-            if P_KEY in self.state.buffers and f"{mod}-etb" in record:
-                want = self.state.arrays[f"{mod}.hash.weight"].shape[::-1]
-                if record[f"{mod}-etb"].shape != want:
-                    return f"{mod}-etb of shape {record[f'{mod}-etb'].shape}, expected {want}"
+            return f"not finite floats below {MAX_VALUE:g} in {bad}"
+        return self._itq_problem(record) if P_KEY in self.state.buffers else self._statistics_problem(record)
+
+    def _statistics_problem(self, record: dict[str, np.ndarray]) -> str | None:
+        sent = [mod for mod in MODALITIES if f"{mod}-n" in record]
+        if not sent and not any(k.endswith("-etb") for k in record):
+            return None  # a node without labelled items (image-only on captions' labels) has nothing to add
+        if not sent:
+            return "ITQ sums sent while the server asked for feature statistics"
+        for mod in sent:
+            try:
+                stats = FeatureStats.from_arrays({k[len(mod) + 1:]: v for k, v in record.items()
+                                                  if k.startswith(f"{mod}-")})
+            except (KeyError, ValueError) as exc:
+                return f"{mod} statistics: {exc}"
+            want = (self.state.arrays[f"{mod}.proj.weight"].shape[1], self.concepts)
+            if stats.xy.shape != want:
+                return f"{mod} statistics of shape {stats.xy.shape}, expected {want} (features x labels)"
+        return None
+
+    def _itq_problem(self, record: dict[str, np.ndarray]) -> str | None:
+        sent = [mod for mod in MODALITIES if f"{mod}-etb" in record]
+        if not sent:
+            return "no ITQ sums (<mod>-etb) in the ITQ phase"
+        for mod in sent:
+            want = self.state.arrays[f"{mod}.hash.weight"].shape[::-1]
+            if record[f"{mod}-etb"].shape != want:
+                return f"{mod}-etb of shape {record[f'{mod}-etb'].shape}, expected {want}"
+            if record.get(f"{mod}-quant", np.zeros(0)).shape != (1,):
+                return f"{mod}-quant must hold one value"
         return None
 
     def client_weights(self, replies: list[Message]) -> np.ndarray:
@@ -77,8 +101,9 @@ class LinearXmr(XmrStrategy):
         for mod in MODALITIES:
             parts = [FeatureStats.from_arrays({k[len(mod) + 1:]: v for k, v in r.items() if k.startswith(f"{mod}-")})
                      for r in records if f"{mod}-n" in r]
-            if not parts:
-                raise ValueError(f"method linear: no client sent labelled {mod} items in round 1")
+            if not parts:  # the model is kept; the next round asks for statistics again
+                log(WARNING, "linear: no usable reply holds labelled %s items; statistics are asked for again", mod)
+                return
             total = sum(parts[1:], parts[0])
             maps[mod] = solve_ridge(total, self.cfg.options.ridge)
             covs.append(maps[mod].cov * total.n)
