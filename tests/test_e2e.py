@@ -75,7 +75,11 @@ def test_the_selected_round_is_the_best_on_dev_and_test_is_its_model(finished_ru
     cfg = parse_run_config(json.loads((run_dir / "config.json").read_text())["run"])
     recomputed = ServerEvaluator(cfg, build_backbone(cfg.backbone, "cpu")).score(
         load_file(str(run_dir / "weights.safetensors")), "test")
-    assert recomputed == pytest.approx(final["test"], rel=1e-9, abs=1e-12)
+    # rankings by float cosine (emb_/relaxed_ MAPs) may swap near-ties under another BLAS summation order
+    cosine = {k for k in recomputed if k.startswith(("emb_smap", "relaxed_smap"))}
+    assert {k: v for k, v in recomputed.items() if k not in cosine} == pytest.approx(
+        {k: v for k, v in final["test"].items() if k not in cosine}, rel=1e-9, abs=1e-12)
+    assert {k: recomputed[k] for k in cosine} == pytest.approx({k: final["test"][k] for k in cosine}, abs=1e-4)
     clients = final["per-client"]["clients"]
     assert [c["partition-id"] for c in clients] == [0, 1] and all("global-score" in c for c in clients)
 
