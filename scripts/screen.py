@@ -11,18 +11,10 @@ harness (`scripts/grid.py`), several seeds each.
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 
 import torch
-
-
-def _value(text: str) -> object:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
 
 
 def main() -> None:
@@ -30,6 +22,7 @@ def main() -> None:
 
     from common.config import parse_run_config
     from fedxmr_server.app import _run
+    from scripts.inproc import _value
     from tests.inprocess import InProcessGrid, server_context
 
     torch.set_num_threads(1)

@@ -283,8 +283,7 @@ class XmrStrategy(ClientRegistry, Strategy):
                     "hash-map": ["hash_smap_i2t", "hash_smap_t2i"]}[metric]
         missing = [k for k in keys if k not in summary]
         if summary and missing:
-            raise ValueError(f"run config key 'select-on' = {metric!r}: the dev scores have no {missing} (a MAP needs "
-                             f"labels)")
+            raise ValueError(f"run config key 'select-on' = {metric!r}: the dev scores have no {missing} (labels?)")
         return float(np.mean([summary[k] for k in keys])) if summary else -np.inf
 
     def _select(self, server_round: int, dev: dict[str, float] | None) -> None:
