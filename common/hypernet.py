@@ -66,6 +66,17 @@ class LayerHypernet(nn.Module):
         return out
 
 
+def alpha_entropy(alpha: dict[str, torch.Tensor]) -> float:
+    """Mean over layers of the entropy of α divided by log(number of clients with weight > 0 allowed): 1 is uniform
+    (the hypernetwork then acts as FedAvg), 0 a client taking one client's layer. A layer over one client is 0."""
+    values = []
+    for a in (a.detach() for a in alpha.values()):
+        n = int((a > 0).sum())
+        p = a[a > 0]
+        values.append(float(-(p * p.log()).sum() / np.log(n)) if n > 1 else 0.0)
+    return float(np.mean(values)) if values else 0.0
+
+
 def personalized(alpha: dict[str, torch.Tensor], params: list[dict[str, torch.Tensor]],
                  keys: list[str]) -> dict[str, torch.Tensor]:
     """θ̄^(l) = Σ_j α_j^(l) θ_j^(l) for every key (its layer's α), differentiable in α."""

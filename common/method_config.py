@@ -50,7 +50,7 @@ class RcsrSection(Section):
     router_steps: int = Field(10, ge=0, le=10_000)
     router_lr: float = Field(0.01, gt=0.0, le=1.0)
     minimax_eta: float = Field(0.1, ge=0.0)  # 0: no minimax fairness weighting
-    holdout: float = Field(0.1, ge=0.0, lt=0.9)  # share of a client's images held out to measure consistency
+    holdout: float = Field(0.1, ge=0.0, lt=0.9)  # share held out each round (rotating) to measure consistency
 
 
 class CentralizedSection(Section):
@@ -94,7 +94,7 @@ class FedCafeSection(Section):
     afe: bool = True  # adaptive feature enhancement; false: codes from the raw hash feature, no memory read
     enhance_weight: float = Field(0.1, ge=0.0)  # L_E = 1 - cos(V_E, O)
     teacher_weight: float = Field(0.1, ge=0.0)  # L_C = 1 - cos(V_E, the round's global model's V_E)
-    class_weight: float = Field(1.0, ge=0.0)  # L_P = cross-entropy of the concept prediction
+    class_weight: float = Field(1.0, ge=0.0)  # L_P = KL(labels ‖ concept prediction), mean over items × concepts
     # aggregation weights: "nll" α ∝ Sim_k (the paper's direction: the client less like the global memory weighs
     # more), "inverse" α ∝ 1/Sim_k, "uniform"
     weighting: Literal["nll", "inverse", "uniform"] = "nll"

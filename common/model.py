@@ -101,7 +101,9 @@ class Tower(nn.Module):
 
 def enhanced(raw: torch.Tensor, label_dist: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
     """FedCAFE's adaptive feature enhancement: V_E = O + tanh(O) ⊙ (L̂ · P_g). The selector tanh(O) lets each bit
-    take as much of the memory read as its own confidence allows (0 where O is 0)."""
+    take as much of the memory read as its own confidence allows (0 where O is 0). With memory rows of norm ≤ 1
+    (ours and the released code's), |L̂ · P_g| ≤ 1 and tanh|O| < |O|, so sign(V_E) = sign(O): AFE acts on the codes
+    only through the training terms on V_E, never by flipping a bit at retrieval."""
     return raw + torch.tanh(raw) * (label_dist @ memory)
 
 

@@ -48,6 +48,37 @@ def test_the_towers_codes_are_the_signs_of_the_enhanced_feature() -> None:
     assert "img.memory" in model.state_dict() and "img.memory" not in dict(model.named_parameters())
 
 
+def test_afe_never_flips_a_bit_when_memory_rows_have_unit_norm() -> None:
+    """V_E = O + tanh(O)·m with |m| ≤ 1 keeps the sign of O (tanh|x| < |x|), so with the unit-norm memory rows the
+    server sends, AFE changes the codes only through training, never sign(V_E) against sign(O)."""
+    gen = torch.Generator().manual_seed(0)
+    raw = torch.randn(4000, BITS, generator=gen) * torch.logspace(-3, 1, 4000).unsqueeze(1)
+    dist = torch.softmax(3 * torch.randn(4000, C, generator=gen), dim=-1)
+    memory = torch.as_tensor(normalise_rows(np.random.default_rng(0).normal(size=(C, BITS))), dtype=torch.float32)
+    assert torch.equal(torch.sign(enhanced(raw, dist, memory)), torch.sign(raw))
+    # the bound is what protects the sign: rows of norm 3 do flip bits
+    assert not torch.equal(torch.sign(enhanced(raw, dist, 3 * memory)), torch.sign(raw))
+
+
+def test_class_loss_is_the_reference_kl_mean_over_items_and_concepts() -> None:
+    """L_P as the released code: KLDivLoss(mean) of log L̂ against multi-hot labels = −Σ Y·log L̂ / (B·C), about
+    C / labels-per-item smaller than a per-item cross-entropy; rows without labels do not count."""
+    from fedxmr_client.methods.fedcafe import class_loss
+
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(6, C, generator=gen)
+    labels = torch.zeros(6, C)
+    labels[0, [0, 3, 5]] = 1
+    labels[1, 2] = 1
+    labels[2, [1, 7]] = 1
+    log_p = torch.log_softmax(logits[:3], dim=-1)
+    expected = -(labels[:3] * log_p).sum() / (3 * C)
+    torch.testing.assert_close(class_loss(logits, labels), expected)
+    per_item_ce = -(labels[:3] / labels[:3].sum(1, keepdim=True) * log_p).sum(1).mean()
+    assert class_loss(logits, labels) < per_item_ce / 5
+    assert class_loss(logits, torch.zeros(6, C)) is None
+
+
 def _clients(seed: int, n: int = 4) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
     """Concept centres and n clients' local memories of noisy items around them; client 3 lacks concepts 0-2."""
     rng = np.random.default_rng(seed)

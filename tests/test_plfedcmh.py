@@ -13,7 +13,7 @@ import torch
 
 from common.config import parse_run_config
 from common.data.partition import dominant_class, partition
-from common.hypernet import LayerHypernet, hypernet_step, layer_of, personalized
+from common.hypernet import LayerHypernet, alpha_entropy, hypernet_step, layer_of, personalized
 from fedxmr_client.methods.plfedcmh import update_class_codes
 from fedxmr_server.app import _run
 from tests.inprocess import InProcessGrid, server_context
@@ -67,6 +67,26 @@ def test_a_hypernetwork_step_moves_the_generated_parameters_toward_the_trained_o
         target = {k: before[k] + 0.5 * torch.ones_like(v) for k, v in before.items()}  # where the client went
         moved = sum(((after[k] - before[k]) * (target[k] - before[k])).sum() for k in keys).item()
         assert (moved > 0) == (sign > 0), f"sign {sign}: projection of the move on the update {moved}"
+
+
+def test_alpha_moves_away_from_uniform_when_clients_differ_and_each_keeps_its_own() -> None:
+    """Clients whose parameters differ and whose training returns to their own parameters: every step raises each
+    client's self-weight and lowers the entropy of its α; with identical clients the updates are 0 and α stays."""
+    mask = {layer: torch.ones(4) for layer in LAYERS}
+    for differ in (True, False):
+        params = _params(4, seed=5) if differ else [_params(1, seed=5)[0]] * 4
+        net = LayerHypernet(4, LAYERS, 8, 8, seed=1)
+        start = [alpha_entropy(net.weights(i, mask)) for i in range(4)]
+        assert min(start) > 0.9, "pFedLA's start is near uniform"
+        for _ in range(20):
+            hypernet_step(net, 0.05, mask, params, {i: params[i] for i in range(4)})
+        end = [alpha_entropy(net.weights(i, mask)) for i in range(4)]
+        self_weight = [float(np.mean([float(w[i]) for w in net.weights(i, mask).values()])) for i in range(4)]
+        if differ:
+            assert all(e < s - 0.05 for e, s in zip(end, start)), (start, end)
+            assert min(self_weight) > 0.3, self_weight
+        else:
+            np.testing.assert_allclose(end, start, atol=1e-6)
 
 
 def test_the_class_code_update_lowers_the_instance_class_loss() -> None:

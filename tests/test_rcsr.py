@@ -244,3 +244,22 @@ def test_prototype_fusion_weighs_each_item_once_not_size_squared() -> None:
     strategy.aggregate_train(1, [small, big])
     expected = unit(10 * t1.astype(np.float64) + 30 * t2)  # item-weighted: each item counts once
     np.testing.assert_allclose(strategy.state.buffers["proto/img"], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_the_consistency_holdout_rotates_so_no_image_is_lost_to_training() -> None:
+    """Each round holds out a fresh slice of about `share` of the node's images (disjoint from that round's training
+    part by construction); over 1/share rounds every image was held out once and trained on in all other rounds."""
+    from fedxmr_client.methods.rcsr import rotating_holdout
+
+    n, share = 53, 0.1
+    rounds = [rotating_holdout(n, share, seed=0, partition_id=3, server_round=r) for r in range(1, 11)]
+    assert all(len(h) == 5 and len(np.unique(h)) == 5 for h in rounds)
+    assert not np.array_equal(rounds[0], rounds[1])
+    held_count = np.bincount(np.concatenate(rounds), minlength=n)
+    assert held_count.max() == 1 and held_count.sum() == 50  # 10 slices of 5 from one permutation: no image twice
+    trained = np.zeros(n, dtype=int)
+    for h in rounds:
+        trained[np.setdiff1d(np.arange(n), h)] += 1
+    assert trained.min() >= 8, "every image is trained on in at least 8 of 10 rounds"
+    np.testing.assert_array_equal(rotating_holdout(n, share, 0, 3, 4), rounds[3])  # reproducible per round
+    assert len(rotating_holdout(12, share, 0, 3, 1)) == 0, "too small to hold 2 images out"

@@ -7,8 +7,10 @@ of `common.model`). On top of the shared objective (whose hash term is FedCAFE's
 - L_C = 1 - cos(V_E, teacher V_E): the global model as it arrived (frozen) is the teacher; for a pair, the
   student's V_E is pulled toward the teacher's V_E of *both* the image and the caption of that pair
   (`fedcafe-teacher-weight`);
-- L_P = cross-entropy between the concept prediction L̂ and the item's labels normalised to a distribution (the
-  paper's KL with a multi-hot target; items without labels are skipped) (`fedcafe-class-weight`).
+- L_P = KL(multi-hot labels ‖ L̂) averaged over items × concepts, as the released code's `KLDivLoss(reduction=
+  'mean')`: −mean(Y ⊙ log L̂) over the B × C entries (`class_loss`; items without labels are skipped). Summing over
+  the concepts instead (a cross-entropy per item) made the term ~C / (labels per item) ≈ 12× the reference's
+  scale on Flickr8k at the paper's weight 1 (`fedcafe-class-weight`).
 After training it sends its local memory (`common.memory.local_memory`) of the fused enhanced features: per item,
 the normalised mean of its image's V_E and its captions' V_E (the modalities it holds).
 Unimodal nodes (the paper has none): a text-only node's memory comes from its captions alone, with their labels;
@@ -47,7 +49,7 @@ class EnhancementTerms:
 
     model: XmrModel
     teacher: XmrModel
-    targets: torch.Tensor | None  # (n_items, C) label distributions; None: the node has no labels
+    targets: torch.Tensor | None  # (n_items, C) multi-hot labels; None: the node has no labels
     enhance_weight: float
     teacher_weight: float
     class_weight: float
@@ -65,10 +67,9 @@ class EnhancementTerms:
                 l_e.append(cos_distance(v_e, raw))
             l_c.append(sum(cos_distance(v_e, t) for t in taught.values()) / len(taught))
             if logits is not None and self.targets is not None:
-                target = self.targets[torch.as_tensor(batch.items, device=self.targets.device)]
-                has = target.sum(dim=1) > 0
-                if bool(has.any()):
-                    l_p.append(-(target[has] * F.log_softmax(logits[has], dim=-1)).sum(dim=1).mean())
+                term = class_loss(logits, self.targets[torch.as_tensor(batch.items, device=self.targets.device)])
+                if term is not None:
+                    l_p.append(term)
         parts = {"loss_teacher": sum(l_c) / len(l_c)}
         if l_e:
             parts["loss_enhance"] = sum(l_e) / len(l_e)
@@ -84,9 +85,13 @@ class FedCafePlan(Plan):
     memory: np.ndarray | None = None  # the global memory the node was sent (C, bits)
 
 
-def label_distributions(labels: np.ndarray) -> np.ndarray:
-    totals = labels.sum(axis=1, keepdims=True).astype(np.float32)
-    return np.where(totals > 0, labels / np.maximum(totals, 1), 0.0).astype(np.float32)
+def class_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
+    """FedCAFE's L_P: PyTorch's KL divergence of the softmax prediction from the multi-hot labels, mean over the
+    labelled rows × concepts (with 0/1 targets, −mean(Y ⊙ log L̂)); None when no row of the batch has a label."""
+    has = labels.sum(dim=1) > 0
+    if not bool(has.any()):
+        return None
+    return F.kl_div(F.log_softmax(logits[has], dim=-1), labels[has], reduction="mean")
 
 
 def fused_items(shard: NodeShard, model: XmrModel) -> tuple[np.ndarray, np.ndarray | None]:
@@ -128,7 +133,7 @@ class FedCafeClient(ClientMethod):
         if P.MEMORY in content.array_records:
             memory = content[P.MEMORY]["memory"].numpy()
         labels = shard.data.labels
-        targets = (torch.as_tensor(label_distributions(labels), device=shard.device) if labels.shape[1] else None)
+        targets = (torch.as_tensor(labels, dtype=torch.float32, device=shard.device) if labels.shape[1] else None)
         term = EnhancementTerms(model, frozen_copy(model), targets, opts.enhance_weight, opts.teacher_weight,
                                 opts.class_weight)
         return FedCafePlan(shard, [term], memory=memory)

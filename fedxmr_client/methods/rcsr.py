@@ -1,7 +1,8 @@
 """The client side of RCSR, around the ordinary local training of `app.train`.
 
-Before training (`begin`): hold out a share of the node's images (fixed per node, never trained on) to measure
-retrieval consistency; read the global prototypes the server sent; give every item concept targets (see
+Before training (`begin`): hold out a share of the node's images to measure retrieval consistency, a different
+slice every round (`rotating_holdout`), so no item is lost to training for good (the released code's statistics
+need a probe the round's training did not see); read the global prototypes the server sent; give every item concept targets (see
 `concepts.py`); build the anchors (each tower toward the other modality's global prototypes) as loss terms.
 After training (`finish`): the node's prototypes of its updated shared towers (uploaded, record `prototypes`) and
 the consistency statistics for the server's router (metrics `rcsr-*`).
@@ -41,6 +42,18 @@ class AnchorTerm:
         return term, {f"loss_anchor_{self.mod}": term.item()}
 
 
+def rotating_holdout(n: int, share: float, seed: int, partition_id: int, server_round: int) -> np.ndarray:
+    """Indices of the images held out in `server_round`: consecutive slices of one fixed per-node permutation, the
+    next slice each round (wrapping), so every image is trained on in all but about `share` of the rounds. Empty
+    when the shard is too small to keep 2 images on each side."""
+    n_hold = int(share * n)
+    if n_hold < 2 or n - n_hold < 2:
+        return np.zeros(0, dtype=np.int64)
+    order = np.random.default_rng([seed, partition_id, 7]).permutation(n)
+    start = (max(server_round, 1) - 1) * n_hold % n
+    return np.sort(np.take(order, np.arange(start, start + n_hold), mode="wrap"))
+
+
 @dataclass
 class RcsrPlan(Plan):
     holdout: NodeShard | None = None
@@ -55,11 +68,10 @@ class RcsrClient(ClientMethod):
     def begin(self, shard: NodeShard, model: XmrModel, content: RecordDict, states: States) -> RcsrPlan:
         opts = shard.cfg.options
         n = len(shard.data.images)
-        order = np.random.default_rng([shard.cfg.seed, shard.partition_id, 7]).permutation(n)  # same every round
-        n_hold = int(opts.holdout * n)
-        n_hold = n_hold if n_hold >= 2 and n - n_hold >= 2 else 0
-        train = take(shard, np.sort(order[n_hold:])) if n_hold else shard
-        holdout = take(shard, np.sort(order[:n_hold])) if n_hold else None
+        server_round = int(content[P.CONFIG].get(P.SERVER_ROUND, 0)) if P.CONFIG in content.config_records else 0
+        held = rotating_holdout(n, opts.holdout, shard.cfg.seed, shard.partition_id, server_round)
+        train = take(shard, np.setdiff1d(np.arange(n), held)) if len(held) else shard
+        holdout = take(shard, held) if len(held) else None
         globals_ = received_prototypes(content)
         targets = concept_targets(train, model, globals_)
         holdout_targets = concept_targets(holdout, model, globals_) if holdout else targets

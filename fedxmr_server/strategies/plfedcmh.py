@@ -27,7 +27,7 @@ from flwr.common.logger import log
 
 from common import protocol as P
 from common.config import RunConfig
-from common.hypernet import LayerHypernet, hypernet_step, layer_of, personalized
+from common.hypernet import LayerHypernet, alpha_entropy, hypernet_step, layer_of, personalized
 from common.method_config import PlFedCmhSection
 from fedxmr_server.strategies.base import Arrays, XmrStrategy, from_array_record, to_array_record
 
@@ -134,7 +134,8 @@ class PlFedCmhXmr(XmrStrategy):
         return np.ones(len(replies))  # no averaging: the hypernetwork weighs the clients, per client and layer
 
     def update_state(self, server_round: int, replies: list[Message], weights: np.ndarray) -> dict[str, dict]:
-        """Fuse the prototypes; report each client's layer weights (those it was sent this round)."""
+        """Fuse the prototypes; report each client's layer weights (those it was sent this round), their normalised
+        entropy (1: uniform, the hypernetwork then acts as FedAvg) and the client's own weight, mean over layers."""
         for mod in MODS:
             held = [from_array_record(m.content[P.PROTOTYPES]) for m in replies if P.PROTOTYPES in
                     m.content.array_records]
@@ -152,7 +153,9 @@ class PlFedCmhXmr(XmrStrategy):
             if i is not None:
                 with torch.no_grad():
                     alpha = self.net().weights(i, mask)
-                info[client] = {"layer-weights": {layer: [round(float(a), 4) for a in w] for layer, w in alpha.items()}}
+                info[client] = {"layer-weights": {layer: [round(float(a), 4) for a in w] for layer, w in alpha.items()},
+                                "alpha-entropy": round(alpha_entropy(alpha), 4),
+                                "alpha-self": round(float(np.mean([float(w[i]) for w in alpha.values()])), 4)}
         return info
 
     def aggregate(self, server_round: int, replies: list[Message], weights: np.ndarray) -> None:
