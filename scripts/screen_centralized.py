@@ -4,8 +4,9 @@
 
 The keys are run-config keys (`common.config`); the model and loss are the ones every method trains
 (`common.model`, `common.losses`, `common.train.train_paired`) on the cached features of `cache-dir`. After every
-`local-epochs` passes (2 here unless given) it scores dev (images vs captions, DERIVED concepts): standard Hamming MAP both ways, the mean
-|bit mean| over items (1: every bit constant, the collapse the 16-bit grid cells showed) and the continuous MAP.
+`local-epochs` passes (2 here unless given) it scores dev (images vs captions, DERIVED concepts): standard Hamming
+MAP both ways, the mean |bit mean| over items (1: every bit constant, the collapse the 16-bit grid cells showed) and
+the continuous MAP.
 A screen, not a result: one seed, centralized, dev only; it took ~3 s per 2 epochs on 2 cores, which is what made a
 temperature sweep over 16 / 32 / 64 bits possible in minutes (docs/HASHING-CORE-SCREEN.md).
 """
@@ -13,11 +14,11 @@ temperature sweep over 16 / 32 / 64 bits possible in minutes (docs/HASHING-CORE-
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from common.backbones import Backbone
 from common.config import RunConfig, parse_run_config
 from common.data.datasets import backbone_for, load_split
 from common.features import resolve_cache_dir, split_features
@@ -27,10 +28,9 @@ from common.train import train_paired
 from scripts.inproc import _value
 
 
-def split(cfg: RunConfig, name: str) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+def split(cfg: RunConfig, backbone: Backbone, name: str) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
     """Features per modality, caption -> image index and the multi-hot labels of one split."""
     data = load_split(cfg.data_dir, name, data_keys=cfg.data_keys, cache_dir=resolve_cache_dir(cfg.cache_dir))
-    backbone = backbone_for(cfg.backbone, cfg.data_dir, cfg.data_keys)
     feats = split_features(data, backbone, resolve_cache_dir(cfg.cache_dir))
     return feats, data.caption_image, data.labels.astype(np.float32)
 
@@ -45,7 +45,9 @@ def main(argv: list[str]) -> None:
     torch.set_num_threads(2)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    (train, train_caps, train_labels), (dev, dev_caps, dev_labels) = split(cfg, "train"), split(cfg, "dev")
+    backbone = backbone_for(cfg.backbone, cfg.data_dir, cfg.data_keys)
+    (train, train_caps, train_labels), (dev, dev_caps, dev_labels) = (split(cfg, backbone, "train"),
+                                                                      split(cfg, backbone, "dev"))
     model = XmrModel(cfg.model_cfg(train["img"].shape[1], train["txt"].shape[1]))
     train_cfg = cfg.train_cfg()
     cap_labels = dev_labels[dev_caps]

@@ -14,6 +14,7 @@ from common.losses import LossWeights, label_similarity, pairwise_likelihood, re
 from common.memory import fuse_memories, local_memory, memory_nll, memory_weights, normalise_rows
 from common.model import ModelConfig, XmrModel, enhanced
 from common.train import labels_of
+from fedxmr_client.methods.fedcafe import class_loss
 from fedxmr_client.methods.moon import model_contrast
 from fedxmr_server.strategies import build_strategy
 from tests.messages import reply
@@ -63,8 +64,6 @@ def test_afe_never_flips_a_bit_when_memory_rows_have_unit_norm() -> None:
 def test_class_loss_is_the_reference_kl_mean_over_items_and_concepts() -> None:
     """L_P as the released code: KLDivLoss(mean) of log L̂ against multi-hot labels = −Σ Y·log L̂ / (B·C), about
     C / labels-per-item smaller than a per-item cross-entropy; rows without labels do not count."""
-    from fedxmr_client.methods.fedcafe import class_loss
-
     gen = torch.Generator().manual_seed(1)
     logits = torch.randn(6, C, generator=gen)
     labels = torch.zeros(6, C)

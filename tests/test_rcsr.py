@@ -14,6 +14,7 @@ from common.data.federation import TYPE_CODES
 from common.prototypes import (Anchor, compute_prototypes, fuse_prototypes, make_anchor, prototype_accuracy,
                                pseudo_labels)
 from common.router import Minimax, consistency_weights, standardise
+from fedxmr_client.methods.rcsr import rotating_holdout
 from fedxmr_server.strategies import build_strategy
 from fedxmr_server.strategies.state import StrategyState
 
@@ -249,8 +250,6 @@ def test_prototype_fusion_weighs_each_item_once_not_size_squared() -> None:
 def test_the_consistency_holdout_rotates_so_no_image_is_lost_to_training() -> None:
     """Each round holds out a fresh slice of about `share` of the node's images (disjoint from that round's training
     part by construction); over 1/share rounds every image was held out once and trained on in all other rounds."""
-    from fedxmr_client.methods.rcsr import rotating_holdout
-
     n, share = 53, 0.1
     rounds = [rotating_holdout(n, share, seed=0, partition_id=3, server_round=r) for r in range(1, 11)]
     assert all(len(h) == 5 and len(np.unique(h)) == 5 for h in rounds)

@@ -1,8 +1,8 @@
 """The client side of RCSR, around the ordinary local training of `app.train`.
 
 Before training (`begin`): hold out a share of the node's images to measure retrieval consistency, a different
-slice every round (`rotating_holdout`), so no item is lost to training for good (the released code's statistics
-need a probe the round's training did not see); read the global prototypes the server sent; give every item concept targets (see
+slice every round (`rotating_holdout`), so no item is lost to training for good (the statistics need a probe the
+round's training did not see); read the global prototypes the server sent; give every item concept targets (see
 `concepts.py`); build the anchors (each tower toward the other modality's global prototypes) as loss terms.
 After training (`finish`): the node's prototypes of its updated shared towers (uploaded, record `prototypes`) and
 the consistency statistics for the server's router (metrics `rcsr-*`).
