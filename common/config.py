@@ -18,9 +18,12 @@ from common.data.precomputed import is_feature_file
 from common.data.partition import PARTITIONERS
 from common.losses import HASH_LOSSES, LossWeights
 from common.model import ModelConfig
-from common.method_config import SECTIONS, Section, kebab
+from common.method_config import SECTIONS, Section, aggregation_support, kebab
 from common.robust import AGGREGATIONS
 from common.train import TrainConfig
+
+
+_DRILL = "(raise|nan|poison|inflate|scale|boast|flip|replay)"  # fedxmr_client/faults.py: FAULTS (a test checks)
 
 
 class ConfigError(ValueError):
@@ -43,6 +46,9 @@ class RunConfig(BaseModel):
     trim_fraction: float = Field(0.1, ge=0.0, lt=0.5)  # trimmed-mean: weight share cut at each end
     update_norm_limit: float = Field(10.0, ge=0.0)  # screen out an update > this x the round's median norm; 0: off
     max_num_examples: int = Field(1_000_000, ge=1)  # a reply claiming more examples is screened out
+    # the most any one client weighs in any mix of client inputs (weights, memories, prototypes, hypernetwork
+    # inputs), after the method's own weights (common/trust.py); at least the uniform share of the clients mixed
+    max_client_share: float = Field(0.3, gt=0.0, le=1.0)
     # score the global model on dev / run the per-client dev evaluation every k rounds (and always in the last
     # round); selection only sees scored rounds, so 1 (every round) is the protocol, larger is for fast grids
     eval_every: int = Field(1, ge=1)
@@ -96,8 +102,9 @@ class RunConfig(BaseModel):
     # vs train + test items, the hashing papers' retrieval set); R@K and dev stay within their split
     gallery: Literal["test", "retrieval"] = "test"
     encode_batch_size: int = Field(32, ge=1, le=4096)
-    # fault drills (tests, rehearsals): "partition:kind,..." with kind raise | nan | poison (fedxmr_client/faults.py)
-    faults: str = Field("", pattern=r"^(\d+:(raise|nan|poison)(,\d+:(raise|nan|poison))*)?$")
+    # fault and attack drills (tests, rehearsals, docs/ATTACKS.md): "partition:kind,...", kinds in
+    # fedxmr_client/faults.py (raise, nan, poison, inflate, scale, boast, flip, replay)
+    faults: str = Field("", pattern=rf"^(\d+:{_DRILL}(,\d+:{_DRILL})*)?$")
 
     _options: Section = PrivateAttr(default_factory=Section)
 
@@ -195,6 +202,10 @@ def parse_run_config(raw: Mapping[str, Any]) -> RunConfig:
     if cfg.partition_shots and cfg.partitioner != "nway":
         problems.append(f"run config key 'partition-shots' (= {cfg.partition_shots}) applies to partitioner 'nway' "
                         f"only, not {cfg.partitioner!r}")
+    allowed, why = aggregation_support(cfg.method, cfg.options)
+    if allowed and cfg.aggregation not in allowed:
+        problems.append(f"run config keys 'aggregation' = {cfg.aggregation!r} and 'method' = {cfg.method!r}: the "
+                        f"method has {why}; use aggregation {' or '.join(map(repr, allowed))}")
     if cfg.hash_loss == "center" and cfg.hash_straight_through:
         problems.append("run config keys 'hash-loss' = 'center' and 'hash-straight-through' = true: the center loss on "
                         "exact ±1 codes has no gradient; use one of them")

@@ -32,8 +32,9 @@ class LayerHypernet(nn.Module):
     """Client embeddings, a per-client MLP and per-client, per-layer heads (pFedLA's shapes)."""
 
     def __init__(self, num_clients: int, layers: list[str], embed_dim: int = 32, hidden: int = 32,
-                 seed: int = 0) -> None:
+                 seed: int = 0, max_share: float = 1.0) -> None:
         super().__init__()
+        self.max_share = max_share
         gen = torch.Generator().manual_seed(seed)
         self.layers = list(layers)
         self.embedding = nn.Embedding(num_clients, embed_dim)
@@ -54,7 +55,9 @@ class LayerHypernet(nn.Module):
                     nn.init.zeros_(mod.bias)
 
     def weights(self, client: int, mask: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """layer -> (num_clients,) α of `client`, normalised over the clients `mask[layer]` allows."""
+        """layer -> (num_clients,) α of `client`, normalised over the clients `mask[layer]` allows; no other client
+        weighs more than `max_share` in it (the excess is the client's own weight: a client may personalise toward
+        itself, but no one client can take over another's model)."""
         h = self.mlps[client](self.embedding.weight[client])
         out = {}
         for layer, head in zip(self.layers, self.heads[client]):
@@ -62,7 +65,9 @@ class LayerHypernet(nn.Module):
             total = raw.sum()
             own = torch.zeros_like(raw)
             own[client] = 1.0
-            out[layer] = raw / total if total > 0 else own
+            alpha = raw / total if total > 0 else own
+            others = torch.clamp(alpha, max=self.max_share) * (1 - own)  # no other client above the cap ...
+            out[layer] = others + own * (1 - others.sum())  # ... and what is cut stays with the client itself
         return out
 
 

@@ -25,6 +25,8 @@ import faiss
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
+from common.trust import cap_columns
+
 Weighting = Literal["nll", "inverse", "uniform"]
 
 
@@ -42,12 +44,13 @@ def local_memory(features: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, 
     return normalise_rows(lab.T @ normalise_rows(features)), lab.sum(axis=0).astype(np.float32)
 
 
-def fuse_memories(memories: list[np.ndarray], counts: list[np.ndarray], iters: int,
-                  seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def fuse_memories(memories: list[np.ndarray], counts: list[np.ndarray], iters: int, seed: int = 0,
+                  max_share: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """The global memory (C, bits) and its counts (C,) from the clients' local memories; see the module docstring.
-    `iters` = 0: the count-weighted concept means themselves."""
+    `iters` = 0: the count-weighted concept means themselves. No client weighs more than `max_share` of a concept's
+    items (`common.trust.cap_columns`), in the means and in the K-means."""
     table = np.stack(memories).astype(np.float64)  # (K, C, bits)
-    weight = np.stack(counts).astype(np.float64)  # (K, C)
+    weight = cap_columns(np.stack(counts).astype(np.float64), max_share)  # (K, C)
     total = weight.sum(axis=0)
     means = normalise_rows(np.einsum("kc,kcb->cb", weight, table))
     present = np.flatnonzero(total > 0)

@@ -136,3 +136,25 @@ SECTIONS: dict[str, type[Section] | None] = {
     "plfedcmh": PlFedCmhSection,
     "linear": LinearSection,
 }
+
+# Which `aggregation` rules a method honours, where not all of them; refused at parse time (common/config.py), with
+# why. median and trimmed-mean count every client once, so they would discard a method's own weights; methods that
+# never average client arrays have nothing for the rule to act on.
+_OWN = "its own client weights ({}), which median and trimmed-mean would discard (norm-clip clips, then weighs)"
+_NONE = "no average of client arrays ({}) for the rule to act on"
+_SUPPORT: dict[str, tuple[tuple[str, ...], str]] = {
+    "rcsr": (("mean", "norm-clip"), _OWN.format("router x minimax")),
+    "fedcafe": (("mean", "norm-clip"), _OWN.format("memory similarity")),
+    "local": (("mean",), _NONE.format("each client keeps its own model")),
+    "plfedcmh": (("mean",), _NONE.format("the hypernetwork mixes the clients' models per client and layer")),
+    "fedproto": (("mean",), _NONE.format("only prototypes are exchanged")),
+    "linear": (("mean",), _NONE.format("statistics are summed")),
+    "centralized": (("mean",), _NONE.format("one node trains the model")),
+}
+
+
+def aggregation_support(method: str, options: Section) -> tuple[tuple[str, ...], str]:
+    """(the `aggregation` rules `method` honours with these options, why; () when it honours every rule)."""
+    if method == "unialign" and getattr(options, "weighting", "size") == "agreement":
+        return ("mean", "norm-clip"), _OWN.format("agreement")
+    return _SUPPORT.get(method, ((), ""))

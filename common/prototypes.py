@@ -16,6 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from common.trust import cap_columns
+
 MODS = ("img", "txt")
 
 def _normalise(x: np.ndarray) -> np.ndarray:
@@ -46,14 +48,16 @@ def pseudo_labels(emb: np.ndarray, table: np.ndarray, counts: np.ndarray) -> np.
 
 
 def fuse_prototypes(global_table: np.ndarray, global_counts: np.ndarray, tables: list[np.ndarray],
-                    counts: list[np.ndarray], weights: np.ndarray, ema: float) -> tuple[np.ndarray, np.ndarray]:
+                    counts: list[np.ndarray], weights: np.ndarray, ema: float,
+                    max_share: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """One server update per round: for each row, the clients' prototypes averaged with weight
-    `client weight * items in that row`, then g <- normalise(ema * g + (1 - ema) * that average). A row seen for the
-    first time takes the average as is (no EMA toward a zero vector); a row no client fed keeps its value.
+    `client weight * items in that row` (no client above `max_share` of a row: `common.trust.cap_columns`), then
+    g <- normalise(ema * g + (1 - ema) * that average). A row seen for the first time takes the average as is (no EMA
+    toward a zero vector); a row no client fed keeps its value.
     Returns the new table and the accumulated item counts (a row is valid once its count is > 0)."""
     if not tables:
         return global_table, global_counts
-    w = np.asarray(weights, dtype=np.float64)[:, None] * np.stack(counts).astype(np.float64)  # (K, rows)
+    w = cap_columns(np.asarray(weights, dtype=np.float64)[:, None] * np.stack(counts).astype(np.float64), max_share)
     mass = w.sum(axis=0)
     avg = _normalise(np.einsum("kr,krd->rd", w, np.stack(tables).astype(np.float64)))
     seen = global_counts > 0

@@ -30,7 +30,7 @@ from common.data.federation import TYPE_CODES
 from common.metrics import query_recalls, standard_map
 from common.model import XmrModel, upload_keys
 from common.train import TrainConfig, train_paired, train_unimodal
-from fedxmr_client.faults import apply_fault, fail_if_drilled, fault_of
+from fedxmr_client.faults import apply_fault, fail_if_drilled, fault_of, tamper_reply
 from fedxmr_client.methods import ClientMethod, client_method
 from fedxmr_client.methods.base import Plan
 from fedxmr_client.node import (MODEL_STATE, PERSONAL_STATE, NodeShard, load_shard, model_for, personal_state,
@@ -107,7 +107,8 @@ def train(msg: Message, context: Context) -> Message:
     sent = sent if (plan.train if plan.send is None else plan.send) and method.sends_weights else []
     got = P.ARRAYS in msg.content.array_records
     received = {k: a.numpy() for k, a in msg.content[P.ARRAYS].items()} if got else {}
-    state, num_examples = apply_fault(fault, {k: state[k] for k in sent}, received, len(plan.shard.data.images))
+    state, num_examples = apply_fault(fault, {k: state[k] for k in sent}, received, len(plan.shard.data.images),
+                                      context.state)
     arrays = ArrayRecord(state)
     records[P.ARRAYS] = arrays
     metrics |= {
@@ -121,6 +122,7 @@ def train(msg: Message, context: Context) -> Message:
     }
     if got:
         metrics[P.RECEIVED_CHECKSUM] = P.checksum(received)
+    tamper_reply(fault, metrics, records, P.ARRAYS)
     records[P.METRICS] = MetricRecord(metrics)
     return Message(records, reply_to=msg)
 

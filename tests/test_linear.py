@@ -112,19 +112,27 @@ def _linear_strategy():
     from fedxmr_server.strategies import build_strategy
     s = build_strategy(parse_run_config({"method": "linear", "embed-dim": 8, "hash-bits": 16}))
     s.concepts = 3
-    s.state.arrays = {f"{m}.proj.weight": np.zeros((8, 5), np.float32) for m in ("img", "txt")}
-    s.state.arrays |= {f"{m}.hash.weight": np.zeros((16, 8), np.float32) for m in ("img", "txt")}
+    for m in ("img", "txt"):
+        s.state.arrays |= {f"{m}.proj.weight": np.zeros((8, 5), np.float32), f"{m}.proj.bias": np.zeros(8, np.float32),
+                           f"{m}.hash.weight": np.zeros((16, 8), np.float32), f"{m}.norm.weight": np.ones(5, np.float32),
+                           f"{m}.norm.bias": np.zeros(5, np.float32)}
     return s
 
 
-def _reply(record: dict[str, np.ndarray]):
+def _reply(record: dict[str, np.ndarray], n: float = 20):
     from tests.messages import reply
-    return reply(1, None, {"num-examples": 10, "has-img": 1, "has-txt": 1}, records={"linear": record})
+    return reply(1, None, {"num-examples": n, "has-img": 1, "has-txt": 1}, records={"linear": record})
+
+
+def _layer_normed(x: np.ndarray) -> np.ndarray:
+    """What a node's statistics are taken of: features through the tower's LayerNorm (identity weights)."""
+    return (x - x.mean(axis=1, keepdims=True)) / x.std(axis=1, keepdims=True)
 
 
 def test_linear_rejects_malformed_replies_naming_the_problem() -> None:
     s = _linear_strategy()
-    good = {f"img-{k}": v for k, v in FeatureStats.of(*_data(n=20, d=5, c=3)).as_arrays().items()}
+    x, y = _data(n=20, d=5, c=3)
+    good = {f"img-{k}": v for k, v in FeatureStats.of(_layer_normed(x), y).as_arrays().items()}
     assert s.reply_problem(_reply(good)) is None
     assert "shape" in s.reply_problem(_reply(good | {"img-xy": np.zeros((5, 4))}))
     assert "finite" in s.reply_problem(_reply(good | {"img-sum": np.full(5, np.inf)}))

@@ -132,7 +132,8 @@ def reply(node: int, kind: str, value: float, consistency: float | None = 0.5, p
 
 
 def rcsr(router: str = "learned", with_globals: bool = True, **extra: object):
-    strategy = build_strategy(parse_run_config({"method": "rcsr", "rcsr-router": router, "embed-dim": D, **extra}))
+    strategy = build_strategy(parse_run_config({"method": "rcsr", "rcsr-router": router, "embed-dim": D,
+                                                "max-client-share": 1.0, **extra}))  # uncapped (test_attacks.py)
     strategy.state.arrays = {k: v.copy() for k, v in GLOBAL.items()}
     if with_globals:
         for m, seed in (("img", 100), ("txt", 101)):
@@ -140,9 +141,10 @@ def rcsr(router: str = "learned", with_globals: bool = True, **extra: object):
     return strategy
 
 
-def mixed_replies() -> list[Message]:
-    return [reply(1, "paired", 1.0, 0.8), reply(2, "paired", 2.0, 0.4, loss=2.0), reply(3, "image-only", 3.0, 0.6),
-            reply(4, "text-only", 4.0, 0.7)]
+def mixed_replies(shift: float = 0.0) -> list[Message]:
+    """Four clients of each kind; `shift` moves every upload (a client resending last round's arrays is a replay)."""
+    return [reply(1, "paired", 1.0 + shift, 0.8), reply(2, "paired", 2.0 + shift, 0.4, loss=2.0),
+            reply(3, "image-only", 3.0 + shift, 0.6), reply(4, "text-only", 4.0 + shift, 0.7)]
 
 
 @pytest.mark.parametrize("router", ["learned", "consistency", "uniform"])
@@ -226,7 +228,7 @@ def test_router_heatmap_is_written_from_the_round_records(tmp_path) -> None:
     assert recorder.plot_router() is None  # nothing routed yet
     strategy = rcsr()
     for rnd in (1, 2):
-        strategy.aggregate_train(rnd, mixed_replies())
+        strategy.aggregate_train(rnd, mixed_replies(shift=rnd / 10))
         recorder.log_round({"round": rnd, "train": strategy.last_train})
     path = recorder.plot_router()
     assert path is not None and path.stat().st_size > 1000

@@ -198,23 +198,56 @@ def test_a_single_node_is_its_own_quorum() -> None:
 
 def test_fault_drills() -> None:
     import torch
+    from flwr.app import RecordDict
 
     from fedxmr_client.faults import InjectedFault, apply_fault, fault_of
 
     assert fault_of("1:raise,3:poison", 3) == "poison" and fault_of("1:raise", 2) is None and fault_of("", 0) is None
-    state, received = {"a": torch.tensor([2.0, 3.0])}, {"a": np.array([1.0, 1.0], np.float32)}
-    assert apply_fault(None, state, received, 7) == (state, 7)
-    poisoned, n = apply_fault("poison", state, received, 7)
+    state, received, memo = {"a": torch.tensor([2.0, 3.0])}, {"a": np.array([1.0, 1.0], np.float32)}, RecordDict()
+    assert apply_fault(None, state, received, 7, memo) == (state, 7)
+    poisoned, n = apply_fault("poison", state, received, 7, memo)
     assert n == 7000 and torch.allclose(poisoned["a"], torch.tensor([1001.0, 2001.0]))
-    assert torch.isnan(apply_fault("nan", state, received, 7)[0]["a"]).all()
+    assert torch.isnan(apply_fault("nan", state, received, 7, memo)[0]["a"]).all()
     with pytest.raises(InjectedFault, match="fault drill"):
-        apply_fault("raise", state, received, 7)
+        apply_fault("raise", state, received, 7, memo)
+    flipped, n = apply_fault("flip", state, received, 7, memo)  # 5 x the update, the other way
+    assert n == 7 and torch.allclose(flipped["a"], torch.tensor([-4.0, -9.0]))
+    assert apply_fault("inflate", state, received, 7, memo) == (state, 7000)
+    first, _ = apply_fault("replay", state, received, 7, memo)
+    later, _ = apply_fault("replay", {"a": torch.tensor([5.0, 5.0])}, received, 7, memo)
+    assert torch.equal(first["a"], state["a"]) and torch.equal(later["a"], state["a"])  # the first upload, again
+
+
+def test_attack_drills_tamper_only_what_they_name() -> None:
+    from flwr.app import Array, ArrayRecord, RecordDict
+
+    from fedxmr_client.faults import tamper_reply
+
+    def reply() -> tuple[dict, RecordDict]:
+        records = RecordDict({"arrays": ArrayRecord({"w": Array(np.ones(2, np.float32))}),
+                              "memory": ArrayRecord({"memory": Array(np.full((2, 2), 0.5, np.float32)),
+                                                     "count": Array(np.array([3.0, 1.0], np.float32))})})
+        return {"train-loss": 1.0, "rcsr-consistency": 0.5}, records
+
+    metrics, records = reply()
+    tamper_reply("inflate", metrics, records, "arrays")
+    np.testing.assert_array_equal(records["memory"]["count"].numpy(), [3000.0, 1000.0])
+    np.testing.assert_array_equal(records["memory"]["memory"].numpy(), 0.5)
+    metrics, records = reply()
+    tamper_reply("scale", metrics, records, "arrays")
+    np.testing.assert_array_equal(records["memory"]["memory"].numpy(), 500.0)
+    np.testing.assert_array_equal(records["memory"]["count"].numpy(), [3.0, 1.0])
+    np.testing.assert_array_equal(records["arrays"]["w"].numpy(), 1.0)  # the model arrays are apply_fault's
+    tamper_reply("boast", metrics, records, "arrays")
+    assert metrics == {"train-loss": 1e30, "rcsr-consistency": 50.0}
 
 
 def test_fault_drills_are_validated_in_the_run_config() -> None:
-    from common.config import ConfigError, parse_run_config
+    from common.config import _DRILL, ConfigError, parse_run_config
+    from fedxmr_client.faults import FAULTS
 
     assert parse_run_config({"faults": "0:raise,12:nan"}).faults == "0:raise,12:nan"
+    assert _DRILL == "(" + "|".join(FAULTS) + ")"
     with pytest.raises(ConfigError, match="faults"):
         parse_run_config({"faults": "0:explode"})
 

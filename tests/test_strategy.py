@@ -28,7 +28,7 @@ def reply(node: int, value: float, n: int, arrays: dict | None = None, error: st
 
 
 def fedavg():
-    strategy = build_strategy(parse_run_config({"method": "fedavg"}))
+    strategy = build_strategy(parse_run_config({"method": "fedavg", "max-client-share": 1.0}))  # uncapped: FedAvg
     strategy.state.arrays = {k: v.copy() for k, v in GLOBAL.items()}
     return strategy
 

@@ -106,7 +106,8 @@ def test_tower_of_names_a_single_tower_only() -> None:
 
 
 def test_the_strategy_weights_by_agreement_and_reports_the_cosines() -> None:
-    strategy = build_strategy(parse_run_config({"method": "unialign", "unialign-weighting": "agreement"}))
+    strategy = build_strategy(parse_run_config({"method": "unialign", "unialign-weighting": "agreement",
+                                                "max-client-share": 1.0}))  # uncapped (test_attacks.py)
     strategy.state.arrays = {k: v.copy() for k, v in G.items()}
     paired = {"num-examples": 10, "has-img": 1, "has-txt": 1}
     image_only = {"num-examples": 50, "has-img": 1, "has-txt": 0}
@@ -116,7 +117,7 @@ def test_the_strategy_weights_by_agreement_and_reports_the_cosines() -> None:
     np.testing.assert_allclose(arrays["img.w"].numpy(), [1, 0, 0, 0])  # the drifting image-only update counts 0
     rows = {c["node-id"]: c for c in strategy.last_train["clients"]}
     assert rows[2]["agreement-cos"] == pytest.approx(-1.0) and rows[1]["agreement-cos"] is None
-    by_size = build_strategy(parse_run_config({"method": "unialign"}))  # the default: FedAvg's weights
+    by_size = build_strategy(parse_run_config({"method": "unialign", "max-client-share": 1.0}))  # FedAvg's weights
     by_size.state.arrays = {k: v.copy() for k, v in G.items()}
     arrays, _ = by_size.aggregate_train(1, replies)
     np.testing.assert_allclose(arrays["img.w"].numpy(), [(10 - 250) / 60, 0, 0, 0])

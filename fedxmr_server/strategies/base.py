@@ -35,7 +35,7 @@ from logging import INFO, WARNING
 from typing import Any, Callable, Iterable
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
@@ -47,8 +47,10 @@ from common.data.federation import TYPE_CODES
 from common.evaluate import client_summary
 from common import protocol as P
 from common.robust import combine, norm_outliers
+from common.trust import cap_shares
 from fedxmr_server.strategies.clients import ClientRegistry
-from fedxmr_server.strategies.replies import content_problem, effective_weights, mean_metrics, scalar
+from fedxmr_server.strategies.replies import (content_problem, effective_weights, from_array_record, mean_metrics,
+                                              record_bytes, scalar, to_array_record)
 from fedxmr_server.strategies.state import Checkpoint, StrategyState, capture_rng, restore_rng
 
 Arrays = dict[str, np.ndarray]
@@ -56,19 +58,6 @@ Arrays = dict[str, np.ndarray]
 
 class RunFailed(RuntimeError):
     """The run cannot produce an honest result (see the quorum rule in the module docstring)."""
-
-
-def to_array_record(arrays: Arrays) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
-
-
-def from_array_record(record: ArrayRecord) -> Arrays:
-    return {k: a.numpy() for k, a in record.items()}
-
-
-def record_bytes(content: RecordDict) -> int:
-    """Bytes of all arrays a message carries (what a method exchanges; configs and metrics are negligible)."""
-    return int(sum(a.numpy().nbytes for rec in content.array_records.values() for a in rec.values()))
 
 
 @dataclass
@@ -133,12 +122,12 @@ class XmrStrategy(ClientRegistry, Strategy):
         return self._base_problem(msg, arrays_required=True)
 
     def client_weights(self, replies: list[Message]) -> np.ndarray:
-        return np.array([float(m.content[P.METRICS][P.NUM_EXAMPLES]) for m in replies])
+        return np.array([self.size_of(m) for m in replies])
 
     def aggregate(self, server_round: int, replies: list[Message], weights: np.ndarray) -> None:
         client_arrays = [from_array_record(m.content[P.ARRAYS]) for m in replies]
         self.state.arrays = combine(self.state.arrays, client_arrays, weights, self.cfg.aggregation,
-                                    self.cfg.trim_fraction)
+                                    self.cfg.trim_fraction, self.cfg.max_client_share)
 
     def update_state(self, server_round: int, replies: list[Message], weights: np.ndarray) -> dict[str, dict]:
         return {}
@@ -147,7 +136,7 @@ class XmrStrategy(ClientRegistry, Strategy):
     def _base_problem(self, msg: Message, arrays_required: bool) -> str | None:
         return content_problem(msg.content, self.state.arrays, self.cfg.max_num_examples, arrays_required)
 
-    def _usable(self, replies: Iterable[Message]) -> tuple[list[Message], list[dict[str, Any]]]:
+    def _usable(self, server_round: int, replies: Iterable[Message]) -> tuple[list[Message], list[dict[str, Any]]]:
         """The usable replies, in a fixed order (partition id, then node id: aggregation sums never depend on
         arrival order), and one record (node id, partition id, reason) per reply left out, each also logged."""
         ok, rejected = [], []
@@ -162,6 +151,8 @@ class XmrStrategy(ClientRegistry, Strategy):
         for msg in replies:
             self._learn_partition(msg)
             problem = f"the node failed: {msg.error.reason}" if msg.has_error() else self.reply_problem(msg)
+            if problem is None and P.ARRAYS in msg.content.array_records:
+                problem = self.replay_problem(server_round, msg, from_array_record(msg.content[P.ARRAYS]))
             if problem:
                 reject(msg, problem)
             else:
@@ -211,7 +202,7 @@ class XmrStrategy(ClientRegistry, Strategy):
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         self._sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in self._asked if m.metadata.message_id}
-        ok, rejected = self._usable(replies)
+        ok, rejected = self._usable(server_round, replies)
         replied = {self._sender(m) for m in replies}
         for node in (m.metadata.dst_node_id for m in self._asked if m.metadata.dst_node_id not in replied):
             # a dead simulation actor sends nothing at all
@@ -229,7 +220,9 @@ class XmrStrategy(ClientRegistry, Strategy):
         if not np.all(np.isfinite(weights)) or weights.sum() <= 0 or np.any(weights < 0):
             log(WARNING, "aggregation weights %s are not a usable distribution; the model is kept", weights)
             return None, None
-        weights = weights / weights.sum()
+        weights = cap_shares(weights, self.cfg.max_client_share)  # after the method's own weights
+        self.remember(server_round, ok, [from_array_record(m.content[P.ARRAYS]) if P.ARRAYS in m.content.array_records
+                                         else {} for m in ok])
         info = self.update_state(server_round, ok, weights)  # sees the model the clients started from
         self.aggregate(server_round, ok, weights)
         metrics = [dict(m.content[P.METRICS]) for m in ok]

@@ -4,6 +4,10 @@ Why: node ids are assigned per SuperLink session (a resumed simulation gets new 
 per-client server state (per-client models, previous updates, minimax weights, known modalities) is keyed so.
 A node says who it is in reply to a `query` message at the start of a run (`identify`), and again in every reply's
 metrics (`partition-id`).
+What the server holds a client to (README, "What the server trusts"): its size is the shard size it declared first
+(at `identify`, else in its first accepted reply), so a later reply cannot weigh more by claiming more examples
+(`size_of`); and an upload equal to one accepted in the last `REPLAY_WINDOW` rounds (its own or another client's) is
+a replay, left out (`replay_problem`).
 """
 
 from __future__ import annotations
@@ -11,16 +15,20 @@ from __future__ import annotations
 import math
 from logging import INFO, WARNING
 
+import numpy as np
+
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from common import protocol as P
 
+REPLAY_WINDOW = 10  # rounds of accepted uploads remembered (their checksums) to spot a replayed one
+
 
 class ClientRegistry:
-    """Mixin of `XmrStrategy`: node id -> partition id, as the nodes said (this process only), and the
-    `identify` step. Expects `self.state` (StrategyState) and `self.run_key`."""
+    """Mixin of `XmrStrategy`: node id -> partition id, as the nodes said (this process only), the `identify`
+    step, and what a client is held to. Expects `self.state` (StrategyState), `self.cfg` and `self.run_key`."""
 
     def __init__(self) -> None:
         self._partition_of: dict[int, int] = {}
@@ -67,5 +75,34 @@ class ClientRegistry:
             self._learn_partition(msg)
             metrics = msg.content[P.METRICS] if P.METRICS in msg.content.metric_records else {}
             known[self.client_of(msg)] = [m for m in P.HAS if metrics.get(P.HAS[m], 1)]
+            size = metrics.get(P.NUM_EXAMPLES)
+            if isinstance(size, (int, float)) and 0 < size <= self.cfg.max_num_examples:
+                self.state.meta.setdefault("sizes", {}).setdefault(self.client_of(msg), float(size))
         log(INFO, "identify: %d of %d nodes said which partition they hold: %s", len(self._partition_of), len(nodes),
             sorted(self._partition_of.values()))
+
+    # ---- what a client is held to ------------------------------------------------------------------------------
+    def size_of(self, msg: Message) -> float:
+        """A reply's example count, never more than the client declared first (module docstring)."""
+        claimed = float(msg.content[P.METRICS][P.NUM_EXAMPLES])
+        return min(claimed, float(self.state.meta.get("sizes", {}).get(self.client_of(msg), claimed)))
+
+    def replay_problem(self, server_round: int, msg: Message, arrays: dict[str, np.ndarray]) -> str | None:
+        """Why `arrays` are a replay of an accepted upload of the last `REPLAY_WINDOW` rounds (None: they are not).
+        Arrays equal to the model the client was sent are no update at all, never a replay."""
+        if not arrays or all(np.array_equal(v, self.state.arrays.get(k)) for k, v in arrays.items()):
+            return None
+        seen = self.state.meta.get("uploads", {}).get(repr(P.checksum(arrays)))
+        if seen is None or server_round - seen[1] > REPLAY_WINDOW:
+            return None
+        return f"its arrays replay the upload of {seen[0]} in round {seen[1]}"
+
+    def remember(self, server_round: int, replies: list[Message], arrays: list[dict[str, np.ndarray]]) -> None:
+        """Record the accepted replies: a new client's size, every upload's checksum (for `replay_problem`)."""
+        meta = self.state.meta
+        uploads = {k: v for k, v in meta.get("uploads", {}).items() if server_round - v[1] < REPLAY_WINDOW}
+        for msg, a in zip(replies, arrays):
+            meta.setdefault("sizes", {}).setdefault(self.client_of(msg), float(msg.content[P.METRICS][P.NUM_EXAMPLES]))
+            if a:
+                uploads.setdefault(repr(P.checksum(a)), [self.client_of(msg), server_round])
+        meta["uploads"] = uploads

@@ -17,8 +17,9 @@ from flwr.app import Message, RecordDict
 
 from common import protocol as P
 from common.config import RunConfig
-from common.memory import fuse_memories, memory_nll, memory_weights
+from common.memory import fuse_memories, memory_nll, memory_weights, normalise_rows
 from common.method_config import FedCafeSection
+from common.trust import bounded_counts
 from fedxmr_server.strategies.base import XmrStrategy, from_array_record, to_array_record
 
 MEMORY, COUNT = "fedcafe/memory", "fedcafe/count"
@@ -54,10 +55,13 @@ class FedCafeXmr(XmrStrategy):
         return None
 
     def _memories(self, replies: list[Message]) -> list[tuple[np.ndarray, np.ndarray] | None]:
+        """Each reply's memory as the server uses it: rows normalised (the client's are unit rows; a scaled row
+        would swamp Sim_k and the fusion), counts within the client's size (`common.trust`); None without rows."""
         out = []
         for msg in replies:
             rec = from_array_record(msg.content[P.MEMORY]) if P.MEMORY in msg.content.array_records else {}
-            out.append((rec["memory"], rec["count"]) if rec and rec["count"].sum() > 0 else None)
+            counts = bounded_counts(rec["count"], self.size_of(msg)) if rec else None
+            out.append((normalise_rows(rec["memory"]), counts) if rec and counts.sum() > 0 else None)
         return out
 
     def _fused(self, replies: list[Message]) -> tuple[np.ndarray, np.ndarray] | None:
@@ -67,8 +71,8 @@ class FedCafeXmr(XmrStrategy):
         key = tuple(None if m is None else (m[0].tobytes(), m[1].tobytes()) for m in memories)
         if self._fused_for[0] != key:
             held = [m for m in memories if m is not None]
-            fused = (fuse_memories([m for m, _ in held], [c for _, c in held], self.opts.kmeans_iters, self.cfg.seed)
-                     if held else None)
+            fused = (fuse_memories([m for m, _ in held], [c for _, c in held], self.opts.kmeans_iters, self.cfg.seed,
+                                   self.cfg.max_client_share) if held else None)
             self._fused_for = (key, fused)
         return self._fused_for[1]
 

@@ -54,5 +54,6 @@ class FedProtoXmr(XmrStrategy):
         """No model to aggregate."""
 
     def update_state(self, server_round: int, replies: list[Message], weights: np.ndarray) -> dict[str, dict]:
-        fuse_into(self.state.buffers, [client_prototypes(m, self.cfg.embed_dim, None)[0] for m in replies], weights, self.opts.proto_ema)
-        return {}
+        tables = [client_prototypes(m, self.cfg.embed_dim, None, self.size_of(m))[0] for m in replies]
+        shares = fuse_into(self.state.buffers, tables, weights, self.opts.proto_ema, self.cfg.max_client_share)
+        return {self.client_of(m): {"table-share": float(share)} for m, share in zip(replies, shares)}

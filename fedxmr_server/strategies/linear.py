@@ -25,6 +25,7 @@ from fedxmr_server.strategies.base import XmrStrategy, from_array_record
 
 P_KEY, R_KEY = "linear-p", "linear-r"
 MAX_VALUE = 1e30  # a sum beyond this is no honest statistic of float32 features, and would overflow the total
+TEXTS_PER_IMAGE = 10  # the most captions per image a client's text statistics may count (Flickr8k and COCO: 5-7)
 
 
 class LinearXmr(XmrStrategy):
@@ -50,9 +51,18 @@ class LinearXmr(XmrStrategy):
                      or np.abs(v).max(initial=0.0) > MAX_VALUE)
         if bad:
             return f"not finite floats below {MAX_VALUE:g} in {bad}"
-        return self._itq_problem(record) if P_KEY in self.state.buffers else self._statistics_problem(record)
+        size = self.size_of(msg)
+        return self._itq_problem(record, size) if P_KEY in self.state.buffers else self._statistics_problem(record, size)
 
-    def _statistics_problem(self, record: dict[str, np.ndarray]) -> str | None:
+    def _item_bound(self, mod: str, size: float) -> tuple[float, float]:
+        """(the most items of `mod` a client of `size` can hold, the largest squared norm one item's normalised
+        feature can have under the model the client was sent): LayerNorm output z has |z|² <= d, so the tower
+        input w ⊙ z + b has norm <= max|w|·√d + |b|."""
+        w, b = self.state.arrays[f"{mod}.norm.weight"], self.state.arrays[f"{mod}.norm.bias"]
+        items = size * (TEXTS_PER_IMAGE if mod == "txt" else 1)
+        return items, float((np.abs(w).max() * np.sqrt(w.size) + np.linalg.norm(b)) ** 2)
+
+    def _statistics_problem(self, record: dict[str, np.ndarray], size: float) -> str | None:
         sent = [mod for mod in MODALITIES if f"{mod}-n" in record]
         if not sent and not any(k.endswith("-etb") for k in record):
             return None  # a node without labelled items (image-only on captions' labels) has nothing to add
@@ -67,9 +77,25 @@ class LinearXmr(XmrStrategy):
             want = (self.state.arrays[f"{mod}.proj.weight"].shape[1], self.concepts)
             if stats.xy.shape != want:
                 return f"{mod} statistics of shape {stats.xy.shape}, expected {want} (features x labels)"
+            problem = self._implausible(mod, stats, *self._item_bound(mod, size))
+            if problem:
+                return problem
         return None
 
-    def _itq_problem(self, record: dict[str, np.ndarray]) -> str | None:
+    @staticmethod
+    def _implausible(mod: str, stats: FeatureStats, items: float, sq_norm: float) -> str | None:
+        """What in `stats` no set of `items` items of squared norm <= `sq_norm` with 0/1 labels can give (the
+        bounds are Cauchy-Schwarz: |Σx|² <= n·Σ|x|², |Σ y_c x|² <= Σy_c · Σ|x|²)."""
+        trace, tol = float(np.trace(stats.gram)), 1 + 1e-6
+        if stats.n > items:
+            return f"{mod} statistics over {stats.n:g} items, more than the client's {items:g}"
+        if trace > stats.n * sq_norm * tol or np.any(stats.ysum < 0) or np.any(stats.ysum > stats.n * tol):
+            return f"{mod} statistics beyond what {stats.n:g} items can sum to (feature norms or label counts)"
+        if stats.sum @ stats.sum > stats.n * trace * tol or np.any((stats.xy ** 2).sum(axis=0) > stats.ysum * trace * tol):
+            return f"{mod} statistics inconsistent with their own second moments"
+        return None
+
+    def _itq_problem(self, record: dict[str, np.ndarray], size: float) -> str | None:
         sent = [mod for mod in MODALITIES if f"{mod}-etb" in record]
         if not sent:
             return "no ITQ sums (<mod>-etb) in the ITQ phase"
@@ -79,13 +105,23 @@ class LinearXmr(XmrStrategy):
                 return f"{mod}-etb of shape {record[f'{mod}-etb'].shape}, expected {want}"
             if record.get(f"{mod}-quant", np.zeros(0)).shape != (1,):
                 return f"{mod}-quant must hold one value"
+            items, sq_norm = self._item_bound(mod, size)
+            proj = self.state.arrays[f"{mod}.proj.weight"], self.state.arrays[f"{mod}.proj.bias"]
+            emb_norm = np.linalg.norm(proj[0], 2) * np.sqrt(sq_norm) + np.linalg.norm(proj[1])
+            if np.linalg.norm(record[f"{mod}-etb"]) > items * np.sqrt(want[1]) * emb_norm * (1 + 1e-6):
+                return f"{mod}-etb larger than {items:g} items' embeddings against ±1 codes can sum to"
         return None
 
     def client_weights(self, replies: list[Message]) -> np.ndarray:
-        return np.ones(len(replies))  # sums, not means: every reply counts by the items it summed over
+        return np.array([self.size_of(m) for m in replies])  # the share of the items, capped by the base class
 
     def aggregate(self, server_round: int, replies: list[Message], weights: np.ndarray) -> None:
-        records = [from_array_record(m.content[P.LINEAR]) for m in replies]
+        """Sums of the clients' records, each scaled by its capped share over its share of the sizes (scale 1,
+        exactly, for every client when none is above max-client-share: the sums are then the centralized ones)."""
+        sizes = self.client_weights(replies)
+        scale = weights / (sizes / sizes.sum())
+        records = [{k: v * f for k, v in from_array_record(m.content[P.LINEAR]).items()} if f != 1.0
+                   else from_array_record(m.content[P.LINEAR]) for m, f in zip(replies, scale)]
         if P_KEY not in self.state.buffers:
             self._solve(records)
         else:

@@ -29,6 +29,7 @@ from common import protocol as P
 from common.config import RunConfig
 from common.hypernet import LayerHypernet, alpha_entropy, hypernet_step, layer_of, personalized
 from common.method_config import PlFedCmhSection
+from common.trust import bounded_counts, cap_columns, clip_entries
 from fedxmr_server.strategies.base import Arrays, XmrStrategy, from_array_record, to_array_record
 
 HN, PROTO = "hn/", "proto/"
@@ -67,7 +68,8 @@ class PlFedCmhXmr(XmrStrategy):
         if self._net is None:
             layers = sorted({layer_of(k) for k in self.state.arrays})
             width = self.opts.hn_embed_dim
-            self._net = LayerHypernet(self._num_clients(), layers, width, width, seed=self.cfg.seed)
+            self._net = LayerHypernet(self._num_clients(), layers, width, width, seed=self.cfg.seed,
+                                      max_share=self.cfg.max_client_share)
             saved = {k[len(HN):]: torch.as_tensor(v) for k, v in self.state.buffers.items() if k.startswith(HN)}
             if saved:
                 self._net.load_state_dict(saved)
@@ -136,13 +138,16 @@ class PlFedCmhXmr(XmrStrategy):
     def update_state(self, server_round: int, replies: list[Message], weights: np.ndarray) -> dict[str, dict]:
         """Fuse the prototypes; report each client's layer weights (those it was sent this round), their normalised
         entropy (1: uniform, the hypernetwork then acts as FedAvg) and the client's own weight, mean over layers."""
+        records = [(from_array_record(m.content[P.PROTOTYPES]), self.size_of(m)) for m in replies
+                   if P.PROTOTYPES in m.content.array_records]
         for mod in MODS:
-            held = [from_array_record(m.content[P.PROTOTYPES]) for m in replies if P.PROTOTYPES in
-                    m.content.array_records]
-            held = [(r[mod], r[f"{mod}-count"]) for r in held if mod in r]
+            # as the server uses them: means of relaxed codes within [-1, 1], counts within the client's size, and
+            # no client above max-client-share of a row (`common.trust`)
+            held = [(clip_entries(r[mod]), bounded_counts(r[f"{mod}-count"], n)) for r, n in records if mod in r]
             if held:
-                counts = sum(c for _, c in held)
-                sums = sum(t * c[:, None] for t, c in held)
+                weight = cap_columns(np.stack([c for _, c in held]), self.cfg.max_client_share)  # (K, C)
+                sums = np.einsum("kc,kcb->cb", weight, np.stack([t for t, _ in held]))
+                counts = weight.sum(axis=0)
                 self.state.buffers[PROTO + mod] = (sums / np.maximum(counts, 1)[:, None]).astype(np.float32)
                 self.state.buffers[PROTO + f"{mod}-count"] = counts.astype(np.float32)
         info = {}

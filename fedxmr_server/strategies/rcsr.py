@@ -37,6 +37,7 @@ from common.method_config import RcsrSection
 from common.prototypes import MODS
 from common.router import (STAT_KEYS, Minimax, RouterNet, consistency_weights, learned_router_weights,
                            standardise, train_router)
+from common.trust import REL_LOSS_MAX, bounded_fraction, bounded_loss
 from fedxmr_server.strategies.base import XmrStrategy, from_array_record
 from fedxmr_server.strategies.prototypes import (Tables, client_prototypes, fuse_into, global_prototypes,
                                                   prototype_record, table_rows)
@@ -61,6 +62,7 @@ class _Plan:
     minimax: np.ndarray
     minimax_q: dict[str, float]
     deltas: dict[str, np.ndarray]
+    losses: np.ndarray  # per reply, bounded by the client's own previous loss
 
 
 class RcsrXmr(XmrStrategy):
@@ -98,22 +100,25 @@ class RcsrXmr(XmrStrategy):
             else np.nan
         return out, flat
 
-    def _stats(self, replies: list[Message]) -> tuple[np.ndarray, list[dict], list[str | None], dict]:
+    def _stats(self, replies: list[Message]) -> tuple[np.ndarray, list[dict], list[str | None], dict, np.ndarray]:
         globals_ = self.prototypes()
         rows, protos, problems, deltas = [], [], [], {}
-        losses = np.array([float(m.content[P.METRICS].get("train-loss", np.nan)) for m in replies])
+        history = self.state.meta.get("losses", {})  # each client's last bounded loss (`common.trust.bounded_loss`)
+        losses = np.array([bounded_loss(float(m.content[P.METRICS].get("train-loss", np.nan)),
+                                        history.get(self.client_of(m))) for m in replies])
         groups = [(int(m.content[P.METRICS].get("has-img", 1)), int(m.content[P.METRICS].get("has-txt", 1)))
                   for m in replies]
         for i, msg in enumerate(replies):
             mm = msg.content[P.METRICS]
             client = self.client_of(msg)
-            tables, problem = client_prototypes(msg, self.cfg.embed_dim, table_rows(self.state.buffers))
+            tables, problem = client_prototypes(msg, self.cfg.embed_dim, table_rows(self.state.buffers),
+                                                self.size_of(msg))
             geometry, deltas[client] = self._delta_stats(client, from_array_record(msg.content[P.ARRAYS]))
             peers = [losses[j] for j in range(len(replies)) if groups[j] == groups[i] and np.isfinite(losses[j])]
-            row = {"consistency": float(mm.get("rcsr-consistency", np.nan)),
-                   "pair-recall": float(mm.get("rcsr-pair-recall", np.nan)),
-                   "rel-loss": losses[i] / np.mean(peers) if peers and np.mean(peers) > 0 else np.nan,
-                   "log-examples": float(np.log(mm["num-examples"])),
+            rel = losses[i] / np.mean(peers) if peers and np.mean(peers) > 0 else np.nan
+            row = {"consistency": bounded_fraction(float(mm.get("rcsr-consistency", np.nan))),
+                   "pair-recall": bounded_fraction(float(mm.get("rcsr-pair-recall", np.nan))),
+                   "rel-loss": min(rel, REL_LOSS_MAX), "log-examples": float(np.log(self.size_of(msg))),
                    "has-img": float(groups[i][0]), "has-txt": float(groups[i][1]), **geometry}
             for m in MODS:
                 own, glob = tables.get(m), globals_.get(m)
@@ -127,7 +132,7 @@ class RcsrXmr(XmrStrategy):
             rows.append([row[k] for k in STAT_KEYS])
             protos.append(tables)
             problems.append(problem)
-        return np.array(rows, dtype=np.float64), protos, problems, deltas
+        return np.array(rows, dtype=np.float64), protos, problems, deltas, losses
 
     # ---- weighting ------------------------------------------------------------------------------------------------
     def _router_net(self, token_dim: int) -> RouterNet:
@@ -163,18 +168,18 @@ class RcsrXmr(XmrStrategy):
 
     def _plan(self, replies: list[Message]) -> _Plan:
         """The round's weights and what they came from; pure (reads the state, changes nothing)."""
-        stats, protos, problems, deltas = self._stats(replies)
+        stats, protos, problems, deltas, losses = self._stats(replies)
         clean = [i for i, p in enumerate(problems) if p is None]
         tokens = self._tokens(stats[clean], [protos[i] for i in clean])
         r = self._route(tokens, stats[clean], routed=bool(self.prototypes()))
         clients = [self.client_of(replies[i]) for i in clean]
         minimax = Minimax(self.state.meta.get("minimax-q"), eta=self.opts.minimax_eta)
         m = minimax.update(clients, stats[clean, STAT_KEYS.index("rel-loss")]) if clean else np.zeros(0)
-        n = np.array([float(replies[i].content[P.METRICS][P.NUM_EXAMPLES]) for i in clean])
+        n = np.array([self.size_of(replies[i]) for i in clean])
         weights = np.zeros(len(replies))
         if clean:
             weights[clean] = n * r * m / (n * r * m).sum()
-        return _Plan(weights, stats, protos, problems, clean, tokens, r, m, minimax.q, deltas)
+        return _Plan(weights, stats, protos, problems, clean, tokens, r, m, minimax.q, deltas, losses)
 
     def client_weights(self, replies: list[Message]) -> np.ndarray:
         return self._plan(replies).weights
@@ -188,8 +193,11 @@ class RcsrXmr(XmrStrategy):
         clean_protos = [plan.protos[i] for i in plan.clean]
         self.state.meta["router-loss"] = self._train_router(plan, clean_protos)  # toward the previous prototypes
         # the row counts already carry each client's size: fuse with router x minimax, not with n x r x m (n²)
-        fuse_into(self.state.buffers, clean_protos, plan.router * plan.minimax, self.opts.proto_ema)
+        table_share = fuse_into(self.state.buffers, clean_protos, plan.router * plan.minimax, self.opts.proto_ema,
+                                self.cfg.max_client_share)
         self.state.meta["minimax-q"] = plan.minimax_q
+        self.state.meta["losses"] = self.state.meta.get("losses", {}) | {
+            self.client_of(replies[i]): float(plan.losses[i]) for i in plan.clean}
         self.state.buffers |= {f"prev-delta/{c}": d.astype(np.float16) for c, d in plan.deltas.items()}
         self.last_train["router"] = {"kind": self.opts.router, "loss": self.state.meta["router-loss"]}
         info = {}
@@ -198,6 +206,7 @@ class RcsrXmr(XmrStrategy):
             info[self.client_of(msg)] = {
                 "router-weight": float(plan.router[j]) if j is not None else 0.0,
                 "minimax-weight": float(plan.minimax[j]) if j is not None else 0.0,
+                "table-share": float(table_share[j]) if j is not None else 0.0,
                 **{f"stat-{k}": (None if np.isnan(v) else float(v)) for k, v in zip(STAT_KEYS, plan.stats[i])},
                 **({"rcsr-problem": plan.problems[i]} if plan.problems[i] else {})}
         return info

@@ -1,4 +1,5 @@
-"""Per-reply bookkeeping of a round: content checks, metric means, per-tower weights, sortable metric values."""
+"""Per-reply bookkeeping of a round: content checks, metric means, per-tower weights, sortable metric values, and
+the conversion of arrays to and from Flower records."""
 
 from __future__ import annotations
 
@@ -6,9 +7,22 @@ import math
 from typing import Any
 
 import numpy as np
-from flwr.app import RecordDict
+from flwr.app import Array, ArrayRecord, RecordDict
 
 from common import protocol as P
+
+
+def to_array_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+def from_array_record(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: a.numpy() for k, a in record.items()}
+
+
+def record_bytes(content: RecordDict) -> int:
+    """Bytes of all arrays a message carries (what a method exchanges; configs and metrics are negligible)."""
+    return int(sum(a.numpy().nbytes for rec in content.array_records.values() for a in rec.values()))
 
 
 def scalar(value: Any, default: float = -1) -> float:
