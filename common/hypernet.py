@@ -4,7 +4,8 @@ For client i and each layer l (a parameter block: a parameter name without its l
 hypernetwork produces non-negative weights α_i^(l) over the clients, from a client embedding through a small
 per-client MLP and one head per layer: α_i^(l) = ReLU(head_il(MLP_i(E[i]))), masked to the clients that hold the
 layer's modality, normalised to sum to 1 (by the sum, as pFedLA; a client whose weights are all zero falls back to
-its own parameters). Client i is sent θ̄_i^(l) = Σ_j α_ij^(l) θ_j^(l) over all clients' current parameters.
+its own parameters); no other client weighs more than `max-client-share` in it (`capped_others`). Client i is sent
+θ̄_i^(l) = Σ_j α_ij^(l) θ_j^(l) over all clients' current parameters.
 
 The update after client i trained (θ_i = θ̄_i + Δθ_i): local training approximates a descent step on the client's
 loss, so Δθ_i ≈ -lr ∂L_i/∂θ̄_i, and the chain rule gives ∂L_i/∂φ ≈ (∂θ̄_i/∂φ)^T (θ̄_i - θ_i) / lr: the hypernetwork
@@ -19,6 +20,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import nn
+
+from common.trust import cap_shares
 
 Arrays = dict[str, np.ndarray]
 
@@ -65,10 +68,25 @@ class LayerHypernet(nn.Module):
             total = raw.sum()
             own = torch.zeros_like(raw)
             own[client] = 1.0
-            alpha = raw / total if total > 0 else own
-            others = torch.clamp(alpha, max=self.max_share) * (1 - own)  # no other client above the cap ...
-            out[layer] = others + own * (1 - others.sum())  # ... and what is cut stays with the client itself
+            out[layer] = capped_others(raw / total if total > 0 else own, client, mask[layer], self.max_share)
         return out
+
+
+def capped_others(alpha: torch.Tensor, client: int, allowed: torch.Tensor, cap: float) -> torch.Tensor:
+    """α with no other client above max(cap, 1 / allowed clients); unchanged where none is. The excess stays with
+    the client itself when the layer's mask allows it (differentiably: a client may personalise toward itself);
+    otherwise it is spread over the other allowed clients (water-filling, `common.trust.cap_shares`, as a
+    straight-through value: the gradient is α's)."""
+    limit = max(cap, 1.0 / max(int((allowed > 0).sum()), 1))
+    own = torch.zeros_like(alpha)
+    own[client] = 1.0
+    if float((alpha.detach() * (1 - own)).max()) <= limit:
+        return alpha
+    if float(allowed[client]) > 0:
+        others = torch.clamp(alpha, max=limit) * (1 - own)
+        return others + own * (1 - others.sum())
+    target = torch.as_tensor(cap_shares(alpha.detach().double().numpy(), limit), dtype=alpha.dtype)
+    return alpha + (target - alpha).detach()
 
 
 def alpha_entropy(alpha: dict[str, torch.Tensor]) -> float:

@@ -20,7 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
-from common.trust import cap_shares
+from common.trust import cap_shares, share_limit
 
 AGGREGATIONS: tuple[str, ...] = ("mean", "trimmed-mean", "median", "norm-clip")
 Arrays = dict[str, np.ndarray]
@@ -93,9 +93,9 @@ def _weighted_median(x: np.ndarray, w: np.ndarray) -> np.ndarray:
 def combine(global_arrays: Arrays, clients: Sequence[Arrays], weights: np.ndarray, aggregation: str = "mean",
             trim: float = 0.1, max_share: float = 1.0) -> Arrays:
     """The new global arrays: per key, the chosen aggregate over the clients that sent it (their weights
-    renormalised over them, then no share above `max_share`: `common.trust.cap_shares`, so a tower that few
-    clients train is not one client's either); a key nobody sent (or only clients of weight 0) keeps its global
-    value."""
+    renormalised over them, then no share above `max_share` or the uniform share of the holders, whichever is
+    larger: `common.trust.cap_shares`; a key one client alone sent is that client's); a key nobody sent (or only
+    clients of weight 0) keeps its global value."""
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"aggregation {aggregation!r}; expected one of {AGGREGATIONS}")
     if not 0.0 <= trim < 0.5:
@@ -109,7 +109,9 @@ def combine(global_arrays: Arrays, clients: Sequence[Arrays], weights: np.ndarra
         if not held or total <= 0:
             out[key] = old
             continue
-        w = cap_shares(np.array([w for w, _ in held], dtype=np.float64) / total, max_share)
+        w = np.array([w for w, _ in held], dtype=np.float64) / total
+        if w.max() > share_limit(w, max_share):  # only where it binds: FedAvg's numbers otherwise stay bit for bit
+            w = cap_shares(w, max_share)
         x = np.stack([np.asarray(v, dtype=np.float64).ravel() for _, v in held])
         if aggregation in ("median", "trimmed-mean"):  # one vote per client (module docstring)
             w = np.full(len(held), 1.0 / len(held))

@@ -117,7 +117,8 @@ def test_one_attacker_stays_within_its_share_and_the_result_within_bound(method:
         for got, want in pairs:
             moved, off = _distance(want, start), _distance(got, want)
             assert off <= BOUND * moved, f"{off:.3g} from the clean run, which moved {moved:.3g} from the start"
-    if attack == "replay" and client_method(method).sends_weights:  # every later upload is refused as a replay
+    # every later upload is refused as a replay (Local sends a client its own last model: replaying that is no update)
+    if attack == "replay" and client_method(method).sends_weights and method != "local":
         left_out = [r["train"]["rejected"] for r in rounds if r.get("round", 0) >= 2 and "train" in r]
         assert left_out and all(any(x["partition-id"] == ATTACKER and "replay" in x["reason"] for x in rejected)
                                 for rejected in left_out)
@@ -164,3 +165,27 @@ def test_robust_rules_that_keep_the_methods_weights_are_accepted() -> None:
     assert parse_run_config({"method": "fedavg", "aggregation": "median"}).aggregation == "median"
     with pytest.raises(ConfigError, match="agreement"):
         parse_run_config({"method": "unialign", "unialign-weighting": "agreement", "aggregation": "median"})
+
+
+def test_capping_changes_no_number_it_does_not_have_to() -> None:
+    rng = np.random.default_rng(0)
+    start = {"img.w": np.zeros(5, np.float32)}
+    clients = [{"img.w": rng.standard_normal(5).astype(np.float32)} for _ in range(7)]
+    sizes = rng.uniform(10, 20, 7)  # nobody above 0.3 of the mass
+    w = sizes / sizes.sum()
+    expected = np.sum([wi * c["img.w"].astype(np.float64) for wi, c in zip(w, clients)], axis=0).astype(np.float32)
+    np.testing.assert_array_equal(combine(start, clients, sizes / sizes.sum(), max_share=0.3)["img.w"], expected)
+    table = rng.uniform(1, 2, (7, 4))
+    np.testing.assert_array_equal(cap_columns(table, 0.3), table)
+
+
+def test_the_hypernetwork_cap_keeps_the_mask_and_the_uniform_share() -> None:
+    from common.hypernet import LayerHypernet
+
+    for seed in range(6):
+        net = LayerHypernet(3, ["img.proj"], seed=seed, max_share=0.3)
+        alpha = net.weights(2, {"img.proj": torch.tensor([1.0, 1.0, 0.0])})["img.proj"].detach()  # 2: text-only
+        assert float(alpha[2]) == 0.0 and float(alpha.sum()) == pytest.approx(1.0)
+        assert float(alpha.max()) <= 0.5 + 1e-6  # two clients allowed: the uniform share is the limit
+        alpha = net.weights(0, {"img.proj": torch.ones(3)})["img.proj"].detach()
+        assert float(alpha[1:].max()) <= 1 / 3 + 1e-6 and float(alpha.sum()) == pytest.approx(1.0)

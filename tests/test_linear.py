@@ -114,7 +114,8 @@ def _linear_strategy():
     s.concepts = 3
     for m in ("img", "txt"):
         s.state.arrays |= {f"{m}.proj.weight": np.zeros((8, 5), np.float32), f"{m}.proj.bias": np.zeros(8, np.float32),
-                           f"{m}.hash.weight": np.zeros((16, 8), np.float32), f"{m}.norm.weight": np.ones(5, np.float32),
+                           f"{m}.hash.weight": np.zeros((16, 8), np.float32),
+                           f"{m}.norm.weight": np.ones(5, np.float32),
                            f"{m}.norm.bias": np.zeros(5, np.float32)}
     return s
 

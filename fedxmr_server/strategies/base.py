@@ -9,7 +9,8 @@ A method is one subclass (one file) that overrides some of these hooks:
   config; evaluate/test messages add the shared dev/test gallery embedded by that model (`gallery`).
 - `reply_problem(msg)`: method-specific checks on top of the base's (`_base_problem`); a reply with a problem is
   logged with its node id and left out, so one failing client never kills a round.
-- `client_weights(replies)`: one weight per usable reply; must not change any state (default: num-examples).
+- `client_weights(replies)`: one weight per usable reply; must not change any state (default: num-examples, at most
+  the size the client declared first); the base then caps every share at `max-client-share` (`common.trust`).
 - `aggregate(server_round, replies, weights)`: how usable replies change the model: the global arrays
   (`state.arrays`) and/or per-client models (`state.clients`). Default: per-key weighted mean over the clients that
   sent the key (weights renormalised per key), so a text-only client never dilutes the image tower.
@@ -189,6 +190,8 @@ class XmrStrategy(ClientRegistry, Strategy):
                         grid: Grid) -> Iterable[Message]:
         messages = self._messages(self._sample(grid, self.cfg.fraction_train), server_round, "train")
         self._download_bytes = sum(record_bytes(m.content) for m in messages)
+        self.sent_arrays = {self.client_key(m.metadata.dst_node_id): from_array_record(m.content[P.ARRAYS])
+                            for m in messages if P.ARRAYS in m.content.array_records}
         self._asked = messages
         return messages
 
@@ -230,7 +233,7 @@ class XmrStrategy(ClientRegistry, Strategy):
         for m, mm in zip(ok, metrics):
             known[self.client_of(m)] = [mod for mod in P.HAS if mm.get(P.HAS[mod], 1)]
         effective = effective_weights(weights, [set(m.content[P.ARRAYS].keys()) if P.ARRAYS in m.content.array_records
-                                                 else set() for m in ok])
+                                                 else set() for m in ok], self.cfg.max_client_share)
         self.last_train["clients"] = [
             {"node-id": m.metadata.src_node_id, "weight": float(w), **eff, **mm, **info.get(self.client_of(m), {})}
             for m, w, eff, mm in zip(ok, weights, effective, metrics)]

@@ -7,11 +7,13 @@ metrics (`partition-id`).
 What the server holds a client to (README, "What the server trusts"): its size is the shard size it declared first
 (at `identify`, else in its first accepted reply), so a later reply cannot weigh more by claiming more examples
 (`size_of`); and an upload equal to one accepted in the last `REPLAY_WINDOW` rounds (its own or another client's) is
-a replay, left out (`replay_problem`).
+a replay, left out (`replay_problem`; compared by a content digest of the arrays). Arrays equal to what the client
+was sent this round are no update, never a replay.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from logging import INFO, WARNING
 
@@ -23,7 +25,17 @@ from flwr.serverapp import Grid
 
 from common import protocol as P
 
-REPLAY_WINDOW = 10  # rounds of accepted uploads remembered (their checksums) to spot a replayed one
+REPLAY_WINDOW = 10  # rounds of accepted uploads remembered (their digests) to spot a replayed one
+
+
+def digest(arrays: dict[str, np.ndarray]) -> str:
+    """A content digest of a set of arrays (keys, dtypes, shapes, bytes): equal digests, equal arrays."""
+    h = hashlib.blake2b(digest_size=16)
+    for key in sorted(arrays):
+        value = np.ascontiguousarray(arrays[key])
+        h.update(f"{key}|{value.dtype.str}|{value.shape}|".encode())
+        h.update(value.tobytes())
+    return h.hexdigest()
 
 
 class ClientRegistry:
@@ -33,6 +45,7 @@ class ClientRegistry:
     def __init__(self) -> None:
         self._partition_of: dict[int, int] = {}
         self._disputed: set[int] = set()  # nodes that claimed a partition another node holds (warned once)
+        self.sent_arrays: dict[str, dict[str, np.ndarray]] = {}  # client -> the arrays this round's train message held
 
     def client_key(self, node_id: int) -> str:
         """How the server knows a node: by its partition once the node said it (stable across a resumed run)."""
@@ -90,9 +103,10 @@ class ClientRegistry:
     def replay_problem(self, server_round: int, msg: Message, arrays: dict[str, np.ndarray]) -> str | None:
         """Why `arrays` are a replay of an accepted upload of the last `REPLAY_WINDOW` rounds (None: they are not).
         Arrays equal to the model the client was sent are no update at all, never a replay."""
-        if not arrays or all(np.array_equal(v, self.state.arrays.get(k)) for k, v in arrays.items()):
+        sent = self.sent_arrays.get(self.client_of(msg), self.state.arrays)
+        if not arrays or all(k in sent and np.array_equal(v, sent[k]) for k, v in arrays.items()):
             return None
-        seen = self.state.meta.get("uploads", {}).get(repr(P.checksum(arrays)))
+        seen = self.state.meta.get("uploads", {}).get(digest(arrays))
         if seen is None or server_round - seen[1] > REPLAY_WINDOW:
             return None
         return f"its arrays replay the upload of {seen[0]} in round {seen[1]}"
@@ -104,5 +118,5 @@ class ClientRegistry:
         for msg, a in zip(replies, arrays):
             meta.setdefault("sizes", {}).setdefault(self.client_of(msg), float(msg.content[P.METRICS][P.NUM_EXAMPLES]))
             if a:
-                uploads.setdefault(repr(P.checksum(a)), [self.client_of(msg), server_round])
+                uploads.setdefault(digest(a), [self.client_of(msg), server_round])
         meta["uploads"] = uploads

@@ -1,9 +1,11 @@
 """`linear`: the closed-form floor every hashing table carries (`common/linear.py`), through the same app.
 
 Round 1: the nodes send sufficient statistics of their labelled items; the server sums them and solves ridge
-regression onto the labels per modality (exactly the centralized solution), maps the label space to the code length
-(P) and starts from a random rotation R: round 1's model is the random-hyperplane control. Every later round is one
-ITQ iteration: the nodes send Eᵀ·sign(E·Hᵀ) for the current codes, the server takes the orthogonal Procrustes step.
+regression onto the labels per modality (exactly the centralized solution, unless a client holds more than
+`max-client-share` of a modality's items: its sums are then scaled down to that share), maps the label space to the
+code length (P) and starts from a random rotation R: round 1's model is the random-hyperplane control. Every later
+round is one ITQ iteration: the nodes send Eᵀ·sign(E·Hᵀ) for the current codes, the server takes the orthogonal
+Procrustes step.
 `num-server-rounds` = 1 + the ITQ iterations; the reported round is selected on dev like every method's.
 The model is an ordinary `XmrModel`: the towers' projection holds the ridge map (label space in the first C
 dimensions, the adapter left at the identity) and the hash head holds (P·R)ᵀ, so evaluation, search and export need
@@ -21,11 +23,11 @@ from flwr.common.logger import log
 from common import protocol as P
 from common.linear import FeatureStats, itq_rotation, label_to_bits, random_rotation, solve_ridge
 from common.model import MODALITIES
+from common.trust import TEXTS_PER_IMAGE, cap_shares
 from fedxmr_server.strategies.base import XmrStrategy, from_array_record
 
 P_KEY, R_KEY = "linear-p", "linear-r"
 MAX_VALUE = 1e30  # a sum beyond this is no honest statistic of float32 features, and would overflow the total
-TEXTS_PER_IMAGE = 10  # the most captions per image a client's text statistics may count (Flickr8k and COCO: 5-7)
 
 
 class LinearXmr(XmrStrategy):
@@ -52,7 +54,9 @@ class LinearXmr(XmrStrategy):
         if bad:
             return f"not finite floats below {MAX_VALUE:g} in {bad}"
         size = self.size_of(msg)
-        return self._itq_problem(record, size) if P_KEY in self.state.buffers else self._statistics_problem(record, size)
+        if P_KEY in self.state.buffers:
+            return self._itq_problem(record, size)
+        return self._statistics_problem(record, size)
 
     def _item_bound(self, mod: str, size: float) -> tuple[float, float]:
         """(the most items of `mod` a client of `size` can hold, the largest squared norm one item's normalised
@@ -91,7 +95,8 @@ class LinearXmr(XmrStrategy):
             return f"{mod} statistics over {stats.n:g} items, more than the client's {items:g}"
         if trace > stats.n * sq_norm * tol or np.any(stats.ysum < 0) or np.any(stats.ysum > stats.n * tol):
             return f"{mod} statistics beyond what {stats.n:g} items can sum to (feature norms or label counts)"
-        if stats.sum @ stats.sum > stats.n * trace * tol or np.any((stats.xy ** 2).sum(axis=0) > stats.ysum * trace * tol):
+        xy_norms = (stats.xy ** 2).sum(axis=0)
+        if stats.sum @ stats.sum > stats.n * trace * tol or np.any(xy_norms > stats.ysum * trace * tol):
             return f"{mod} statistics inconsistent with their own second moments"
         return None
 
@@ -116,12 +121,20 @@ class LinearXmr(XmrStrategy):
         return np.array([self.size_of(m) for m in replies])  # the share of the items, capped by the base class
 
     def aggregate(self, server_round: int, replies: list[Message], weights: np.ndarray) -> None:
-        """Sums of the clients' records, each scaled by its capped share over its share of the sizes (scale 1,
-        exactly, for every client when none is above max-client-share: the sums are then the centralized ones)."""
+        """Sums of the clients' records, per modality each scaled by its capped share over its share of the sizes of
+        the clients that sent that modality (scale 1, exactly, when none is above max-client-share: the sums are then
+        the centralized ones)."""
+        records = [from_array_record(m.content[P.LINEAR]) for m in replies]
         sizes = self.client_weights(replies)
-        scale = weights / (sizes / sizes.sum())
-        records = [{k: v * f for k, v in from_array_record(m.content[P.LINEAR]).items()} if f != 1.0
-                   else from_array_record(m.content[P.LINEAR]) for m, f in zip(replies, scale)]
+        for mod in MODALITIES:  # per modality, over the clients that sent its sums
+            held = np.array([any(k.startswith(f"{mod}-") for k in r) for r in records])
+            if held.any():
+                share = sizes * held / (sizes * held).sum()
+                scale = np.divide(cap_shares(share, self.cfg.max_client_share), share, out=np.ones_like(share),
+                                  where=share > 0)
+                for r, f in zip(records, scale):
+                    if f != 1.0:
+                        r.update({k: v * f for k, v in r.items() if k.startswith(f"{mod}-")})
         if P_KEY not in self.state.buffers:
             self._solve(records)
         else:

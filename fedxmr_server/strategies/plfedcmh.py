@@ -6,7 +6,7 @@ Personalized: every client receives its *own* parameters, generated layer by lay
 1. each client gets θ̄_i and the global per-concept prototypes of its relaxed codes (one table per modality);
 2. it trains with the instance-class terms (`fedxmr_client/methods/plfedcmh.py`) and sends its parameters and
    prototypes;
-3. the server fuses the prototypes (count-weighted mean per concept row), takes one hypernetwork step from every
+3. the server fuses the prototypes (count-weighted mean per concept row, no client above max-client-share of a row), takes one hypernetwork step from every
    reply (descent with θ̄_i - θ_i: toward the trained parameters; see `common.hypernet` for the sign), and stores
    θ_i as the client's current parameters (the keys it trained; the others stay as generated).
 Clients run in parallel (the released code updates them one after another within a round, so later clients saw
@@ -143,7 +143,7 @@ class PlFedCmhXmr(XmrStrategy):
         for mod in MODS:
             # as the server uses them: means of relaxed codes within [-1, 1], counts within the client's size, and
             # no client above max-client-share of a row (`common.trust`)
-            held = [(clip_entries(r[mod]), bounded_counts(r[f"{mod}-count"], n)) for r, n in records if mod in r]
+            held = [(clip_entries(r[mod]), bounded_counts(r[f"{mod}-count"], n, mod)) for r, n in records if mod in r]
             if held:
                 weight = cap_columns(np.stack([c for _, c in held]), self.cfg.max_client_share)  # (K, C)
                 sums = np.einsum("kc,kcb->cb", weight, np.stack([t for t, _ in held]))

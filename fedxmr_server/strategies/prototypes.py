@@ -32,7 +32,7 @@ def client_prototypes(msg: Message, dim: int, rows: int | None,
     """The reply's prototype tables for the modalities it holds, or a reason why they are unusable: each must be
     (rows, dim) (`rows`: the global tables', once they exist) with finite values and non-negative counts. With the
     client's `size`, the tables as the server uses them: rows (means of unit embeddings) cut to norm <= 1, counts to
-    the size (`common.trust`)."""
+    the items that size allows (`common.trust.bounded_counts`)."""
     if P.PROTOTYPES not in msg.content.array_records:
         return {}, f"no {P.PROTOTYPES!r} record"
     rec = from_array_record(msg.content[P.PROTOTYPES])
@@ -48,7 +48,7 @@ def client_prototypes(msg: Message, dim: int, rows: int | None,
             return {}, f"prototypes of {m!r} have shape {table.shape}, expected ({rows or 'any'}, {dim})"
         if not (np.all(np.isfinite(table)) and np.all(np.isfinite(counts))) or np.any(counts < 0):
             return {}, f"prototypes of {m!r} are not finite or have negative counts"
-        out[m] = (table, counts) if size is None else (clip_rows(table), bounded_counts(counts, size))
+        out[m] = (table, counts) if size is None else (clip_rows(table), bounded_counts(counts, size, m))
     return out, None
 
 

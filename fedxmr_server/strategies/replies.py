@@ -10,6 +10,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, RecordDict
 
 from common import protocol as P
+from common.trust import cap_shares, share_limit
 
 
 def to_array_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
@@ -30,14 +31,16 @@ def scalar(value: Any, default: float = -1) -> float:
     return float(value) if isinstance(value, (int, float)) else default
 
 
-def effective_weights(weights: np.ndarray, sent: list[set[str]]) -> list[dict[str, float]]:
-    """Each client's weight after per-key renormalisation, per tower: its share of the image and of the text tower
-    (the logged `weight` is before it)."""
+def effective_weights(weights: np.ndarray, sent: list[set[str]], max_share: float = 1.0) -> list[dict[str, float]]:
+    """Each client's weight after per-key renormalisation and the per-key cap (as `common.robust.combine` applies
+    them), per tower: its share of the image and of the text tower (the logged `weight` is before it)."""
     out: list[dict[str, float]] = [{} for _ in sent]
     for mod in ("img", "txt"):
         held = np.array([float(any(k.startswith(f"{mod}.") for k in keys)) for keys in sent]) * weights
         if held.sum() > 0:
-            for row, w in zip(out, held / held.sum()):
+            share = held / held.sum()
+            for row, w in zip(out, cap_shares(share, max_share) if share.max() > share_limit(share, max_share)
+                              else share):
                 row[f"weight-{mod}"] = float(w)
     return out
 
