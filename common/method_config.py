@@ -113,6 +113,9 @@ class PlFedCmhSection(Section):
     proto_weight: float = Field(1.0, ge=0.0)  # distance to the item's classes' global prototypes
     hn_lr: float = Field(0.01, gt=0.0, le=10.0)  # the hypernetwork's SGD step
     hn_embed_dim: int = Field(32, ge=1, le=4096)  # client embedding and hidden width of the hypernetwork
+    # the instance-class target of an item with k labels: "split" c/k per label, "indicator" c per label (the paper's;
+    # unreachable for k > 1 unless the labels' class codes coincide); fedxmr_client/methods/plfedcmh.py
+    class_target: Literal["split", "indicator"] = "split"
 
 
 class LinearSection(Section):

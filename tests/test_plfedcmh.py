@@ -165,3 +165,19 @@ def test_each_node_is_sent_its_own_layer_weighted_parameters(flickr8k_dir: Path,
     checks = {p: sum(float(v.sum()) for v in a.values()) for p, a in received.items()}
     assert len(set(checks.values())) == len(nodes), "every node gets different parameters"
     assert (tmp_path / "runs" / "pl" / "layer-weights.png").exists()
+
+
+def test_the_split_class_target_is_reachable_for_items_of_several_labels_and_the_indicator_is_not() -> None:
+    from fedxmr_client.methods.plfedcmh import class_targets
+
+    h = np.array([[1.0]])
+    while h.shape[0] < 8:
+        h = np.block([[h, h], [h, -h]])
+    codes = h[:4]  # 4 concepts, orthogonal 8-bit class codes
+    labels = np.array([[1, 1, 0, 0], [0, 1, 1, 1], [1, 0, 0, 0]], np.uint8)
+    f = labels @ codes / labels.sum(axis=1, keepdims=True)  # each item: the mean of its labels' codes
+    bits = codes.shape[1]
+    split = ((bits * class_targets(labels, "split") - f @ codes.T) ** 2).mean()
+    indicator = ((bits * class_targets(labels, "indicator") - f @ codes.T) ** 2).mean()
+    assert split == pytest.approx(0.0) and indicator > 1.0
+    np.testing.assert_array_equal(class_targets(labels[2:], "split"), class_targets(labels[2:], "indicator"))

@@ -3,7 +3,11 @@
 The node trains the personalized model the server generated for it (`fedxmr_server/strategies/plfedcmh.py`) with
 the shared objective plus, per modality, on the relaxed codes F = tanh(hash head) of its labelled items (labels:
 multi-hot, a feature file's own or, on Flickr8k and Karpathy JSON, the DERIVED concepts; c = bits):
-- instance-class similarity to its own class codes Y ∈ {±1}^{C×c}: mean((c·L - F Yᵀ)² / c²) (`plfedcmh-class-weight`);
+- instance-class similarity to its own class codes Y ∈ {±1}^{C×c}: mean((c·T - F Yᵀ)² / c²) (`plfedcmh-class-weight`),
+  T the item's label row: the paper's indicator L (`plfedcmh-class-target = "indicator"`) asks F·y_j = c for every
+  label j of the item, which no F can meet for an item of two labels with different codes (Flickr8k's DERIVED
+  concepts: 2.7 per item); "split" (the default) asks c / k for each of its k labels, L / |L|, met by the mean of its
+  labels' codes when the codes are orthogonal (for one-label items both are the same);
 - the same toward the global prototypes P of that modality (rows of concepts nobody holds yet left out)
   (`plfedcmh-global-weight`);
 - the distance of F to the mean global prototype of the item's concepts, per bit (`plfedcmh-proto-weight`).
@@ -39,9 +43,15 @@ def class_prototypes(codes: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray,
     return (sums / np.maximum(counts, 1)[:, None]).astype(np.float32), counts.astype(np.float32)
 
 
+def class_targets(labels: np.ndarray, kind: str) -> np.ndarray:
+    """T of the instance-class terms from multi-hot labels (module docstring): L itself, or L / |L| ("split")."""
+    lab = labels.astype(np.float32)
+    return lab if kind == "indicator" else lab / np.maximum(lab.sum(axis=1, keepdims=True), 1.0)
+
+
 def update_class_codes(codes: np.ndarray, pairs: list[tuple[np.ndarray, np.ndarray]], sweeps: int = 3) -> np.ndarray:
-    """Discrete cyclic coordinate descent on Σ ||c·L - F Yᵀ||² over Y ∈ {±1}^{C×c}, bit by bit:
-    y_k = sign(c·Lᵀ F_k - Y_¬k F_¬kᵀ F_k) (a zero keeps the old sign); `pairs` = (F (n, c), L (n, C)) per modality."""
+    """Discrete cyclic coordinate descent on Σ ||c·T - F Yᵀ||² over Y ∈ {±1}^{C×c}, bit by bit:
+    y_k = sign(c·Tᵀ F_k - Y_¬k F_¬kᵀ F_k) (a zero keeps the old sign); `pairs` = (F (n, c), T (n, C)) per modality."""
     y = codes.astype(np.float64).copy()
     bits = y.shape[1]
     q = sum(bits * f.T.astype(np.float64) @ lab for f, lab in pairs)  # (c, C)
@@ -60,7 +70,7 @@ def update_class_codes(codes: np.ndarray, pairs: list[tuple[np.ndarray, np.ndarr
 @dataclass(frozen=True)
 class InstanceClassTerms:
     model: XmrModel
-    labels: torch.Tensor  # (n_items, C) multi-hot
+    labels: torch.Tensor  # (n_items, C) the class targets T (`class_targets`), zero rows for items without labels
     codes: torch.Tensor  # the node's class codes Y (C, bits)
     protos: dict[str, tuple[torch.Tensor, torch.Tensor]]  # mod -> global prototypes (C, bits), row valid (C,)
     class_weight: float
@@ -120,7 +130,8 @@ class PlFedCmhClient(ClientMethod):
         dev, opts = shard.device, shard.cfg.options
         protos = {m: (torch.as_tensor(t, device=dev), torch.as_tensor(c > 0, device=dev))
                   for m, (t, c) in received_tables(content).items() if c.max() > 0}
-        term = InstanceClassTerms(model, torch.as_tensor(labels, dtype=torch.float32, device=dev),
+        targets = class_targets(labels, opts.class_target)
+        term = InstanceClassTerms(model, torch.as_tensor(targets, dtype=torch.float32, device=dev),
                                   torch.as_tensor(codes, dtype=torch.float32, device=dev), protos,
                                   opts.class_weight, opts.global_weight, opts.proto_weight)
         return PlFedCmhPlan(shard, [term], states=states, codes=codes.astype(np.float32))
@@ -134,7 +145,7 @@ class PlFedCmhClient(ClientMethod):
             codes = np.tanh(model.hash_features(mod, shard.feats[mod])[0])
             lab = labels if mod == "img" else labels[shard.data.caption_image]
             tables[mod], tables[f"{mod}-count"] = class_prototypes(codes, lab)
-            pairs.append((codes, lab))
+            pairs.append((codes, class_targets(lab, shard.cfg.options.class_target)))
         new = update_class_codes(plan.codes, pairs)
         plan.states[CLASS_CODES] = {"codes": new}
         flipped = float((new != plan.codes).mean())
