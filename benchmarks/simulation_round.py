@@ -1,6 +1,6 @@
 """Where a warm simulated round's time goes, before and after the speed-ups, side by side in one run.
 
-Runs the README demo config (FedAvg, 10 IID clients, 20 rounds, warm feature cache) through `flwr run .` with:
+Runs the `make demo` config (FedAvg, 10 IID clients, 20 rounds, warm feature cache) through `flwr run .` with:
 - "2 CPUs / 2 threads, no memo": the settings of the first release (2 Ray CPUs and 2 torch threads per ClientApp,
   every message re-reads its shard from disk, per-client dev every round);
 - "1 CPU / 1 thread, no memo": as many actors as cores;

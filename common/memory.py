@@ -14,7 +14,7 @@
   whose memory is *less* like the global one (larger NLL) weighs more, the paper's stated intent (its "unique
   knowledge" emphasised). A literal softmax(Sim_k) over sums of hundreds of terms would give one client nearly all
   the weight. "inverse" (α_k ∝ 1/Sim_k) and "uniform" are the alternatives. Under non-IID partitions the summed Sim_k
-  mostly weighs clients by how many concepts they hold (measured: see README, FedCAFE).
+  mostly weighs clients by how many concepts they hold (measured: see docs/MEASURED.md, FedCAFE).
 """
 
 from __future__ import annotations

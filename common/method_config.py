@@ -55,7 +55,7 @@ class RcsrSection(Section):
 
 class CentralizedSection(Section):
     """One node with the whole train split; its own budget, chosen on dev among (epochs, lr) = (1, 1e-3),
-    (2, 1e-3), (1, 3e-4), 12 rounds each (README, "Every method under one protocol")."""
+    (2, 1e-3), (1, 3e-4), 12 rounds each (docs/MEASURED.md, "Centralized reference")."""
 
     local_epochs: int = Field(1, ge=1, le=1000)
     lr: float = Field(3e-4, gt=0.0, le=10.0)
@@ -70,7 +70,7 @@ class FedProtoSection(Section):
 
 class UniAlignSection(Section):
     """FedAvg whose unimodal clients stay in the shared space (`common/unimodal.py`; issue 11). Defaults chosen on dev
-    (README, "Unimodal clients")."""
+    (docs/MEASURED.md, "Unimodal clients")."""
 
     distill_weight: float = Field(1.0, ge=0.0)  # unimodal clients' distillation from the round's global model; 0: off
     distill_kind: Literal["embedding", "relational"] = "embedding"

@@ -8,7 +8,7 @@ robust choice (`aggregation` run-config key):
   (Yin et al. 2018);
 - `median`: per coordinate, the median over clients (Yin et al. 2018).
   Both count every client once: the example counts are the clients' own claims, and one client claiming 1000x
-  its examples carried the *weighted* median with it (measured: dev rsum 3.0 after 3 rounds, README);
+  its examples carried the *weighted* median with it (measured: dev rsum 3.0 after 3 rounds, docs/TRUST.md);
 - `norm-clip`: each client's update (its arrays minus the global ones), per tower, is scaled down to at most the
   median norm of that tower's updates this round, then averaged (Sun et al. 2019, with an adaptive bound).
 `norm_outliers` names the updates whose norm is far above the round's median (screened out before aggregation).

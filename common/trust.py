@@ -1,8 +1,8 @@
 """Bounds on what a client can make the server do with well-formed replies. Pure numpy.
 
 A reply that passes every shape and finiteness check can still steer an aggregate if the server believes the numbers
-it carries. The server therefore bounds each client-supplied quantity by what it can check (README, "What the
-server trusts"):
+it carries. The server therefore bounds each client-supplied quantity by what it can check (docs/TRUST.md, "Bounded
+influence"):
 - `cap_shares`: no client's share of any mix exceeds `max-client-share` (or the uniform share, if that is larger),
   applied after the method's own weights; `cap_columns`: the same per row of a table fused over clients;
 - `clip_rows`: rows of a table that should be unit vectors or means of unit vectors (prototypes, FedCAFE memory

@@ -1,6 +1,6 @@
 """Keeping unimodal clients inside the shared image-text space (issue 11; method `unialign`). Pure numpy/torch.
 
-Why (measured by `scripts/diagnose_unimodal.py`, README "Unimodal clients"): under FedAvg an image-only client's
+Why (measured by `scripts/diagnose_unimodal.py`, docs/MEASURED.md): under FedAvg an image-only client's
 update, applied alone to the global image tower, cost about 70 dev rsum and lowered the matched image-caption cosine
 by 0.11. Its self-supervised objective (two dropout views of an image) moves the tower about 2.4x as far as the
 paired clients' mean update does, against it (cosine -0.12), and the text tower does not follow. The damage sits in

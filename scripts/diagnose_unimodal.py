@@ -3,7 +3,7 @@
   python -m scripts.diagnose_unimodal --seed 0 --rounds 8 --out runs/diagnose-fedavg-seed0.json
   python -m scripts.diagnose_unimodal --seed 0 --rounds 8 --out runs/diagnose-unialign-seed0.json \
       --set method=unialign unialign-distill-weight=1        # the same, on unialign's trajectory
-  python -m scripts.diagnose_unimodal --summary runs/diagnose-fedavg-seed*.json   # the README's table
+  python -m scripts.diagnose_unimodal --summary runs/diagnose-fedavg-seed*.json   # the table in docs/MEASURED.md
 
 Per round, from the same global model and the same client updates:
 - per unimodal client (modality m), on the paired dev items (diagnosis only: dev is never trained on):

@@ -3,7 +3,7 @@
 update inside the norm screen, a replay of its first upload). The real ServerApp and ClientApp run in this process
 (`tests.inprocess`) on a small Flickr8k subset, for every registered method, clean and attacked.
 
-What must hold (README, "What the server trusts"):
+What must hold (docs/TRUST.md, "Bounded influence"):
 - the attacker's share of every mix it feeds stays within max-client-share (here 0.3, above the uniform 0.25): its
   aggregation weight, its share of every prototype row, its weight in the other clients' hypernetwork mixes;
 - the honest clients' result stays within a stated bound of the clean run's: a global model (or an honest client's

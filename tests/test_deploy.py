@@ -1,4 +1,4 @@
-"""The real Deployment Engine on loopback, driven by the deploy/ scripts the README documents: a SuperLink with TLS
+"""The real Deployment Engine on loopback, driven by the deploy/ scripts (deploy/README.md): a SuperLink with TLS
 and SuperNode authentication, two registered SuperNodes each reading only its materialised shard, 2 rounds of the
 default method on a small subset. An unregistered SuperNode must be refused, and everything that was started must
 be stopped, also when a step fails."""

@@ -1,4 +1,4 @@
-"""What the server trusts (issue 12): reply screening and robust aggregation, on constructed replies."""
+"""What the server trusts (docs/TRUST.md): reply screening and robust aggregation, on constructed replies."""
 
 from __future__ import annotations
 

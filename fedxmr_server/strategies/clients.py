@@ -4,7 +4,7 @@ Why: node ids are assigned per SuperLink session (a resumed simulation gets new 
 per-client server state (per-client models, previous updates, minimax weights, known modalities) is keyed so.
 A node says who it is in reply to a `query` message at the start of a run (`identify`), and again in every reply's
 metrics (`partition-id`).
-What the server holds a client to (README, "What the server trusts"): its size is the shard size it declared first
+What the server holds a client to (docs/TRUST.md, "Bounded influence"): its size is the shard size it declared first
 (at `identify`, else in its first accepted reply), so a later reply cannot weigh more by claiming more examples
 (`size_of`); and an upload equal to one accepted in the last `REPLAY_WINDOW` rounds (its own or another client's) is
 a replay, left out (`replay_problem`; compared by a content digest of the arrays). Arrays equal to what the client

@@ -1,5 +1,5 @@
 """RCSR — Retrieval-Centric Semantic Routing (Zhou et al., arXiv 2604.22885), rebuilt from the paper's description
-and the partial released code (see `../shared/notes/methods.md` §1 and the README).
+and the partial released code (see `../shared/notes/methods.md` §1 and docs/METHODS.md).
 
 Per round:
 1. every train message carries the global image/text prototype tables (record `prototypes`; none in round 1);
