@@ -20,7 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
-from common.trust import cap_shares, share_limit
+from common.trust import cap_shares
 
 AGGREGATIONS: tuple[str, ...] = ("mean", "trimmed-mean", "median", "norm-clip")
 Arrays = dict[str, np.ndarray]
@@ -109,9 +109,7 @@ def combine(global_arrays: Arrays, clients: Sequence[Arrays], weights: np.ndarra
         if not held or total <= 0:
             out[key] = old
             continue
-        w = np.array([w for w, _ in held], dtype=np.float64) / total
-        if w.max() > share_limit(w, max_share):  # only where it binds: FedAvg's numbers otherwise stay bit for bit
-            w = cap_shares(w, max_share)
+        w = cap_shares(np.array([w for w, _ in held], dtype=np.float64) / total, max_share)  # as given unless it binds
         x = np.stack([np.asarray(v, dtype=np.float64).ravel() for _, v in held])
         if aggregation in ("median", "trimmed-mean"):  # one vote per client (module docstring)
             w = np.full(len(held), 1.0 / len(held))

@@ -140,7 +140,7 @@ class XmrStrategy(ClientRegistry, Strategy):
     def _usable(self, server_round: int, replies: Iterable[Message]) -> tuple[list[Message], list[dict[str, Any]]]:
         """The usable replies, in a fixed order (partition id, then node id: aggregation sums never depend on
         arrival order), and one record (node id, partition id, reason) per reply left out, each also logged."""
-        ok, rejected = [], []
+        ok, rejected, self._digests = [], [], {}  # digests of this round's replies only (`replay_problem`)
 
         def reject(msg: Message, reason: str) -> None:
             log(WARNING, "node %s is left out this round: %s", self._sender(msg), reason)
@@ -224,8 +224,7 @@ class XmrStrategy(ClientRegistry, Strategy):
             log(WARNING, "aggregation weights %s are not a usable distribution; the model is kept", weights)
             return None, None
         weights = cap_shares(weights, self.cfg.max_client_share)  # after the method's own weights
-        self.remember(server_round, ok, [from_array_record(m.content[P.ARRAYS]) if P.ARRAYS in m.content.array_records
-                                         else {} for m in ok])
+        self.remember(server_round, ok)
         info = self.update_state(server_round, ok, weights)  # sees the model the clients started from
         self.aggregate(server_round, ok, weights)
         metrics = [dict(m.content[P.METRICS]) for m in ok]

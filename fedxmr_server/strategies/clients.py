@@ -46,6 +46,7 @@ class ClientRegistry:
         self._partition_of: dict[int, int] = {}
         self._disputed: set[int] = set()  # nodes that claimed a partition another node holds (warned once)
         self.sent_arrays: dict[str, dict[str, np.ndarray]] = {}  # client -> the arrays this round's train message held
+        self._digests: dict[int, str] = {}  # id(reply) -> digest of its arrays, this round (set by `replay_problem`)
 
     def client_key(self, node_id: int) -> str:
         """How the server knows a node: by its partition once the node said it (stable across a resumed run)."""
@@ -103,20 +104,23 @@ class ClientRegistry:
     def replay_problem(self, server_round: int, msg: Message, arrays: dict[str, np.ndarray]) -> str | None:
         """Why `arrays` are a replay of an accepted upload of the last `REPLAY_WINDOW` rounds (None: they are not).
         Arrays equal to the model the client was sent are no update at all, never a replay."""
-        sent = self.sent_arrays.get(self.client_of(msg), self.state.arrays)
-        if not arrays or all(k in sent and np.array_equal(v, sent[k]) for k, v in arrays.items()):
+        if not arrays:
             return None
-        seen = self.state.meta.get("uploads", {}).get(digest(arrays))
+        self._digests[id(msg)] = key = digest(arrays)  # `remember` stores it, once the reply is accepted
+        sent = self.sent_arrays.get(self.client_of(msg), self.state.arrays)
+        if all(k in sent and np.array_equal(v, sent[k]) for k, v in arrays.items()):
+            return None
+        seen = self.state.meta.get("uploads", {}).get(key)
         if seen is None or server_round - seen[1] > REPLAY_WINDOW:
             return None
         return f"its arrays replay the upload of {seen[0]} in round {seen[1]}"
 
-    def remember(self, server_round: int, replies: list[Message], arrays: list[dict[str, np.ndarray]]) -> None:
-        """Record the accepted replies: a new client's size, every upload's checksum (for `replay_problem`)."""
+    def remember(self, server_round: int, replies: list[Message]) -> None:
+        """Record the accepted replies: a new client's size, every upload's digest (for `replay_problem`)."""
         meta = self.state.meta
         uploads = {k: v for k, v in meta.get("uploads", {}).items() if server_round - v[1] < REPLAY_WINDOW}
-        for msg, a in zip(replies, arrays):
+        for msg in replies:
             meta.setdefault("sizes", {}).setdefault(self.client_of(msg), float(msg.content[P.METRICS][P.NUM_EXAMPLES]))
-            if a:
-                uploads.setdefault(digest(a), [self.client_of(msg), server_round])
-        meta["uploads"] = uploads
+            if id(msg) in self._digests:
+                uploads.setdefault(self._digests[id(msg)], [self.client_of(msg), server_round])
+        meta["uploads"], self._digests = uploads, {}

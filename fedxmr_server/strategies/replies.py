@@ -10,7 +10,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, RecordDict
 
 from common import protocol as P
-from common.trust import cap_shares, share_limit
+from common.trust import cap_shares
 
 
 def to_array_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
@@ -38,9 +38,7 @@ def effective_weights(weights: np.ndarray, sent: list[set[str]], max_share: floa
     for mod in ("img", "txt"):
         held = np.array([float(any(k.startswith(f"{mod}.") for k in keys)) for keys in sent]) * weights
         if held.sum() > 0:
-            share = held / held.sum()
-            for row, w in zip(out, cap_shares(share, max_share) if share.max() > share_limit(share, max_share)
-                              else share):
+            for row, w in zip(out, cap_shares(held / held.sum(), max_share)):
                 row[f"weight-{mod}"] = float(w)
     return out
 
