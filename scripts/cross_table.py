@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from scripts.grid_spec import PROJECT, Cell, Grid, GridError, load_grid, read_record
+from scripts.grid_spec import PROJECT, Cell, Grid, GridError, cell_dir, load_grid, read_record
 from scripts.results import COLUMNS, cell_numbers, format_mean_std, improving_mark, paired_mark
 
 
@@ -45,14 +45,14 @@ class Entry:
         """seed -> scripts.results.cell_numbers of the finished cells (read when the table is written)."""
         if self.grid is None:
             return {}
-        out_dir = self.grid.out_dir
-        return {c.seed: cell_numbers(out_dir / c.name) for c in self.cells if read_record(out_dir, c)}
+        grid = self.grid
+        return {c.seed: cell_numbers(cell_dir(grid, c)) for c in self.cells if read_record(grid, c)}
 
     def codes(self) -> set[str]:
         """The code versions of the finished cells (a table has no cell list of its own)."""
         if self.grid is None:
             return set()
-        return {r["code"] for c in self.cells if (r := read_record(self.grid.out_dir, c))}
+        return {r["code"] for c in self.cells if (r := read_record(self.grid, c))}
 
 
 def _strings(value: Any) -> bool:

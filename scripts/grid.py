@@ -1,10 +1,12 @@
 """Run a results grid (`grids/*.toml`, see scripts/grid_spec.py) and write its results file.
 
-    python -m scripts.grid grids/flickr8k.toml [--jobs 1] [--only dirichlet] [--results-only]
+    python -m scripts.grid grids/flickr8k.toml [--jobs 1] [--only dirichlet] [--missing-only] [--results-only]
 
 Each cell is one `flwr run .` simulation (scripts/simulate.py). A cell already finished with the same code version
 and config is skipped, so an interrupted grid resumes where it stopped (a half-written cell is run again from
-scratch). Cells run `--jobs` at a time; one progress line per finished cell (done / total, elapsed, estimated
+scratch); `--missing-only` runs only the cells with no finished record at any code version (a grid filled over
+several sessions; each record names the code it ran). A grid with a `records` folder copies each finished cell's small
+files there, to be committed. Cells run `--jobs` at a time; one progress line per finished cell (done / total, elapsed, estimated
 remaining). A failed cell is reported and the grid goes on; the exit status says whether every cell finished. At the
 end, `scripts.results` writes the results file from every finished cell, with the grid's tables across grids
 (`scripts.cross_table`), and its JSON twin beside it (`docs/NAME.json`, the same rows for scripts). SIGTERM and
@@ -23,8 +25,8 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Callable
 
-from scripts.grid_spec import (RECORD, Cell, Grid, GridError, code_version, head_commit, is_done, load_grid,
-                               run_config_text)
+from scripts.grid_spec import (RECORD, Cell, Grid, GridError, code_version, head_commit, is_done, keep, load_grid,
+                               read_record, run_config_text)
 
 # (cell, run directory) -> (status, details): "finished:completed" on success
 Runner = Callable[[Cell, Path], tuple[str, str]]
@@ -47,11 +49,13 @@ def _clock(seconds: float) -> str:
 
 
 def run_grid(grid: Grid, code: str, commit: str, runner: Runner = simulate_cell, jobs: int = 1,
-             only: str = "", log: Callable[[str], None] = print) -> dict[str, int]:
-    """Run every unfinished cell of `grid`; returns counts of skipped, finished and failed cells."""
+             only: str = "", missing_only: bool = False, log: Callable[[str], None] = print) -> dict[str, int]:
+    """Run every unfinished cell of `grid` (with `missing_only`: every cell without a finished record at any code
+    version); returns counts of skipped, finished and failed cells."""
     cells = [c for c in grid.cells() if only in c.name]
+    finished = (lambda c: read_record(grid, c) is not None) if missing_only else (lambda c: is_done(grid, c, code))
     # seed by seed: an interrupted grid has every method with the same number of seeds
-    todo = sorted((c for c in cells if not is_done(grid.out_dir, c, code)), key=lambda c: c.seed)
+    todo = sorted((c for c in cells if not finished(c)), key=lambda c: c.seed)
     counts = {"cells": len(cells), "skipped": len(cells) - len(todo), "finished": 0, "failed": 0}
     log(f"grid {grid.path.name}: {len(cells)} cells, {counts['skipped']} already finished at code {code}, "
         f"{len(todo)} to run, {jobs} at a time")
@@ -69,6 +73,8 @@ def run_grid(grid: Grid, code: str, commit: str, runner: Runner = simulate_cell,
                   "run-config": cell.run_config, "wall-s": round(wall, 1), "flower-status": status}
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / RECORD).write_text(json.dumps(record, indent=2))
+        if record["status"] == "finished":
+            keep(grid, cell)
         return cell, status, details, wall
 
     queue, running, done = list(todo), set(), 0
@@ -98,6 +104,8 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1, help="cells run at the same time (default 1: on 2 cores one "
                         "10-client simulation already keeps both busy)")
     parser.add_argument("--only", default="", help="run only the cells whose name contains this text")
+    parser.add_argument("--missing-only", action="store_true",
+                        help="run only the cells with no finished record, whatever code version finished the others")
     parser.add_argument("--results-only", action="store_true",
                         help="only (re)write the results file and its JSON twin")
     args = parser.parse_args()
@@ -114,7 +122,8 @@ def main() -> None:
         check_tables(grid)
         counts = {"failed": 0}
         if not args.results_only:
-            counts = run_grid(grid, code_version(), head_commit(), jobs=args.jobs, only=args.only)
+            counts = run_grid(grid, code_version(), head_commit(), jobs=args.jobs, only=args.only,
+                                missing_only=args.missing_only)
             print(f"grid done: {counts}", flush=True)
         path = write_results(grid, appendix=cross_tables(grid))
     except GridError as exc:

@@ -8,6 +8,9 @@ A grid file (`grids/*.toml`):
     seeds = [0, 1, 2]
     out-dir = "runs/grid-flickr8k"       # run directories, relative to the project
     results = "docs/RESULTS.md"          # the generated file (plots and RESULTS.json, its rows for scripts, beside it)
+    records = "grids/records/flickr8k"   # optional: a tracked folder that keeps each finished cell's small files
+                                         # (record, final.json, metrics.jsonl, config.json), so a grid run over
+                                         # several sessions or clones keeps its finished cells
     baseline = "fedavg"                  # optional: the method the ▲/▼ marks compare with (default fedavg)
     gap = ["paired-only", "all-paired/fedavg"]  # optional: report how much of the gap from a method to a
                                          # reference (setting/method) each method recovers, per setting
@@ -20,7 +23,8 @@ A grid file (`grids/*.toml`):
                                          # (scripts/cross_table.py)
 
 A cell is one run: setting x method x swept values x seed. Its record (`cell.json`) holds the code version and the
-full config; a cell whose record matches both is finished and is skipped when the grid runs again.
+full config; a cell whose record matches both is finished and is skipped when the grid runs again. A cell's files are
+read from its run directory, else from the grid's `records` folder.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ PROJECT = Path(__file__).resolve().parents[1]
 # what decides a cell's numbers: a change here reruns the grid; a change elsewhere (docs, scripts) does not
 CODE_PATHS = ("common", "fedxmr_client", "fedxmr_server", "pyproject.toml", "requirements.lock")
 RECORD = "cell.json"
+KEPT = (RECORD, "final.json", "metrics.jsonl", "config.json")  # what `records` keeps of a finished cell
 
 
 class GridError(ValueError):
@@ -80,6 +85,7 @@ class Grid:
     gap: tuple[str, str, str] | None = None  # (from method, reference setting, reference method)
     columns: tuple[str, ...] | None = None  # the results table's metric columns (scripts/results.py); None: all
     tables: list[dict[str, Any]] = field(default_factory=list)  # tables across grids (scripts/cross_table.py)
+    records: Path | None = None  # tracked copies of finished cells' small files (KEPT); None: run directories only
 
     def cells(self) -> list[Cell]:
         out = []
@@ -157,7 +163,8 @@ def load_grid(path: str | Path) -> Grid:
                 results=Path(_resolve(raw.get("results", f"docs/RESULTS-{path.stem}.md"))),
                 settings=settings, methods=raw["methods"], run_config=run_config,
                 baseline=str(raw.get("baseline", "fedavg")), gap=gap,
-                columns=tuple(raw["columns"]) if "columns" in raw else None, tables=tables)
+                columns=tuple(raw["columns"]) if "columns" in raw else None, tables=tables,
+                records=Path(_resolve(raw["records"])) if "records" in raw else None)
 
 
 def code_version(root: Path = PROJECT) -> str:
@@ -178,15 +185,35 @@ def head_commit(root: Path = PROJECT) -> str:
                           check=True).stdout.strip()
 
 
-def read_record(out_dir: Path, cell: Cell) -> dict[str, Any] | None:
+def cell_dir(grid: Grid, cell: Cell) -> Path:
+    """Where the cell's files are: its run directory if it holds a record, else its kept copy (if the grid keeps
+    records and one exists), else the run directory."""
+    run_dir = grid.out_dir / cell.name
+    if not (run_dir / RECORD).exists() and grid.records is not None and (grid.records / cell.name / RECORD).exists():
+        return grid.records / cell.name
+    return run_dir
+
+
+def keep(grid: Grid, cell: Cell) -> None:
+    """Copy a finished cell's small files (KEPT) into the grid's `records` folder, if it has one."""
+    if grid.records is None:
+        return
+    target = grid.records / cell.name
+    target.mkdir(parents=True, exist_ok=True)
+    for name in KEPT:
+        if (grid.out_dir / cell.name / name).exists():
+            (target / name).write_bytes((grid.out_dir / cell.name / name).read_bytes())
+
+
+def read_record(grid: Grid, cell: Cell) -> dict[str, Any] | None:
     """The cell's record if it finished (whatever the code version), else None."""
-    path = out_dir / cell.name / RECORD
+    path = cell_dir(grid, cell) / RECORD
     if not path.exists():
         return None
     record = json.loads(path.read_text())
     return record if record.get("status") == "finished" else None
 
 
-def is_done(out_dir: Path, cell: Cell, code: str) -> bool:
-    record = read_record(out_dir, cell)
+def is_done(grid: Grid, cell: Cell, code: str) -> bool:
+    record = read_record(grid, cell)
     return record is not None and record.get("key") == cell.key(code)

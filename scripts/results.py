@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from scripts.grid_spec import PROJECT, RECORD, Cell, Grid, read_record, run_config_text
+from scripts.grid_spec import PROJECT, RECORD, Cell, Grid, cell_dir, read_record, run_config_text
 
 # (column, how to get it from a cell's outputs); test numbers are at the run's selected round
 COLUMNS = {
@@ -175,8 +175,8 @@ def _groups(grid: Grid) -> dict[str, dict[tuple[str, str], list[tuple[Cell, dict
     """setting -> (method, variant text) -> [(cell, record, numbers)] over seeds, in grid order."""
     out: dict[str, dict[tuple[str, str], list]] = {}
     for cell in grid.cells():
-        record = read_record(grid.out_dir, cell)
-        numbers = cell_numbers(grid.out_dir / cell.name) if record else None
+        record = read_record(grid, cell)
+        numbers = cell_numbers(cell_dir(grid, cell)) if record else None
         variant = ", ".join(f"{k}={v}" for k, v in sorted(cell.variant.items()))
         out.setdefault(cell.setting, {}).setdefault((cell.method, variant), []).append((cell, record, numbers))
     return out

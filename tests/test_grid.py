@@ -5,6 +5,7 @@ twin of the tables). No simulation runs: a fake runner writes the files a run le
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any, Callable
 
@@ -119,6 +120,30 @@ def test_a_failed_cell_is_not_finished_and_runs_again(grid) -> None:
 
     assert run_grid(grid, code="v1", commit="c1", runner=flaky, log=lambda _: None)["failed"] == 1
     assert run_grid(grid, code="v1", commit="c1", runner=runner, log=lambda _: None)["finished"] == 1
+
+
+def test_kept_records_outlive_the_run_directories_and_missing_only_runs_the_rest(tmp_path: Path) -> None:
+    path = tmp_path / "fixture.toml"
+    text = GRID.format(out=tmp_path / "runs", results=tmp_path / "docs" / "RESULTS.md")
+    path.write_text(text.replace('clients = 3', f'clients = 3\nrecords = "{tmp_path / "kept"}"'))
+    grid = load_grid(path)
+    calls: list[str] = []
+    runner = fake_runner(calls)
+    run_grid(grid, code="v1", commit="c1", runner=runner, only="fedavg", log=lambda _: None)
+    kept = sorted(p.name for p in (tmp_path / "kept").iterdir())
+    assert kept == sorted(c.name for c in grid.cells() if c.method == "fedavg")
+    assert {p.name for p in (tmp_path / "kept" / kept[0]).iterdir()} == {"cell.json", "final.json", "metrics.jsonl"}
+    shutil.rmtree(tmp_path / "runs")  # a fresh clone: no run directories, only the tracked records
+    write_results(grid)
+    rows = [r for r in json.loads((tmp_path / "docs" / "RESULTS.json").read_text())
+            if r["method"] == "fedavg" and r["metric"] == "rsum"]
+    assert rows and rows[0]["seeds"] == [200.0, 210.0, 205.0], "the table is written from the kept records"
+    calls.clear()
+    counts = run_grid(grid, code="v2", commit="c2", runner=runner, missing_only=True, log=lambda _: None)
+    assert counts["skipped"] == 3 and sorted(calls) == sorted(c.name for c in grid.cells() if c.method != "fedavg"), \
+        "missing-only keeps the cells finished at another code version and runs only those without a record"
+    assert run_grid(grid, code="v2", commit="c2", runner=runner, log=lambda _: None)["finished"] == 3, \
+        "without it, cells of another code version run again"
 
 
 def test_results_file_has_mean_and_sample_std_the_dev_chosen_sweep_value_and_marks(grid) -> None:
