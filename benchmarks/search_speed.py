@@ -61,7 +61,7 @@ def synthetic(items: int, queries: int, bits: int = 64, dim: int = 256, seed: in
 
 def _model(run_dir: Path) -> tuple[XmrModel, dict]:
     config = json.loads((run_dir / "config.json").read_text())
-    model = XmrModel(ModelConfig(**config["model"]))
+    model = XmrModel(ModelConfig.from_dict(config["model"]))
     load_numpy_state(model, load_file(str(run_dir / "weights.safetensors")), partial=True)
     return model.eval(), config["run"]
 

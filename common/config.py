@@ -18,6 +18,7 @@ from common.data.precomputed import is_feature_file
 from common.data.partition import PARTITIONERS
 from common.losses import HASH_LOSSES, LossWeights
 from common.model import ModelConfig
+from common.parts import personal as personal_part
 from common.method_config import SECTIONS, Section, aggregation_support, kebab
 from common.robust import AGGREGATIONS
 from common.train import TrainConfig
@@ -138,12 +139,13 @@ class RunConfig(BaseModel):
     def model_cfg(self, img_dim: int, txt_dim: int, personal: bool = False,
                   concepts: int = len(CONCEPT_NAMES)) -> ModelConfig:
         """`concepts`: the dataset's label columns (`common.data.datasets.concept_count`; Flickr8k's DERIVED concepts
-        by default), for the heads that predict them."""
+        by default), for the parts that predict them; `personal`: the node's personal adapters (`common.parts`)."""
         return ModelConfig(img_dim=img_dim, txt_dim=txt_dim, embed_dim=self.embed_dim, adapter_dim=self.adapter_dim,
                            hash_bits=self.hash_bits, temperature=self.temperature,
-                           learn_temperature=self.learn_temperature, dropout=self.dropout, personal=personal,
+                           learn_temperature=self.learn_temperature, dropout=self.dropout,
                            hash_detach=self.hash_detach, hash_scale=self.hash_scale,
-                           afe_concepts=self.options.afe_concepts(concepts))
+                           parts=((personal_part.NAME,) if personal else ()) + self.options.model_parts(),
+                           concepts=concepts)
 
     def train_cfg(self) -> TrainConfig:
         return TrainConfig(epochs=self.local_epochs, batch_size=self.batch_size, lr=self.lr,

@@ -21,6 +21,7 @@ from safetensors.numpy import load_file
 
 from common.backbones import IDENTITY, Backbone, build_backbone, identity_backbone
 from common.model import ModelConfig, XmrModel, load_numpy_state
+from common.parts import upgrade_state
 from common.search import ExactIndex, HammingIndex, Hits, TwoStageIndex
 
 Mode = Literal["continuous", "hamming", "two-stage"]
@@ -61,9 +62,9 @@ class TrainedModel:
                 raise GalleryError(f"{weights_path}: this run has one model per client; choose one of {owners} "
                                    f"(got {client!r})")
             weights = {k.split("/", 1)[1]: v for k, v in weights.items() if k.startswith(f"{client}/")}
-        model = XmrModel(ModelConfig(**config["model"]))
+        model = XmrModel(ModelConfig.from_dict(config["model"]))
         try:
-            load_numpy_state(model, weights)
+            load_numpy_state(model, upgrade_state(weights))
         except (KeyError, ValueError) as exc:
             raise GalleryError(f"{weights_path}: {exc}") from None
         model.eval()

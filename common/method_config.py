@@ -14,6 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from common.parts import fedcafe as fedcafe_part
 from common.router import ROUTERS
 
 
@@ -26,10 +27,9 @@ class Section(BaseModel):
 
     model_config = ConfigDict(alias_generator=kebab, populate_by_name=True, extra="forbid", frozen=True)
 
-    def afe_concepts(self, concepts: int) -> int:
-        """Concepts of the model's adaptive feature enhancement (`common.model`) on a dataset with `concepts` label
-        columns; 0: none."""
-        return 0
+    def model_parts(self) -> tuple[str, ...]:
+        """The parts this method adds to each tower (`common.parts`); none by default."""
+        return ()
 
 
 class FedProxSection(Section):
@@ -100,8 +100,8 @@ class FedCafeSection(Section):
     weighting: Literal["nll", "inverse", "uniform"] = "nll"
     kmeans_iters: int = Field(20, ge=0, le=1000)  # K-means fusion of the memories; 0: the count-weighted means
 
-    def afe_concepts(self, concepts: int) -> int:
-        return concepts if self.afe else 0
+    def model_parts(self) -> tuple[str, ...]:
+        return (fedcafe_part.NAME,) if self.afe else ()
 
 
 class PlFedCmhSection(Section):

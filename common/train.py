@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from common.losses import LossWeights, retrieval_loss
-from common.model import XmrModel, is_personal, upload_keys
+from common.model import XmrModel, upload_keys
+from common.parts import personal as personal_part
 from common.optim import AdamW, decays
 
 INPUT_DROPOUT = 0.1  # extra feature dropout that makes the two views of an image differ
@@ -66,7 +67,7 @@ def trainable(model: XmrModel, modalities: tuple[str, ...], personal: bool) -> l
     """Shared parameters of `modalities` (+ temperature if paired), or only their personal adapters."""
     named = dict(model.named_parameters())
     if personal:
-        keys = [k for k in named if is_personal(k) and k.split(".", 1)[0] in modalities]
+        keys = [k for k in named if any(k.startswith(f"{m}.{personal_part.NAME}.") for m in modalities)]
     else:
         keys = upload_keys(named, modalities)
     return [named[k] for k in keys if named[k].requires_grad]
@@ -139,7 +140,7 @@ def train_paired(model: XmrModel, img: np.ndarray, txt: np.ndarray, caption_imag
         # personal image queries vs global captions, and personal caption queries vs global images
         with torch.no_grad():
             img_g, txt_g = model.img(img), model.txt(txt)
-        (img_p, img_pc), (txt_p, txt_pc) = model.img(img, True), model.txt(txt, True)
+        (img_p, img_pc), (txt_p, txt_pc) = model.img(img, personal_part.NAME), model.txt(txt, personal_part.NAME)
         loss_i, parts_i = retrieval_loss(img_p, txt_g[0], img_pc, txt_g[1], model.scale(), cfg.weights, lab)
         loss_t, parts_t = retrieval_loss(img_g[0], txt_p, img_g[1], txt_pc, model.scale(), cfg.weights, lab)
         return 0.5 * (loss_i + loss_t), {k: 0.5 * (parts_i[k] + parts_t[k]) for k in parts_i}, Batch({}, idx, {})
@@ -179,7 +180,7 @@ def train_unimodal(model: XmrModel, modality: str, feats: np.ndarray, cfg: Train
 
     def batch_loss(idx: np.ndarray) -> tuple[torch.Tensor, dict, Batch]:
         a, b = views(idx)
-        a_emb, a_code = tower(a, personal)
+        a_emb, a_code = tower(a, personal_part.NAME if personal else None)
         with torch.set_grad_enabled(not personal):  # personal: the second view is the global embedding
             b_emb, b_code = tower(b)
         loss, parts = retrieval_loss(a_emb, b_emb, a_code, b_code, model.scale().detach(), cfg.weights,

@@ -29,6 +29,7 @@ from common.config import parse_run_config
 from common.data.federation import TYPE_CODES
 from common.metrics import query_recalls, standard_map
 from common.model import XmrModel, upload_keys
+from common.parts import personal as personal_part
 from common.train import TrainConfig, train_paired, train_unimodal
 from fedxmr_client.faults import apply_fault, fail_if_drilled, fault_of, tamper_reply
 from fedxmr_client.methods import ClientMethod, client_method
@@ -142,14 +143,15 @@ def _scores(model: XmrModel, shard: NodeShard, g: dict[str, np.ndarray], persona
     (`smap_i2t`, `smap_t2i`)."""
     out: dict[str, float] = {}
     maps: dict[str, float] = {}
+    view = personal_part.NAME if personal else None
     labelled = shard.data.labels.shape[1] > 0 and P.LABEL in g
     if "img" in shard.modalities:
-        emb, code = model.encode("img", shard.feats["img"], personal=personal)
+        emb, code = model.encode("img", shard.feats["img"], view=view)
         out |= query_recalls(emb @ g["txt-emb"].T, shard.pool_indices, g[P.CAPTION_IMAGE], "i2t")
         if labelled and "txt-code" in g:
             maps["smap_i2t"] = standard_map(code, g["txt-code"], shard.data.labels, g[P.LABEL][g[P.CAPTION_IMAGE]])
     if "txt" in shard.modalities:
-        emb, code = model.encode("txt", shard.feats["txt"], personal=personal)
+        emb, code = model.encode("txt", shard.feats["txt"], view=view)
         owner = shard.pool_indices[shard.data.caption_image]
         out |= query_recalls(emb @ g["img-emb"].T, owner, np.arange(len(g["img-emb"])), "t2i")
         if labelled and "img-code" in g:

@@ -29,7 +29,8 @@ from common.data.federation import CLIENT_TYPES
 from common.data.flickr8k import DATA_DIR_ENV, RetrievalSplit
 from common.data.shards import cut_shard, read_shard, shard_backbone, shard_dir
 from common.features import resolve_cache_dir, split_features
-from common.model import XmrModel, is_personal, load_numpy_state
+from common.model import XmrModel, load_numpy_state
+from common.parts import is_private
 from common import protocol as P
 from fedxmr_client.state_store import NodeStateStore
 
@@ -174,8 +175,8 @@ def model_for(shard: NodeShard, global_arrays: ArrayRecord | None, personal: dic
 
 
 def shared_state(model: XmrModel) -> dict[str, np.ndarray]:
-    return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items() if not is_personal(k)}
+    return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items() if not is_private(k)}
 
 
 def personal_state(model: XmrModel) -> dict[str, np.ndarray]:
-    return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items() if is_personal(k)}
+    return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items() if is_private(k)}

@@ -12,7 +12,8 @@ from common.config import parse_run_config
 from common.data.concepts import CONCEPT_NAMES
 from common.losses import LossWeights, label_similarity, pairwise_likelihood, retrieval_loss
 from common.memory import fuse_memories, local_memory, memory_nll, memory_weights, normalise_rows
-from common.model import ModelConfig, XmrModel, enhanced
+from common.model import ModelConfig, XmrModel
+from common.parts.fedcafe import enhanced, memory_key
 from common.train import labels_of
 from fedxmr_client.methods.fedcafe import class_loss
 from fedxmr_client.methods.moon import model_contrast
@@ -35,18 +36,19 @@ def test_afe_adds_the_memory_read_gated_by_tanh_of_the_raw_feature() -> None:
 
 def test_the_towers_codes_are_the_signs_of_the_enhanced_feature() -> None:
     torch.manual_seed(0)
-    model = XmrModel(ModelConfig(img_dim=12, txt_dim=10, embed_dim=8, adapter_dim=4, hash_bits=BITS, afe_concepts=C))
+    model = XmrModel(ModelConfig(img_dim=12, txt_dim=10, embed_dim=8, adapter_dim=4, hash_bits=BITS,
+                                 parts=("fedcafe",), concepts=C))
     model.eval()
     x = torch.randn(5, 12)
     plain = model.img(x)[1]
-    model.img.memory.copy_(torch.randn(C, BITS))
-    raw, logits, v_e = model.img.enhance(model.img.embed(x))
-    torch.testing.assert_close(v_e, enhanced(raw, torch.softmax(logits, -1), model.img.memory))
+    model.img.fedcafe.memory.copy_(torch.randn(C, BITS))
+    raw, logits, v_e = model.img.code(model.img.embed(x))
+    torch.testing.assert_close(v_e, enhanced(raw, torch.softmax(logits, -1), model.img.fedcafe.memory))
     torch.testing.assert_close(model.img(x)[1], torch.tanh(v_e))
     assert not torch.equal(plain, model.img(x)[1])
     _, codes = model.encode("img", x.numpy())
     np.testing.assert_array_equal(codes, np.where(v_e.detach().numpy() >= 0, 1, -1))
-    assert "img.memory" in model.state_dict() and "img.memory" not in dict(model.named_parameters())
+    assert memory_key("img") in model.state_dict() and memory_key("img") not in dict(model.named_parameters())
 
 
 def test_afe_never_flips_a_bit_when_memory_rows_have_unit_norm() -> None:
@@ -110,7 +112,7 @@ def test_the_strategy_keeps_memory_rows_aligned_across_rounds_with_permuted_repl
     runs = []
     for order in ([0, 1, 2, 3], [3, 2, 0, 1]):
         s = build_strategy(parse_run_config({"method": "fedcafe", "hash-bits": BITS}))
-        s.state.arrays = {"img.memory": np.zeros((C, BITS), np.float32), "txt.memory": np.zeros((C, BITS), np.float32)}
+        s.state.arrays = {memory_key("img"): np.zeros((C, BITS), np.float32), memory_key("txt"): np.zeros((C, BITS), np.float32)}
         for rnd in (1, 2):
             replies = [reply(10 + i, dict(s.state.arrays), {**PAIRED, "partition-id": i},
                              records={"memory": {"memory": memories[i], "count": counts[i]}}) for i in order]
@@ -118,7 +120,7 @@ def test_the_strategy_keeps_memory_rows_aligned_across_rounds_with_permuted_repl
         runs.append(s)
     np.testing.assert_allclose(runs[0].state.buffers["fedcafe/memory"], runs[1].state.buffers["fedcafe/memory"],
                                atol=1e-5)
-    np.testing.assert_array_equal(runs[0].state.arrays["img.memory"], runs[0].state.buffers["fedcafe/memory"])
+    np.testing.assert_array_equal(runs[0].state.arrays[memory_key("img")], runs[0].state.buffers["fedcafe/memory"])
 
 
 def test_memory_weights_are_a_distribution_and_favour_the_less_similar_client_by_default() -> None:
@@ -139,7 +141,7 @@ def test_memory_weights_are_a_distribution_and_favour_the_less_similar_client_by
 def test_a_bad_memory_record_is_left_out_and_a_missing_one_gets_the_mean_weight() -> None:
     _, memories, counts = _clients(4, n=3)
     s = build_strategy(parse_run_config({"method": "fedcafe", "hash-bits": BITS}))
-    s.state.arrays = {"img.memory": np.zeros((C, BITS), np.float32)}
+    s.state.arrays = {memory_key("img"): np.zeros((C, BITS), np.float32)}
     arrays = dict(s.state.arrays)
     good = [reply(i, arrays, {**PAIRED, "partition-id": i}, records={"memory": {"memory": memories[i],
                                                                              "count": counts[i]}}) for i in (0, 1)]

@@ -1,7 +1,7 @@
 """FedCAFE's client side (ACM MM 2024): the enhancement terms during training, the local memory after it.
 
-The model arrives with the global memory in its towers (`<mod>.memory`, read by the adaptive feature enhancement
-of `common.model`). On top of the shared objective (whose hash term is FedCAFE's pairwise likelihood when
+The model arrives with the global memory in its towers (`<mod>.fedcafe.memory`, read by the adaptive feature
+enhancement, FedCAFE's model part `common.parts.fedcafe`). On top of the shared objective (whose hash term is FedCAFE's pairwise likelihood when
 `hash-loss = "pairwise"`, as for every method in the comparison), per modality the node trains:
 - L_E = 1 - cos(V_E, O): the enhanced feature stays near the raw one (`fedcafe-enhance-weight`);
 - L_C = 1 - cos(V_E, teacher V_E): the global model as it arrived (frozen) is the teacher; for a pair, the
@@ -58,11 +58,11 @@ class EnhancementTerms:
         if not batch.embs:
             return None
         with torch.no_grad():
-            taught = {mod: self.teacher.tower(mod).enhance(self.teacher.tower(mod).embed(x))[2]
+            taught = {mod: self.teacher.tower(mod).code(self.teacher.tower(mod).embed(x)).feature
                       for mod, x in batch.inputs.items()}
         l_e, l_c, l_p = [], [], []
         for mod, emb in batch.embs.items():
-            raw, logits, v_e = self.model.tower(mod).enhance(emb)
+            raw, logits, v_e = self.model.tower(mod).code(emb)
             if logits is not None:  # without AFE, V_E = O and L_E is 0
                 l_e.append(cos_distance(v_e, raw))
             l_c.append(sum(cos_distance(v_e, t) for t in taught.values()) / len(taught))

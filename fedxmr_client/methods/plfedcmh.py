@@ -84,7 +84,7 @@ class InstanceClassTerms:
             return None
         parts: dict[str, list[torch.Tensor]] = {"loss_class": [], "loss_global": [], "loss_proto": []}
         for mod, emb in batch.embs.items():
-            f = torch.tanh(self.model.tower(mod).enhance(emb[has])[2])
+            f = torch.tanh(self.model.tower(mod).code(emb[has]).feature)
             target, bits = lab[has], f.shape[1]
             parts["loss_class"].append((((bits * target - f @ self.codes.t()) / bits) ** 2).mean())
             if mod in self.protos:

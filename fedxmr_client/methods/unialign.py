@@ -7,7 +7,8 @@ from __future__ import annotations
 import torch
 from flwr.app import RecordDict
 
-from common.model import XmrModel, is_personal
+from common.model import XmrModel
+from common.parts import is_private
 from common.unimodal import DistillTerm, scene_teacher
 from fedxmr_client.methods.base import ClientMethod, Plan
 from fedxmr_client.node import NodeShard
@@ -37,7 +38,7 @@ class UniAlignClient(ClientMethod):
                 emb = scene_teacher(emb, shard.data.caption_image, len(shard.data.images))
             teacher = torch.as_tensor(emb, device=shard.device)
             terms.append(DistillTerm(mod, teacher, opts.distill_weight, opts.distill_kind))
-        frozen = frozenset(k for k, p in model.named_parameters() if k.startswith(f"{mod}.") and not is_personal(k)
+        frozen = frozenset(k for k, p in model.named_parameters() if k.startswith(f"{mod}.") and not is_private(k)
                            and part_of(k) not in TRAINED_PARTS[opts.train_parts])
         for key, param in model.named_parameters():
             if key in frozen:

@@ -18,6 +18,7 @@ from flwr.app import Message, RecordDict
 from common import protocol as P
 from common.config import RunConfig
 from common.memory import fuse_memories, memory_nll, memory_weights, normalise_rows
+from common.parts.fedcafe import memory_key
 from common.method_config import FedCafeSection
 from common.trust import bounded_counts
 from fedxmr_server.strategies.base import XmrStrategy, from_array_record, to_array_record
@@ -93,6 +94,6 @@ class FedCafeXmr(XmrStrategy):
     def aggregate(self, server_round: int, replies: list[Message], weights: np.ndarray) -> None:
         super().aggregate(server_round, replies, weights)
         if MEMORY in self.state.buffers:  # the new memory goes out inside the model (the towers' AFE reads it)
-            for key in ("img.memory", "txt.memory"):
+            for key in (memory_key("img"), memory_key("txt")):
                 if key in self.state.arrays:
                     self.state.arrays[key] = self.state.buffers[MEMORY].astype(self.state.arrays[key].dtype)
