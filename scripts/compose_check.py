@@ -157,6 +157,23 @@ def _has_image(env: dict[str, str], tag: str) -> bool:
     return subprocess.run(["docker", "image", "inspect", tag], env=env, capture_output=True).returncode == 0
 
 
+def apt_mirror(etc_apt: Path = Path("/etc/apt")) -> str | None:
+    """The first Debian archive this machine's apt reads (deb822 `URIs:` in sources.list.d/*.sources, else a
+    `deb URL suite` line of sources.list), security archives left out: debootstrap's mirror, never a named host."""
+    candidates: list[str] = []
+    for path in sorted((etc_apt / "sources.list.d").glob("*.sources")):
+        for line in path.read_text().splitlines():
+            if line.strip().lower().startswith("uris:"):
+                candidates += line.split(":", 1)[1].split()
+    legacy = etc_apt / "sources.list"
+    if legacy.exists():
+        for line in legacy.read_text().splitlines():
+            fields = [f for f in line.split() if not f.startswith("[")]
+            if len(fields) >= 3 and fields[0] == "deb":
+                candidates.append(fields[1])
+    return next((uri.rstrip("/") for uri in candidates if "security" not in uri), None)
+
+
 def build_base_images(env: dict[str, str], work: Path, mirror: str) -> None:
     if not _has_image(env, "local/bookworm:base"):
         rootfs = work / "rootfs"
@@ -254,11 +271,15 @@ def main() -> None:
     parser.add_argument("--compose-bin", type=Path, required=True, help="a docker compose v2 binary")
     parser.add_argument("--work", type=Path, default=PROJECT / ".compose-check")
     parser.add_argument("--data-dir", type=Path, default=(PROJECT / "../shared/data/flickr8k").resolve())
-    parser.add_argument("--mirror", default="http://deb.debian.org/debian")
+    parser.add_argument("--mirror", default=None, help="the Debian mirror debootstrap uses (default: the first archive "
+                        "in this machine's apt sources)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--wheels", default="/opt/wheels", help="where the host's CPU torch wheel is")
     parser.add_argument("--keep-images", action="store_true", help="keep the docker data root for the next check")
     args = parser.parse_args()
+    args.mirror = args.mirror or apt_mirror()
+    if not args.mirror:
+        sys.exit("compose-check: no Debian mirror in /etc/apt's sources; give one with --mirror URL")
     missing = [tool for tool in ("dockerd", "docker", "debootstrap", "iptables-save") if not shutil.which(tool)]
     if os.geteuid() != 0 or missing:
         sys.exit(f"compose-check needs root and {missing or 'docker.io, debootstrap'} (apt-get install docker.io "

@@ -122,3 +122,22 @@ def test_the_build_context_holds_no_data_keys_or_venv() -> None:
     allowed = {rule[1:] for rule in rules if rule.startswith("!")}
     assert allowed == {"requirements.lock", "pyproject.toml", "common", "fedxmr_client", "fedxmr_server",
                        "deploy/wheels"}
+
+
+def test_no_package_index_or_mirror_host_is_named_and_the_mirror_comes_from_apt(tmp_path: Path) -> None:
+    """Indexes and mirrors are the user's (build args, flags) or the machine's own configuration: the deploy files
+    and the compose check name no host, and the check reads debootstrap's mirror from apt's sources."""
+    from scripts.compose_check import apt_mirror
+
+    root = DEPLOY.parent
+    files = [*DEPLOY.glob("*"), root / "scripts" / "compose_check.py", root / "Makefile"]
+    urls = {f.name: re.findall(r"https?://[^\s\"')]+", f.read_text()) for f in files if f.is_file()}
+    assert not {name: found for name, found in urls.items() if found}, "a host is named"
+    (tmp_path / "sources.list.d").mkdir()
+    assert apt_mirror(tmp_path) is None
+    (tmp_path / "sources.list").write_text("# comment\ndeb [arch=amd64] http://mirror.example/debian bookworm main\n")
+    assert apt_mirror(tmp_path) == "http://mirror.example/debian"
+    (tmp_path / "sources.list.d" / "debian.sources").write_text(
+        "Types: deb\nURIs: http://archive.example/debian-security\nSuites: bookworm-security\n\n"
+        "Types: deb\nURIs: http://archive.example/debian/\nSuites: bookworm\n")
+    assert apt_mirror(tmp_path) == "http://archive.example/debian"
