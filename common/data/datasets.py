@@ -14,10 +14,11 @@ from pathlib import Path
 
 from common.backbones import IDENTITY, Backbone, BackboneError, build_backbone, identity_backbone
 from common.data.concepts import CONCEPT_NAMES
-from common.data.flickr8k import DATA_DIR_ENV, DatasetError, RetrievalSplit, resolve_data_dir
+from common.data.flickr8k import resolve_data_dir
 from common.data.flickr8k import load_split as load_flickr8k_split
 from common.data.karpathy import karpathy_file, load_karpathy_split, read_karpathy
 from common.data.precomputed import is_feature_file, load_feature_split, read_feature_file
+from common.data.split import DATA_DIR_ENV, DatasetError, RetrievalSplit
 
 
 def _root(data_dir: str | os.PathLike | None) -> Path:

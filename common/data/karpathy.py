@@ -15,7 +15,7 @@ import json
 from functools import lru_cache
 from pathlib import Path
 
-from common.data.flickr8k import DatasetError, RetrievalSplit, assemble_split
+from common.data.split import DatasetError, RetrievalSplit, assemble_split
 
 SPLIT_OF = {"train": "train", "restval": "train", "val": "dev", "test": "test"}
 

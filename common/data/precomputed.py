@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.data.flickr8k import DatasetError, RetrievalSplit
+from common.data.split import DatasetError, RetrievalSplit, feature_split
 
 SUFFIXES = (".npz", ".mat")
 ROLES = ("img", "txt", "labels")
@@ -299,12 +299,3 @@ def load_feature_split(data: FeatureData, split: str, max_images: int = 0) -> Re
         raise DatasetError(f"{data.path}: split {split!r} is empty")
     return feature_split(split, data.path.parent, f"features-{data.path.stem}", idx, data.labels[idx],
                          {"img": data.img[idx], "txt": data.txt[idx]})
-
-
-def feature_split(name: str, root: Path, dataset: str, items: np.ndarray, labels: np.ndarray,
-                  features: dict[str, np.ndarray]) -> RetrievalSplit:
-    """A split of a feature dataset: one text per item, both named by the item's index in the file (`features` may
-    hold one modality: a node's materialised shard)."""
-    ids = tuple(str(int(i)) for i in items)
-    return RetrievalSplit(name=name, root=root, images=ids, caption_ids=tuple(f"{i}#0" for i in ids), captions=ids,
-                          caption_image=np.arange(len(ids)), labels=labels, dataset=dataset, features=features)

@@ -41,9 +41,10 @@ from common.config import RunConfig, parse_run_config
 from common.backbones import IDENTITY, Backbone, build_backbone, identity_backbone
 from common.data.datasets import check_data_dir, load_split
 from common.data.federation import CLIENT_TYPES, client_types, node_split
-from common.data.flickr8k import DATA_DIR_ENV, TOKEN_FILE, DatasetError, RetrievalSplit, assemble_split, read_captions
+from common.data.flickr8k import TOKEN_FILE, read_captions
 from common.data.partition import dominant_class, follow_partition, partition
-from common.data.precomputed import feature_split, read_feature_file
+from common.data.precomputed import read_feature_file
+from common.data.split import DATA_DIR_ENV, DatasetError, RetrievalSplit, assemble_split, feature_split
 from common.features import resolve_cache_dir
 
 MANIFEST = "shard.json"
