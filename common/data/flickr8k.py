@@ -12,9 +12,8 @@ from collections import defaultdict
 from functools import lru_cache
 from pathlib import Path
 
-from common.data.split import DATA_DIR_ENV, DatasetError, RetrievalSplit, assemble_split
+from common.data.split import DATA_DIR_ENV, SPLITS, Dataset, DatasetError, RetrievalSplit, assemble_split
 
-SPLITS: tuple[str, ...] = ("train", "dev", "test")
 _SPLIT_FILES = {s: f"Flickr_8k.{s}Images.txt" for s in SPLITS}
 TOKEN_FILE = "Flickr8k.token.txt"
 
@@ -66,3 +65,17 @@ def load_split(data_dir: str | os.PathLike | None, split: str, max_images: int =
     if max_images > 0:
         names = names[:max_images]
     return assemble_split(split, root, names, read_captions(root), check_images, source=split_file)
+
+
+class Flickr8kFolder(Dataset):
+    """The Flickr8k folder layout as a `Dataset` (labels: the DERIVED concepts)."""
+
+    @property
+    def name(self) -> str:
+        return "flickr8k"
+
+    def check(self) -> None:
+        resolve_data_dir(self.root)
+
+    def load(self, split: str, max_images: int = 0, check_images: bool = True) -> RetrievalSplit:
+        return load_split(self.root, split, max_images, check_images)

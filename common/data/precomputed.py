@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.data.split import DatasetError, RetrievalSplit, feature_split
+from common.data.split import Dataset, DatasetError, RetrievalSplit, feature_split
 
 SUFFIXES = (".npz", ".mat")
 ROLES = ("img", "txt", "labels")
@@ -291,11 +291,37 @@ def _carved_dev(path: Path, splits: dict[str, np.ndarray], train_name: str,
     return _recorded(_record(path, splits_dir, "-dev", train, test), cut)
 
 
-def load_feature_split(data: FeatureData, split: str, max_images: int = 0) -> RetrievalSplit:
-    if split not in data.splits:
-        raise DatasetError(f"{data.path}: unknown split {split!r}; expected one of {SPLIT_ROLES}")
-    idx = data.splits[split][:max_images] if max_images > 0 else data.splits[split]
-    if not len(idx):
-        raise DatasetError(f"{data.path}: split {split!r} is empty")
-    return feature_split(split, data.path.parent, f"features-{data.path.stem}", idx, data.labels[idx],
-                         {"img": data.img[idx], "txt": data.txt[idx]})
+class FeatureFile(Dataset):
+    """A feature file as a `Dataset`: `data_keys` maps its variables; a split cut here (no split indices, or no dev)
+    is written down under `splits_dir` (None: recomputed, the same, on every read). Labels are the file's own."""
+
+    def __init__(self, root: Path, data_keys: str = "", splits_dir: Path | None = None) -> None:
+        super().__init__(root)
+        self.data_keys, self.splits_dir = data_keys, splits_dir
+
+    @property
+    def name(self) -> str:
+        return f"features-{self.root.stem}"
+
+    def _read(self) -> FeatureData:
+        return read_feature_file(self.root, self.data_keys, self.splits_dir)
+
+    def check(self) -> None:
+        self._read()
+
+    def load(self, split: str, max_images: int = 0, check_images: bool = True) -> RetrievalSplit:
+        data = self._read()
+        if split not in data.splits:
+            raise DatasetError(f"{data.path}: unknown split {split!r}; expected one of {SPLIT_ROLES}")
+        idx = data.splits[split][:max_images] if max_images > 0 else data.splits[split]
+        if not len(idx):
+            raise DatasetError(f"{data.path}: split {split!r} is empty")
+        return feature_split(split, data.path.parent, self.name, idx, data.labels[idx],
+                             {"img": data.img[idx], "txt": data.txt[idx]})
+
+    def label_count(self) -> int:
+        return int(self._read().labels.shape[1])
+
+    def feature_dims(self) -> dict[str, int]:
+        data = self._read()
+        return {"img": int(data.img.shape[1]), "txt": int(data.txt.shape[1])}

@@ -1,19 +1,22 @@
-"""The shape every dataset format loads into, and the helpers that cut it: one split of items with their captions
-(or texts), labels and either image paths or given features. Every other module of `common.data` builds on this
-one; it imports only the concept labeller.
+"""The one dataset interface and the shape every format loads into: a `Dataset` (Flickr8k folder, Karpathy JSON,
+feature file; `common.data.datasets.open_dataset` picks one) loads each of its splits as a `RetrievalSplit` of items
+with their captions (or texts), labels and either image paths or given features; the helpers here cut such a split.
+Every other module of `common.data` builds on this one; it imports only the concept labeller.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 
-from common.data.concepts import image_labels
+from common.data.concepts import CONCEPT_NAMES, image_labels
 
 DATA_DIR_ENV = "FEDXMR_DATA_DIR"
+SPLITS: tuple[str, ...] = ("train", "dev", "test")
 
 
 class DatasetError(ValueError):
@@ -39,6 +42,39 @@ class RetrievalSplit:
         idx = range(len(self.images)) if indices is None else indices
         folder = self.image_root or self.root / "images"
         return [folder / self.images[i] for i in idx]
+
+
+class Dataset(ABC):
+    """A dataset on disk, whatever its format: what the federation, the partitioner, the shard writer, the server's
+    evaluator and the search tool load through, so none of them branches on the format."""
+
+    splits: tuple[str, ...] = SPLITS
+
+    def __init__(self, root: Path) -> None:
+        self.root = root  # the resolved data dir (a folder, or the JSON / feature file itself)
+
+    @property
+    @abstractmethod
+    def name(self) -> str:
+        """The feature cache's namespace of the dataset's items (`RetrievalSplit.dataset`)."""
+
+    @abstractmethod
+    def check(self) -> None:
+        """Read and validate the dataset; a DatasetError naming the file otherwise."""
+
+    @abstractmethod
+    def load(self, split: str, max_images: int = 0, check_images: bool = True) -> RetrievalSplit:
+        """Split `split`; `max_images` > 0 keeps its first N items; `check_images=False` does not look for the image
+        files (a text-only node never reads them)."""
+
+    def label_count(self) -> int:
+        """Label columns: the DERIVED concepts of the captions, unless the format carries its own labels."""
+        return len(CONCEPT_NAMES)
+
+    def feature_dims(self) -> dict[str, int] | None:
+        """Both towers' input sizes when the items come as given features (backbone `identity`); None for images
+        and captions, which a backbone encodes."""
+        return None
 
 
 def assemble_split(name: str, root: Path, images: Sequence[str], captions: Mapping[str, list[tuple[str, str]]] | None,
