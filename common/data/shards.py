@@ -1,8 +1,9 @@
 """A node's share of the data: cut from the full dataset by partition id, or read from a node-private directory.
 
-In simulation every node cuts its own shard from the full Flickr8k folder (`cut_shard`): that is what a simulation
-is. In a deployment an institution holds only its own data. `materialise` writes one node's shard into a directory
-once (run by whoever holds the full dataset), and the node then reads only that directory (`read_shard`):
+In simulation every node cuts its own shard from the full dataset (`cut_shard`, through `open_dataset`): that is
+what a simulation is. In a deployment an institution holds only its own data. `materialise` writes one node's
+shard into a directory once (run by whoever holds the full dataset), and the node then reads only that directory
+(`read_shard`):
 
     <dir>/shard.json           manifest: partition, client type, modalities, the partition keys of the run config,
                                the source split indices of each local split (train, dev, test) and a content hash

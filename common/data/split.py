@@ -25,7 +25,8 @@ class DatasetError(ValueError):
 
 @dataclass(frozen=True)
 class RetrievalSplit:
-    """One split: images, their captions (grouped by image, in image order) and DERIVED labels."""
+    """One split: items (images, or a feature file's item numbers), their captions (grouped by item, in item order),
+    labels (DERIVED from the captions, or a feature file's own) and, for a feature file, the given features."""
 
     name: str
     root: Path
@@ -33,7 +34,7 @@ class RetrievalSplit:
     caption_ids: tuple[str, ...]
     captions: tuple[str, ...]
     caption_image: np.ndarray  # (n_captions,) index into `images`
-    labels: np.ndarray  # (n_images, n_concepts) derived from captions, see common.data.concepts
+    labels: np.ndarray  # (n_images, n_labels): derived from captions (common.data.concepts) or given
     image_root: Path | None = None  # where image names resolve; None: `root/images` (the Flickr8k layout)
     dataset: str = "flickr8k"  # names the feature cache's namespace (common.features)
     features: Mapping[str, np.ndarray] | None = None  # given features (precomputed datasets: per image / caption)
@@ -45,8 +46,8 @@ class RetrievalSplit:
 
 
 class Dataset(ABC):
-    """A dataset on disk, whatever its format: what the federation, the partitioner, the shard writer, the server's
-    evaluator and the search tool load through, so none of them branches on the format."""
+    """A dataset on disk, whatever its format: what a node's shard (cut for the partitioner, or written to its
+    directory), the server's evaluator and the search tool load through, so none of them branches on the format."""
 
     splits: tuple[str, ...] = SPLITS
 
