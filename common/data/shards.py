@@ -276,7 +276,7 @@ def verify(root: Path) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--verify", metavar="DIR", help="check a shard directory against its content hash")
-    parser.add_argument("--data-dir", default="", help="the full Flickr8k folder (default: $FEDXMR_DATA_DIR)")
+    parser.add_argument("--data-dir", default="", help="the full dataset (default: $FEDXMR_DATA_DIR)")
     parser.add_argument("--out", help="new shard directory")
     parser.add_argument("--partition-id", type=int)
     parser.add_argument("--num-partitions", type=int)

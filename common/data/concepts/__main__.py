@@ -21,7 +21,7 @@ def label_report(labels: np.ndarray) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m common.data.concepts",
                                      description="Counts of the DERIVED Flickr8k concept labels per split.")
-    parser.add_argument("--data-dir", default="", help="Flickr8k folder (default: $FEDXMR_DATA_DIR)")
+    parser.add_argument("--data-dir", default="", help="Flickr8k folder or Karpathy JSON (default: $FEDXMR_DATA_DIR)")
     args = parser.parse_args()
     dataset = open_dataset(args.data_dir)
     if dataset.feature_dims() is not None:
