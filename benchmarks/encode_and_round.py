@@ -22,7 +22,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from common.backbones import DEFAULT_BACKBONE, build_backbone
 from common.config import parse_run_config
-from common.data.flickr8k import load_split
+from common.data.datasets import load_split
 from common.model import XmrModel
 from fedxmr_client.app import app
 

@@ -23,7 +23,7 @@ import numpy as np
 from safetensors.numpy import load_file
 
 from common.backbones import build_backbone
-from common.data.flickr8k import load_split
+from common.data.datasets import load_split
 from common.features import resolve_cache_dir, split_features
 from common.metrics import hamming_recalls, retrieval_recalls
 from common.model import ModelConfig, XmrModel, load_numpy_state

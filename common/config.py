@@ -61,7 +61,7 @@ class RunConfig(BaseModel):
     partitioner: Literal[PARTITIONERS] = "iid"  # type: ignore[valid-type]
     partition_beta: float = Field(0.5, gt=0.0, le=1000.0)
     partition_ways: int = Field(2, ge=1)
-    partition_shots: int = Field(0, ge=0)  # > 0: n-way k-shot (nway partitioner only; common/data/partition.py)
+    partition_shots: int = Field(0, ge=0)  # > 0: n-way k-shot (nway partitioner only; common/data/partition/)
     modality_mix: str = "1,0,0"  # fractions of paired, image-only, text-only clients
     seed: int = Field(0, ge=0)
     # local training

@@ -141,7 +141,7 @@ def split_features(data, backbone, cache_dir: Path, modalities: Sequence[str] = 
                    batch_size: int = 32) -> dict[str, np.ndarray]:
     """Features of a split (or a client's shard of it) per modality, encoding only what the cache lacks.
 
-    `data` is a `common.data.flickr8k.RetrievalSplit` (its `dataset` names the cache's namespace), `backbone` a
+    `data` is a `common.data.split.RetrievalSplit` (its `dataset` names the cache's namespace), `backbone` a
     `common.backbones.Backbone`. A modality not in `modalities` is neither read, encoded nor cached.
     """
     if data.features is not None:  # a precomputed-feature dataset: nothing to encode or cache

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from common.config import RunConfig
 from common.data.datasets import check_data_dir
-from common.data.flickr8k import DatasetError
+from common.data.split import DatasetError
 from common.features import resolve_cache_dir
 
 CHECKPOINT = "checkpoint.npz"  # in the run dir, rewritten after every round (fedxmr_server/strategies/state.py)

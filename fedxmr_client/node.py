@@ -26,7 +26,7 @@ from common.backbones import Backbone, resolve_device
 from common.config import RunConfig, parse_node_config, parse_run_config
 from common.data.datasets import backbone_for, split_concepts
 from common.data.federation import CLIENT_TYPES
-from common.data.flickr8k import DATA_DIR_ENV, RetrievalSplit
+from common.data.split import DATA_DIR_ENV, RetrievalSplit
 from common.data.shards import cut_shard, read_shard, shard_backbone, shard_dir
 from common.features import resolve_cache_dir, split_features
 from common.model import XmrModel, load_numpy_state

@@ -21,7 +21,7 @@ import numpy as np
 from common.backbones import Backbone
 from common.config import RunConfig
 from common.data.datasets import concept_count, load_split
-from common.data.flickr8k import RetrievalSplit
+from common.data.split import RetrievalSplit
 from common.evaluate import evaluate_retrieval
 from common.features import resolve_cache_dir, split_features
 from common.metrics import mean_average_precision, standard_map

@@ -10,7 +10,8 @@ import pytest
 
 from common.data import flickr8k
 from common.data.concepts import CONCEPT_NAMES, MIN_CAPTIONS, caption_concepts, image_labels
-from common.data.flickr8k import DatasetError, RetrievalSplit, load_split, resolve_data_dir, subset
+from common.data.flickr8k import load_split, resolve_data_dir
+from common.data.split import DATA_DIR_ENV, DatasetError, RetrievalSplit, subset
 from common.data.partition import iid_partition
 
 EXPECTED_SIZES = {"train": 6000, "dev": 1000, "test": 1000}
@@ -83,7 +84,7 @@ def test_max_images_keeps_first_n(flickr8k_dir: Path, real_splits: dict[str, Ret
 
 def test_data_dir_from_env(monkeypatch: pytest.MonkeyPatch, flickr8k_dir: Path) -> None:
     """Guards the $FEDXMR_DATA_DIR fallback when no explicit data-dir is given."""
-    monkeypatch.setenv(flickr8k.DATA_DIR_ENV, str(flickr8k_dir))
+    monkeypatch.setenv(DATA_DIR_ENV, str(flickr8k_dir))
     assert resolve_data_dir("") == flickr8k_dir.resolve()
     assert len(load_split("", "test", max_images=2).images) == 2
 
@@ -91,7 +92,7 @@ def test_data_dir_from_env(monkeypatch: pytest.MonkeyPatch, flickr8k_dir: Path) 
 # ------------------------------------------------------------------------------------------ errors
 def test_resolve_data_dir_unset(monkeypatch: pytest.MonkeyPatch) -> None:
     """Guards the message when neither data-dir nor the env var is set."""
-    monkeypatch.delenv(flickr8k.DATA_DIR_ENV, raising=False)
+    monkeypatch.delenv(DATA_DIR_ENV, raising=False)
     with pytest.raises(DatasetError) as err:
         resolve_data_dir("")
     assert "data-dir" in str(err.value) and "FEDXMR_DATA_DIR" in str(err.value)

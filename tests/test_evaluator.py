@@ -12,7 +12,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 
 from common.backbones import build_backbone
 from common.config import parse_run_config
-from common.data.flickr8k import caption_rows
+from common.data.split import caption_rows
 from common.evaluate import evaluate_retrieval
 from common.metrics import query_recalls, standard_map
 from common.model import XmrModel, state_to_numpy

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from common.backbones import Backbone
-from common.data.flickr8k import RetrievalSplit
+from common.data.split import RetrievalSplit
 from common.features import FeatureStore, split_features
 
 DIM = 4

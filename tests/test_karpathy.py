@@ -13,7 +13,8 @@ import pytest
 
 from common.config import parse_run_config
 from common.data.datasets import check_data_dir, load_split
-from common.data.flickr8k import DatasetError, read_captions
+from common.data.flickr8k import read_captions
+from common.data.split import DatasetError
 from common.data.karpathy import read_karpathy
 from common.data.shards import materialise
 from fedxmr_server.app import _run

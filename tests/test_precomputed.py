@@ -20,7 +20,7 @@ import scipy.sparse
 from common.config import RunConfig, parse_run_config
 from common.method_config import SECTIONS
 from common.data.datasets import backbone_for, check_data_dir, load_split
-from common.data.flickr8k import DatasetError
+from common.data.split import DatasetError
 from common.data.federation import CLIENT_TYPES
 from common.data.precomputed import MAX_DEV, read_feature_file
 from common.data.shards import (FEATURES, LOCAL_SPLITS, MANIFEST, ShardError, cut_shard, materialise, read_shard,

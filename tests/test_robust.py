@@ -278,7 +278,7 @@ def test_the_wrapper_refuses_a_bad_run_config_in_one_line_before_flower_starts(f
 
 def test_a_missing_train_image_fails_only_the_node_that_holds_it(tmp_path, make_fake_flickr8k) -> None:
     from common.config import parse_run_config
-    from common.data.flickr8k import DatasetError
+    from common.data.split import DatasetError
     from common.data.shards import cut_shard
 
     names = [f"img{i}.jpg" for i in range(8)]

@@ -14,7 +14,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from common.data.flickr8k import RetrievalSplit, subset
+from common.data.split import RetrievalSplit, subset
 
 CLIENT_TYPES: dict[str, tuple[str, ...]] = {"paired": ("img", "txt"), "image-only": ("img",),
                                             "text-only": ("txt",)}

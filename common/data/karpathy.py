@@ -15,7 +15,7 @@ import json
 from functools import lru_cache
 from pathlib import Path
 
-from common.data.flickr8k import DatasetError, RetrievalSplit, assemble_split
+from common.data.split import SPLITS, Dataset, DatasetError, RetrievalSplit, assemble_split
 
 SPLIT_OF = {"train": "train", "restval": "train", "val": "dev", "test": "test"}
 
@@ -64,10 +64,26 @@ def read_karpathy(path: Path) -> tuple[str, dict[str, list[str]], dict[str, list
     return str(doc.get("dataset") or path.stem.removeprefix("dataset_")), splits, captions, folder
 
 
-def load_karpathy_split(path: Path, split: str, max_images: int = 0, check_images: bool = True) -> RetrievalSplit:
-    dataset, splits, captions, folder = read_karpathy(path)
-    names = splits[split][:max_images] if max_images > 0 else splits[split]
-    if not names:
-        raise DatasetError(f"{path}: no images in split {split!r} (Karpathy splits: train+restval, val, test)")
-    return assemble_split(split, path.parent, names, captions, check_images, source=path, image_root=folder,
-                          dataset=f"karpathy-{dataset}")
+class KarpathyJson(Dataset):
+    """A Karpathy-split JSON as a `Dataset`: `root` is the data dir, `path` its JSON (labels: the DERIVED concepts)."""
+
+    def __init__(self, root: Path, path: Path) -> None:
+        super().__init__(root)
+        self.path = path
+
+    @property
+    def name(self) -> str:
+        return f"karpathy-{read_karpathy(self.path)[0]}"
+
+    def check(self) -> None:
+        read_karpathy(self.path)
+
+    def load(self, split: str, max_images: int = 0, check_images: bool = True) -> RetrievalSplit:
+        if split not in SPLITS:
+            raise DatasetError(f"unknown split {split!r}; expected train, dev or test")
+        _, splits, captions, folder = read_karpathy(self.path)
+        names = splits[split][:max_images] if max_images > 0 else splits[split]
+        if not names:
+            raise DatasetError(f"{self.path}: no images in split {split!r} (Karpathy splits: train+restval, val, test)")
+        return assemble_split(split, self.path.parent, names, captions, check_images, source=self.path,
+                              image_root=folder, dataset=self.name)

@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.data.flickr8k import DatasetError, RetrievalSplit
+from common.data.split import Dataset, DatasetError, RetrievalSplit, feature_split
 
 SUFFIXES = (".npz", ".mat")
 ROLES = ("img", "txt", "labels")
@@ -291,20 +291,37 @@ def _carved_dev(path: Path, splits: dict[str, np.ndarray], train_name: str,
     return _recorded(_record(path, splits_dir, "-dev", train, test), cut)
 
 
-def load_feature_split(data: FeatureData, split: str, max_images: int = 0) -> RetrievalSplit:
-    if split not in data.splits:
-        raise DatasetError(f"{data.path}: unknown split {split!r}; expected one of {SPLIT_ROLES}")
-    idx = data.splits[split][:max_images] if max_images > 0 else data.splits[split]
-    if not len(idx):
-        raise DatasetError(f"{data.path}: split {split!r} is empty")
-    return feature_split(split, data.path.parent, f"features-{data.path.stem}", idx, data.labels[idx],
-                         {"img": data.img[idx], "txt": data.txt[idx]})
+class FeatureFile(Dataset):
+    """A feature file as a `Dataset`: `data_keys` maps its variables; a split cut here (no split indices, or no dev)
+    is written down under `splits_dir` (None: recomputed, the same, on every read). Labels are the file's own."""
 
+    def __init__(self, root: Path, data_keys: str = "", splits_dir: Path | None = None) -> None:
+        super().__init__(root)
+        self.data_keys, self.splits_dir = data_keys, splits_dir
 
-def feature_split(name: str, root: Path, dataset: str, items: np.ndarray, labels: np.ndarray,
-                  features: dict[str, np.ndarray]) -> RetrievalSplit:
-    """A split of a feature dataset: one text per item, both named by the item's index in the file (`features` may
-    hold one modality: a node's materialised shard)."""
-    ids = tuple(str(int(i)) for i in items)
-    return RetrievalSplit(name=name, root=root, images=ids, caption_ids=tuple(f"{i}#0" for i in ids), captions=ids,
-                          caption_image=np.arange(len(ids)), labels=labels, dataset=dataset, features=features)
+    @property
+    def name(self) -> str:
+        return f"features-{self.root.stem}"
+
+    def _read(self) -> FeatureData:
+        return read_feature_file(self.root, self.data_keys, self.splits_dir)
+
+    def check(self) -> None:
+        self._read()
+
+    def load(self, split: str, max_images: int = 0, check_images: bool = True) -> RetrievalSplit:
+        data = self._read()
+        if split not in data.splits:
+            raise DatasetError(f"{data.path}: unknown split {split!r}; expected one of {SPLIT_ROLES}")
+        idx = data.splits[split][:max_images] if max_images > 0 else data.splits[split]
+        if not len(idx):
+            raise DatasetError(f"{data.path}: split {split!r} is empty")
+        return feature_split(split, data.path.parent, self.name, idx, data.labels[idx],
+                             {"img": data.img[idx], "txt": data.txt[idx]})
+
+    def label_count(self) -> int:
+        return int(self._read().labels.shape[1])
+
+    def feature_dims(self) -> dict[str, int]:
+        data = self._read()
+        return {"img": int(data.img.shape[1]), "txt": int(data.txt.shape[1])}

@@ -1,8 +1,9 @@
 """A node's share of the data: cut from the full dataset by partition id, or read from a node-private directory.
 
-In simulation every node cuts its own shard from the full Flickr8k folder (`cut_shard`): that is what a simulation
-is. In a deployment an institution holds only its own data. `materialise` writes one node's shard into a directory
-once (run by whoever holds the full dataset), and the node then reads only that directory (`read_shard`):
+In simulation every node cuts its own shard from the full dataset (`cut_shard`, through `open_dataset`): that is
+what a simulation is. In a deployment an institution holds only its own data. `materialise` writes one node's
+shard into a directory once (run by whoever holds the full dataset), and the node then reads only that directory
+(`read_shard`):
 
     <dir>/shard.json           manifest: partition, client type, modalities, the partition keys of the run config,
                                the source split indices of each local split (train, dev, test) and a content hash
@@ -39,11 +40,11 @@ import numpy as np
 
 from common.config import RunConfig, parse_run_config
 from common.backbones import IDENTITY, Backbone, build_backbone, identity_backbone
-from common.data.datasets import check_data_dir, load_split
+from common.data.datasets import open_dataset
 from common.data.federation import CLIENT_TYPES, client_types, node_split
-from common.data.flickr8k import DATA_DIR_ENV, TOKEN_FILE, DatasetError, RetrievalSplit, assemble_split, read_captions
+from common.data.flickr8k import TOKEN_FILE, read_captions
 from common.data.partition import dominant_class, follow_partition, partition
-from common.data.precomputed import feature_split, read_feature_file
+from common.data.split import DATA_DIR_ENV, DatasetError, RetrievalSplit, assemble_split, feature_split
 from common.features import resolve_cache_dir
 
 MANIFEST = "shard.json"
@@ -78,13 +79,13 @@ def cut_shard(cfg: RunConfig, partition_id: int, num_partitions: int, data_dir: 
     modalities = CLIENT_TYPES[client_type]
     # image files are checked for this node's images only (below): one missing file fails the node holding it,
     # not every node of the federation
-    keys = {"data_keys": cfg.data_keys, "cache_dir": resolve_cache_dir(cfg.cache_dir)}
-    train = load_split(data_dir, "train", cfg.max_train_images, check_images=False, **keys)
+    dataset = open_dataset(data_dir, cfg.data_keys, resolve_cache_dir(cfg.cache_dir))
+    train = dataset.load("train", cfg.max_train_images, check_images=False)
     parts = partition(cfg.partitioner, len(train.images), num_partitions, cfg.seed, labels=train.labels,
                       beta=cfg.partition_beta, ways=cfg.partition_ways, shots=cfg.partition_shots)
     pool = train
     if split != "train":
-        pool = load_split(data_dir, split, cfg.max_eval_images, check_images=False, **keys)
+        pool = dataset.load(split, cfg.max_eval_images, check_images=False)
         parts = follow_partition(dominant_class(train.labels), parts, dominant_class(pool.labels, train.labels),
                                  cfg.seed)
     idx = parts[partition_id]
@@ -140,9 +141,11 @@ def materialise(cfg: RunConfig, partition_id: int, num_partitions: int, data_dir
     client_type = shards["train"].client_type
     modalities = CLIENT_TYPES[client_type]
     out.mkdir(parents=True, exist_ok=True)
+    dims = open_dataset(data_dir, cfg.data_keys, resolve_cache_dir(cfg.cache_dir)).feature_dims()
     extra = {}
-    if shards["train"].data.features is not None:
-        extra = {"feature-dims": _write_features(shards, out, data_dir, cfg.data_keys)}
+    if dims is not None:  # given features: the node's arrays, and both towers' sizes for its identity backbone
+        _write_features(shards, out)
+        extra = {"feature-dims": dims}
     elif "img" in modalities:
         (out / "images").mkdir()
         for shard in shards.values():
@@ -164,14 +167,11 @@ def materialise(cfg: RunConfig, partition_id: int, num_partitions: int, data_dir
     return manifest
 
 
-def _write_features(shards: dict[str, Shard], out: Path, data_dir: str | os.PathLike,
-                    data_keys: str) -> dict[str, int]:
-    """The node's features and labels of every local split into `out/FEATURES`; returns both towers' input sizes."""
+def _write_features(shards: dict[str, Shard], out: Path) -> None:
+    """The node's features and labels of every local split into `out/FEATURES`."""
     arrays = {f"{split}-{m}": f for split, s in shards.items() for m, f in s.data.features.items()}
     arrays.update({f"{split}-labels": s.data.labels for split, s in shards.items()})
     np.savez(out / FEATURES, **arrays)
-    data = read_feature_file(check_data_dir(data_dir, data_keys), data_keys)
-    return {"img": int(data.img.shape[1]), "txt": int(data.txt.shape[1])}
 
 
 def read_manifest(root: Path) -> dict[str, Any]:
@@ -276,7 +276,7 @@ def verify(root: Path) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--verify", metavar="DIR", help="check a shard directory against its content hash")
-    parser.add_argument("--data-dir", default="", help="the full Flickr8k folder (default: $FEDXMR_DATA_DIR)")
+    parser.add_argument("--data-dir", default="", help="the full dataset (default: $FEDXMR_DATA_DIR)")
     parser.add_argument("--out", help="new shard directory")
     parser.add_argument("--partition-id", type=int)
     parser.add_argument("--num-partitions", type=int)

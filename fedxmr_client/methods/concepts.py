@@ -14,7 +14,7 @@ from flwr.app import Array, ArrayRecord, RecordDict
 
 from common import protocol as P
 from common.data.concepts import CONCEPT_NAMES
-from common.data.flickr8k import caption_rows, subset
+from common.data.split import caption_rows, subset
 from common.model import XmrModel
 from common.prototypes import compute_prototypes, pseudo_labels
 from fedxmr_client.node import NodeShard

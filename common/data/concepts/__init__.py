@@ -6,12 +6,12 @@ requiring two captions filters one-off mentions. Captions inherit the labels of 
 label-based hashing metrics (MAP with "shares at least one label" relevance) and label-based partitions; they are
 *derived from captions*, not ground truth, and every report that uses them says so.
 
-`python -m common.data.concepts --data-dir DIR` prints the label counts per split.
+`python -m common.data.concepts --data-dir DIR` prints the label counts per split (`__main__.py`: the command
+loads datasets, which label with this module, so it lives apart from it).
 """
 
 from __future__ import annotations
 
-import argparse
 import re
 from collections import Counter
 from collections.abc import Sequence
@@ -85,26 +85,3 @@ def image_labels(captions_per_image: Sequence[Sequence[str]]) -> np.ndarray:
         votes = Counter(j for c in caps for j in _concept_ids(c))
         out[i, [j for j, n in votes.items() if n >= MIN_CAPTIONS]] = 1
     return out
-
-
-def label_report(labels: np.ndarray) -> str:
-    """A table of per-concept image counts, plus how many images have no label at all."""
-    counts = labels.sum(axis=0)
-    rows = [f"{name:<11}{int(n):>6}" for name, n in zip(CONCEPT_NAMES, counts)]
-    none = int((labels.sum(axis=1) == 0).sum())
-    return "\n".join(rows + [f"{'(no label)':<11}{none:>6}", f"{'images':<11}{len(labels):>6}"])
-
-
-def main() -> None:
-    from common.data.flickr8k import SPLITS, load_split  # local import: keeps this module dependency-free
-
-    parser = argparse.ArgumentParser(description="Counts of the DERIVED Flickr8k concept labels per split.")
-    parser.add_argument("--data-dir", default="", help="Flickr8k folder (default: $FEDXMR_DATA_DIR)")
-    args = parser.parse_args()
-    for split in SPLITS:
-        data = load_split(args.data_dir, split)
-        print(f"== {split} (derived labels, >= {MIN_CAPTIONS} of 5 captions)\n{label_report(data.labels)}")
-
-
-if __name__ == "__main__":
-    main()

@@ -15,12 +15,11 @@ item exactly once, except n-way k-shot.
 `follow_partition` splits a second pool (the test pool) so that each client's share of every class matches its
 share of that class in the first (train) pool: a client's local test shard has its train shard's class mix.
 
-`python -m common.data.partition --partitioner dirichlet --beta 0.1 --num-partitions 10` prints a summary.
+`python -m common.data.partition --partitioner dirichlet --beta 0.1 --num-partitions 10` prints a summary
+(`__main__.py`: the command loads a dataset, the partitioners only take label arrays).
 """
 
 from __future__ import annotations
-
-import argparse
 
 import numpy as np
 
@@ -157,38 +156,3 @@ def follow_partition(ref_classes: np.ndarray, ref_parts: list[np.ndarray], class
         return w / w.sum()
 
     return _by_class(classes, shares, rng, k)
-
-
-def summary(parts: list[np.ndarray], labels: np.ndarray, names: tuple[str, ...]) -> str:
-    """Per client: item count and the histogram of (derived) labels, most frequent first."""
-    lines = []
-    for i, p in enumerate(parts):
-        hist = labels[p].sum(axis=0).astype(np.int64)
-        top = ", ".join(f"{names[j]} {int(hist[j])}" for j in np.argsort(-hist)[:6] if hist[j] > 0)
-        lines.append(f"client {i:>3}: {len(p):>5} items | {top}")
-    return "\n".join(lines)
-
-
-def main() -> None:
-    from common.data.concepts import CONCEPT_NAMES
-    from common.data.flickr8k import load_split
-
-    parser = argparse.ArgumentParser(description="Summary of a partition of a Flickr8k split (DERIVED labels).")
-    parser.add_argument("--data-dir", default="")
-    parser.add_argument("--split", default="train")
-    parser.add_argument("--partitioner", default="dirichlet", choices=PARTITIONERS)
-    parser.add_argument("--num-partitions", type=int, default=10)
-    parser.add_argument("--beta", type=float, default=0.1)
-    parser.add_argument("--ways", type=int, default=2)
-    parser.add_argument("--shots", type=int, default=0)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    data = load_split(args.data_dir, args.split)
-    parts = partition(args.partitioner, len(data.images), args.num_partitions, args.seed, data.labels,
-                      beta=args.beta, ways=args.ways, shots=args.shots)
-    print(f"{args.partitioner} over {len(data.images)} {args.split} images (labels are DERIVED from captions)")
-    print(summary(parts, data.labels, CONCEPT_NAMES))
-
-
-if __name__ == "__main__":
-    main()
