@@ -39,6 +39,7 @@ class RunConfig(BaseModel):
     num_server_rounds: int = Field(20, ge=1, le=10_000)
     fraction_train: float = Field(1.0, gt=0.0, le=1.0)
     fraction_evaluate: float = Field(1.0, ge=0.0, le=1.0)
+    test_clients: int = Field(0, ge=0)  # nodes scored by the final per-client test, sampled; 0: every node
     min_nodes: int = Field(2, ge=1)  # fewer usable train replies in a round: the round keeps the model
     max_failed_rounds: int = Field(3, ge=1)  # that many such rounds in a row fail the run
     round_timeout: float = Field(3600.0, gt=0.0)

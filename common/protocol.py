@@ -31,12 +31,14 @@ SPLIT = {"train": "train", "evaluate": "dev", "test": "test"}  # message kind ->
 CAPTION_IMAGE = "caption-image"
 LABEL = "label"
 
-# message kinds beyond Flower's train/evaluate: `query` asks a node who it is (at the start of a run and of a resumed
-# run, when node ids are new); the reply's metrics carry PARTITION_ID, CLIENT_TYPE, HAS and NUM_EXAMPLES
+# message kinds beyond Flower's train/evaluate: `query` asks a node who it is, once per node and server process, before
+# its first message (node ids are new in a resumed run); the reply's metrics carry PARTITION_ID, NUM_PARTITIONS,
+# CLIENT_TYPE and HAS, read from the node's configs (no data loaded)
 
 # metric keys (node -> server)
 NUM_EXAMPLES = "num-examples"
 PARTITION_ID = "partition-id"
+NUM_PARTITIONS = "num-partitions"
 CLIENT_TYPE = "client-type"
 HAS = {"img": "has-img", "txt": "has-txt"}
 UPLOAD_BYTES = "upload-bytes"

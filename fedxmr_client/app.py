@@ -9,8 +9,8 @@
   round selected on dev), as queries in the modalities it holds, against the shared gallery the server sends
   (embedded by the model the node was sent, or raw features the node embeds with its own model): R@K for that
   model and for it + personal adapters.
-- `query`: who the node is (partition id, client type, modalities, shard size), so that the server keys its
-  per-client state by partition, which survives a resumed run (node ids do not).
+- `query`: who the node is (partition id, partitions, client type, modalities; from its configs, no data loaded), so
+  that the server keys its per-client state by partition, which survives a resumed run (node ids do not).
 No state is kept in memory between messages.
 """
 
@@ -26,7 +26,7 @@ from flwr.clientapp import ClientApp
 
 from common import protocol as P
 from common.config import parse_run_config
-from common.data.federation import TYPE_CODES
+from common.data.federation import CLIENT_TYPES, TYPE_CODES
 from common.metrics import query_recalls, standard_map
 from common.model import XmrModel, upload_keys
 from common.parts import personal as personal_part
@@ -34,8 +34,8 @@ from common.train import TrainConfig, train_paired, train_unimodal
 from fedxmr_client.faults import apply_fault, fail_if_drilled, fault_of, tamper_reply
 from fedxmr_client.methods import ClientMethod, client_method
 from fedxmr_client.methods.base import Plan
-from fedxmr_client.node import (MODEL_STATE, PERSONAL_STATE, NodeShard, load_shard, model_for, personal_state,
-                                shared_state, state_store)
+from fedxmr_client.node import (MODEL_STATE, PERSONAL_STATE, NodeShard, load_shard, model_for, node_identity,
+                                personal_state, shared_state, state_store)
 from fedxmr_client.state_store import States
 
 app = ClientApp()
@@ -183,8 +183,11 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Who this node is; loading its train shard also checks, before round 1, that it can."""
+    """Who this node is (partition, partitions, client type, modalities), from its configs alone: no data is
+    loaded (`node_identity`)."""
     method = client_method(parse_run_config(context.run_config).method)
-    shard = load_shard(context, "train", method.data_config)
-    metrics = {**_identity(shard), P.NUM_EXAMPLES: len(shard.data.images)}
+    pid, nparts, client_type = node_identity(context, method.data_config)
+    mods = CLIENT_TYPES[client_type]
+    metrics = {P.PARTITION_ID: pid, P.NUM_PARTITIONS: nparts, P.CLIENT_TYPE: TYPE_CODES[client_type],
+               P.HAS["img"]: int("img" in mods), P.HAS["txt"]: int("txt" in mods)}
     return Message(RecordDict({P.METRICS: MetricRecord(metrics)}), reply_to=msg)

@@ -25,9 +25,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from common.backbones import Backbone, resolve_device
 from common.config import RunConfig, parse_node_config, parse_run_config
 from common.data.datasets import backbone_for, split_concepts
-from common.data.federation import CLIENT_TYPES
+from common.data.federation import CLIENT_TYPES, client_types
 from common.data.split import DATA_DIR_ENV, RetrievalSplit
-from common.data.shards import cut_shard, read_shard, shard_backbone, shard_dir
+from common.data.shards import cut_shard, read_manifest, read_shard, shard_backbone, shard_dir
 from common.features import resolve_cache_dir, split_features
 from common.model import XmrModel, load_numpy_state
 from common.parts import is_private
@@ -63,6 +63,22 @@ class NodeShard:
         cfg = self.cfg.model_cfg(self.backbone.img_dim, self.backbone.txt_dim, personal=self.cfg.personal_adapters,
                                  concepts=self.concepts)
         return XmrModel(cfg).to(self.device)
+
+
+def node_identity(context: Context,
+                  data_config: Callable[[RunConfig, int], RunConfig] | None = None) -> tuple[int, int, str]:
+    """(partition id, number of partitions, client type) from the node's configs alone: a materialised shard's
+    manifest, else the node config. Reads no data, so that asking a node who it is costs next to nothing (the server
+    asks each node once, when it first samples it); a node that cannot load its data says so in its first reply."""
+    cfg, node = parse_run_config(context.run_config), parse_node_config(context.node_config)
+    pid, nparts = node.partition_id, node.num_partitions
+    private = shard_dir(node.data_dir or cfg.data_dir)
+    if private is not None:
+        manifest = read_manifest(private)
+        pid, nparts = int(manifest["partition-id"]), int(manifest["num-partitions"])
+    if data_config is not None:
+        cfg = data_config(cfg, nparts)
+    return pid, nparts, client_types(nparts, cfg.mix(), cfg.seed)[pid]
 
 
 def load_shard(context: Context, split: str = "train",

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import random
 import time
 from logging import INFO
 
@@ -47,6 +48,7 @@ def _run(grid: Grid, context: Context) -> None:
     strategy = build_strategy(cfg)
     backbone = backbone_for(cfg.backbone, cfg.data_dir, cfg.data_keys, cfg.device)
     torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)  # the nodes each round samples (Flower's `sample_nodes` draws from Python's RNG) repeat
     strategy.concepts = concept_count(cfg.data_dir, cfg.data_keys)
     model = XmrModel(cfg.model_cfg(backbone.img_dim, backbone.txt_dim, concepts=strategy.concepts))
     recorder = RunRecorder(cfg, {"model": model.cfg.to_dict(), "flwr": flwr.__version__, "torch": torch.__version__,

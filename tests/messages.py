@@ -31,13 +31,14 @@ def grid(node_ids: list[int]) -> Mock:
     TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = 1
     g = Mock()
     g.get_node_ids.return_value = list(node_ids)
+    # answers the strategy's `query` messages (node n holds partition n); a test replaces it to answer the rest
+    g.send_and_receive.side_effect = lambda messages, timeout=None: identities(list(messages)) or []
     return g
 
 
 def identities(messages: list[Message]) -> list[Message] | None:
-    """Replies to the `query` messages a strategy sends at the start of a run (node n holds partition n); None if
-    `messages` are not queries."""
+    """Replies to the `query` messages a strategy sends before a node's first message (node n holds partition n);
+    None if `messages` are not queries."""
     if not messages or messages[0].metadata.message_type != "query":
         return None
-    return [reply(m.metadata.dst_node_id, None, {"partition-id": m.metadata.dst_node_id, "num-examples": 1})
-            for m in messages]
+    return [reply(m.metadata.dst_node_id, None, {"partition-id": m.metadata.dst_node_id}) for m in messages]

@@ -126,7 +126,8 @@ def test_local_keeps_one_model_per_client_and_sends_each_node_its_own() -> None:
 
 def test_local_evaluates_each_node_against_the_gallery_of_its_own_model() -> None:
     s = strategy("local")
-    s.aggregate_train(1, [reply(1, full(1.0), PAIRED), reply(2, full(2.0), PAIRED)])
+    s.aggregate_train(1, [reply(1, full(1.0), {**PAIRED, "partition-id": 1}),
+                          reply(2, full(2.0), {**PAIRED, "partition-id": 2})])
     s.gallery_fn = lambda arrays, split: {"caption-image": np.zeros(2, np.int64),
                                           "img-emb": np.full((1, 1), arrays["img.w"].max()),
                                           "txt-emb": np.full((2, 1), arrays["img.w"].max())}

@@ -17,6 +17,7 @@ from common.router import Minimax, consistency_weights, standardise
 from fedxmr_client.methods.rcsr import rotating_holdout
 from fedxmr_server.strategies import build_strategy
 from fedxmr_server.strategies.state import StrategyState
+from tests.messages import grid as mock_grid
 
 D, C = 8, 3  # embedding dim and concepts of the constructed cases
 GLOBAL = {"img.w": np.zeros((2, 3), np.float32), "txt.b": np.zeros(3, np.float32), "logit_scale": np.zeros(1)}
@@ -204,11 +205,7 @@ def test_router_and_prototypes_survive_a_state_round_trip(tmp_path) -> None:
 
 
 def test_train_messages_carry_the_global_prototypes() -> None:
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = 1
-    grid = Mock()
-    grid.get_node_ids.return_value = [11, 12]
+    grid = mock_grid([11, 12])
     arrays = ArrayRecord({k: Array(v) for k, v in GLOBAL.items()})
     assert all("prototypes" not in m.content.array_records
                for m in rcsr(with_globals=False).configure_train(1, arrays, ConfigRecord(), grid))

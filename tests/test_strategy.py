@@ -11,6 +11,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRec
 from common.config import parse_run_config
 from fedxmr_server.strategies import STRATEGIES, build_strategy
 from fedxmr_server.strategies.state import StrategyState
+from tests.messages import grid as mock_grid
 
 GLOBAL = {"img.w": np.zeros((2, 3), np.float32), "txt.b": np.zeros(3, np.float32)}
 
@@ -79,11 +80,7 @@ def test_no_usable_reply_keeps_the_model() -> None:
 def test_every_node_gets_its_own_payload_object() -> None:
     """configure_train builds one RecordDict per node (never one shared object a method could mutate for all)."""
     strategy = fedavg()
-    grid = Mock()
-    grid.get_node_ids.return_value = [11, 12]
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = 1
+    grid = mock_grid([11, 12])
     msgs = list(strategy.configure_train(3, ArrayRecord({k: Array(v) for k, v in GLOBAL.items()}),
                                          ConfigRecord(), grid))
     assert sorted(m.metadata.dst_node_id for m in msgs) == [11, 12]

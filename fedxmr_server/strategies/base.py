@@ -1,8 +1,9 @@
 """Base of every fedxmr strategy: the round loop, reply validation and reporting, with hooks for the methods.
 
-Clients: the server knows a client by its partition (`client-<id>`, learnt from a `query` message at the start
-of a run and from every reply), not by its node id, which a resumed simulation renews; all per-client state is
-keyed so.
+Clients: the server knows a client by its partition (`client-<id>`, learnt from a `query` message before the node's
+first message and from every reply), not by its node id, which a resumed simulation renews; all per-client state is
+keyed so. The cost of a round follows the sampled nodes: a node is asked who it is when first sampled, per-client
+evaluation asks `fraction-evaluate` of the nodes, the final test `test-clients` of them (0: all).
 A method is one subclass (one file) that overrides some of these hooks:
 - `payload(client, server_round, kind)`: the RecordDict one client receives (kind "train", "evaluate" or "test"),
   built fresh per client (never a shared object mutated in place). Default: the model of that node (`model_for`) and the
@@ -98,6 +99,7 @@ class XmrStrategy(ClientRegistry, Strategy):
         # label-indexed tables clients send (memories, prototypes)
         self.concepts = len(CONCEPT_NAMES)
         self.run_key = ""  # set by the ServerApp: names the run for the nodes' on-disk state (`P.RUN_KEY`)
+        self._timeout = 3600.0  # of each message batch; `start` sets it
 
     def summary(self) -> None:
         log(INFO, "fedxmr strategy %r: %s", self.name, self.description)
@@ -181,14 +183,15 @@ class XmrStrategy(ClientRegistry, Strategy):
         nodes, _ = sample_nodes(grid, self.cfg.min_nodes, size)
         return nodes
 
-    def _messages(self, nodes: list[int], server_round: int, kind: str) -> list[Message]:
+    def _messages(self, grid: Grid, nodes: list[int], server_round: int, kind: str) -> list[Message]:
+        self.identify(grid, self._timeout, nodes)  # payloads are per client: know who each node is first
         mtype = MessageType.TRAIN if kind == "train" else MessageType.EVALUATE
         return [Message(content=self.payload(self.client_key(n), server_round, kind), message_type=mtype,
                         dst_node_id=n) for n in nodes]
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        messages = self._messages(self._sample(grid, self.cfg.fraction_train), server_round, "train")
+        messages = self._messages(grid, self._sample(grid, self.cfg.fraction_train), server_round, "train")
         self._download_bytes = sum(record_bytes(m.content) for m in messages)
         self.sent_arrays = {self.client_key(m.metadata.dst_node_id): from_array_record(m.content[P.ARRAYS])
                             for m in messages if P.ARRAYS in m.content.array_records}
@@ -199,7 +202,7 @@ class XmrStrategy(ClientRegistry, Strategy):
                            grid: Grid) -> Iterable[Message]:
         if self.cfg.fraction_evaluate == 0.0:
             return []
-        return self._messages(self._sample(grid, self.cfg.fraction_evaluate), server_round, "evaluate")
+        return self._messages(grid, self._sample(grid, self.cfg.fraction_evaluate), server_round, "evaluate")
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -305,7 +308,7 @@ class XmrStrategy(ClientRegistry, Strategy):
               evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
               round_fn: Callable[[int, dict[str, float] | None], None] | None = None,
               resume: Checkpoint | None = None) -> Result:
-        """Ask the nodes who they are (`identify`); then per round: train, aggregate, score the global model on dev
+        """Per round: train, aggregate, score the global model on dev
         (`evaluate_fn`, every `eval-every` rounds), per-client dev evaluation (every `client-eval-every` rounds),
         selection, then `round_fn(round, dev)` (reporting, checkpointing); the quorum rule (module docstring).
         Round 0 scores the initial model. `resume`: continue after its round instead (nothing of rounds up to it is
@@ -318,7 +321,7 @@ class XmrStrategy(ClientRegistry, Strategy):
             log(INFO, "resuming after round %d (selected so far: round %d)", resume.round, self.best.round)
         else:
             self.state.arrays = from_array_record(initial_arrays)
-        self.identify(grid, timeout)
+        self._timeout = timeout
         if resume is None and evaluate_fn and self.has_global_model:
             dev0 = evaluate_fn(0, initial_arrays)
             result.evaluate_metrics_serverapp[0] = dev0
@@ -378,10 +381,16 @@ class XmrStrategy(ClientRegistry, Strategy):
         return result
 
     def final_test(self, grid: Grid, timeout: float) -> dict[str, Any]:
-        """Per-client test, once, for the selected round's models (and the nodes' state of that round)."""
-        nodes = self._sample(grid, 1.0)
-        replies = grid.send_and_receive(self._messages(nodes, self.best.round, "test"), timeout=timeout)
+        """Per-client test, once, for the selected round's models (and the nodes' state of that round): every node,
+        or a sample of `test-clients` of them; the result names the clients scored and of how many nodes."""
+        available = len(list(grid.get_node_ids()))
+        wanted = self.cfg.test_clients
+        nodes = self._sample(grid, 1.0) if wanted == 0 or wanted >= available else sample_nodes(grid, 1, wanted)[0]
+        replies = grid.send_and_receive(self._messages(grid, nodes, self.best.round, "test"), timeout=timeout)
         self.aggregate_evaluate(self.best.round, replies)
+        if len(nodes) < available:
+            scored = sorted(int(c[P.PARTITION_ID]) for c in self.last_evaluate["clients"] if P.PARTITION_ID in c)
+            self.last_evaluate |= {"sampled": {"nodes": available, "asked": len(nodes), "scored-partitions": scored}}
         return self.last_evaluate
 
 

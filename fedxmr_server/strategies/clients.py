@@ -2,10 +2,11 @@
 
 Why: node ids are assigned per SuperLink session (a resumed simulation gets new ones), partitions are not; all
 per-client server state (per-client models, previous updates, minimax weights, known modalities) is keyed so.
-A node says who it is in reply to a `query` message at the start of a run (`identify`), and again in every reply's
-metrics (`partition-id`).
+A node says who it is in reply to a `query` message the server sends before the node's first message of this server
+process (`identify`: only the nodes about to be messaged, so the cost follows the sampled nodes, not the
+federation), and again in every reply's metrics (`partition-id`).
 What the server holds a client to (docs/TRUST.md, "Bounded influence"): its size is the shard size it declared first
-(at `identify`, else in its first accepted reply), so a later reply cannot weigh more by claiming more examples
+(in its first accepted reply), so a later reply cannot weigh more by claiming more examples
 (`size_of`); and an upload equal to one accepted in the last `REPLAY_WINDOW` rounds (its own or another client's) is
 a replay, left out (`replay_problem`; compared by a content digest of the arrays). Arrays equal to what the client
 was sent this round are no update, never a replay.
@@ -47,6 +48,7 @@ class ClientRegistry:
         self._disputed: set[int] = set()  # nodes that claimed a partition another node holds (warned once)
         self.sent_arrays: dict[str, dict[str, np.ndarray]] = {}  # client -> the arrays this round's train message held
         self._digests: dict[int, str] = {}  # id(reply) -> digest of its arrays, this round (set by `replay_problem`)
+        self.queries = 0  # `query` messages sent by this process (each node at most once)
 
     def client_key(self, node_id: int) -> str:
         """How the server knows a node: by its partition once the node said it (stable across a resumed run)."""
@@ -74,14 +76,17 @@ class ClientRegistry:
             return
         self._partition_of[node] = int(pid)
 
-    def identify(self, grid: Grid, timeout: float) -> None:
-        """Ask every node who it is (`query`), so that per-client state and payloads are keyed by partition from
-        the first message on; a node that cannot load its data is reported here, before round 1."""
-        nodes = list(grid.get_node_ids())
+    def identify(self, grid: Grid, timeout: float, nodes: list[int]) -> None:
+        """Ask the nodes of `nodes` that have not said who they are yet (`query`; a node answers from its configs),
+        so that payloads and per-client state are keyed by partition from a node's first message on. Called before
+        every batch of messages: a node is asked once per server process, when it is first sampled."""
+        new = [n for n in nodes if n not in self._partition_of and n not in self._disputed]
+        if not new:
+            return
         config = ConfigRecord({P.RUN_KEY: self.run_key})
         replies = grid.send_and_receive([Message(RecordDict({P.CONFIG: config}), message_type=MessageType.QUERY,
-                                                 dst_node_id=n) for n in nodes], timeout=timeout)
-        known = self.state.meta.setdefault("modalities", {})
+                                                 dst_node_id=n) for n in new], timeout=timeout)
+        known, meta = self.state.meta.setdefault("modalities", {}), self.state.meta
         for msg in replies:
             if msg.has_error():
                 log(WARNING, "node %s did not say who it is: %s", msg.metadata.src_node_id, msg.error.reason)
@@ -89,11 +94,12 @@ class ClientRegistry:
             self._learn_partition(msg)
             metrics = msg.content[P.METRICS] if P.METRICS in msg.content.metric_records else {}
             known[self.client_of(msg)] = [m for m in P.HAS if metrics.get(P.HAS[m], 1)]
-            size = metrics.get(P.NUM_EXAMPLES)
-            if isinstance(size, (int, float)) and 0 < size <= self.cfg.max_num_examples:
-                self.state.meta.setdefault("sizes", {}).setdefault(self.client_of(msg), float(size))
-        log(INFO, "identify: %d of %d nodes said which partition they hold: %s", len(self._partition_of), len(nodes),
-            sorted(self._partition_of.values()))
+            parts = metrics.get(P.NUM_PARTITIONS)
+            if isinstance(parts, (int, float)) and math.isfinite(parts) and parts >= 1:
+                meta["num-partitions"] = max(int(parts), int(meta.get("num-partitions", 0)))
+        self.queries += len(new)
+        log(INFO, "identify: %d of %d new nodes said which partition they hold (%d known)",
+            sum(n in self._partition_of for n in new), len(new), len(self._partition_of))
 
     # ---- what a client is held to ------------------------------------------------------------------------------
     def size_of(self, msg: Message) -> float:

@@ -60,8 +60,9 @@ class PlFedCmhXmr(XmrStrategy):
 
     def _num_clients(self) -> int:
         meta = self.state.meta
-        if "num-clients" not in meta:  # fixed at first use: the partitions the nodes said they hold
-            meta["num-clients"] = max(self._partition_of.values(), default=-1) + 1
+        if "num-clients" not in meta:  # fixed at first use: the partitions of the federation, as the nodes said
+            said = max(self._partition_of.values(), default=-1) + 1
+            meta["num-clients"] = max(int(meta.get("num-partitions", 0)), said)
         return int(meta["num-clients"])
 
     def net(self) -> LayerHypernet:
