@@ -42,16 +42,23 @@ def _script(env: dict[str, str], name: str, *args: str) -> str:
 
 
 def deploy(app: Path, work: Path, node_data: list[tuple[str, list[str]]], run_config: str, warm: Path) -> dict:
-    """One loopback deployment run of the app in `app`; node k reads node_data[k] = (data dir, node-config extras)."""
+    """One loopback deployment run of the app in `app`; node k reads node_data[k] = (data dir, node-config extras).
+    A node with a materialised shard (`work.parent/shards/node-k`) gets a private cache of its items; one reading
+    the full dataset shares the warm cache (read only: every item is in it)."""
     env = {**os.environ, "DEPLOY_DIR": str(work / "deploy"), "SUPERLINK_PORT": str(free_port()), "APP_DIR": str(app),
            "VENV_BIN": str(Path(sys.executable).parent)}
-    names = [f"node-{k}" for k in range(NODES)]
+    names = [f"node-{k}" for k in range(len(node_data))]
     try:
         _script(env, "certs", *names)
         _script(env, "superlink")
         _script(env, "register", *names)
         for name, (data, extras) in zip(names, node_data):
-            seed_node_cache(work.parent / "shards" / name, warm, work / "deploy" / "nodes" / name / "cache")
+            cache = work / "deploy" / "nodes" / name / "cache"
+            if (work.parent / "shards" / name).is_dir():
+                seed_node_cache(work.parent / "shards" / name, warm, cache)
+            else:
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                cache.symlink_to(warm, target_is_directory=True)
             _script(env, "supernode", name, data, *extras)
         _script(env, "run", "--run-config", run_config)
         operator = {**env, "FLWR_HOME": str(work / "deploy" / "operator"),

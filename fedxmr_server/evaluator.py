@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from common.backbones import Backbone
+from common.backbones import Backbone, resolve_device
 from common.config import RunConfig
 from common.data.datasets import concept_count, load_split
 from common.data.split import RetrievalSplit
@@ -70,7 +70,7 @@ class ServerEvaluator:
     def _model(self, arrays: dict[str, np.ndarray]) -> XmrModel:
         model = XmrModel(self.cfg.model_cfg(self.backbone.img_dim, self.backbone.txt_dim, concepts=self.concepts))
         load_numpy_state(model, arrays)
-        return model
+        return model.to(resolve_device(self.cfg.device))  # the run's device: scoring is the server's heavy part
 
     def score(self, arrays: dict[str, np.ndarray], split: str) -> dict[str, float]:
         """All metrics of `split`, the standard MAPs included on dev too (about half the scoring time), since

@@ -103,15 +103,22 @@ def run_status(env: dict[str, str], connection: str | None = None) -> dict:
     return runs[-1] if runs else {"status": "unknown", "status-details": "flwr ls listed no run"}
 
 
+def federation_config(clients: int, cpus_per_client: int = 1, gpus_per_client: float = 0.0) -> str:
+    """Flower's simulation options: the SuperNodes and each ClientApp's Ray resources (a GPU share: Ray places
+    1 / share ClientApps on each GPU; the ClientApp's `device` 'auto' then picks CUDA)."""
+    fed = f"num-supernodes={clients} client-resources-num-cpus={cpus_per_client}"
+    return fed + (f" client-resources-num-gpus={gpus_per_client}" if gpus_per_client > 0 else "")
+
+
 def simulate(clients: int, run_config: str, cpus_per_client: int = 1, timeout: float = 7200,
-             flwr_home: Path | None = None, log_path: Path | None = None) -> dict:
+             flwr_home: Path | None = None, log_path: Path | None = None, gpus_per_client: float = 0.0) -> dict:
     """Run one simulation; return the run's `flwr ls` entry (status 'finished:completed' on success). The run's
     stream goes to `log_path` if given, else to this process's stdout."""
     home = Path(flwr_home or tempfile.mkdtemp(prefix="fedxmr-flwr-"))
     env = flower_env(home)
     env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(free_port())
     env["FLWR_LOCAL_CONTROL_API_PORT"] = str(free_port())
-    fed = f"num-supernodes={clients} client-resources-num-cpus={cpus_per_client}"
+    fed = federation_config(clients, cpus_per_client, gpus_per_client)
     cmd = ["flwr", "run", ".", "--stream", "--federation-config", fed]
     if run_config:
         cmd += ["--run-config", run_config]
@@ -176,6 +183,8 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=10, help="simulated SuperNodes (default 10)")
     parser.add_argument("--cpus-per-client", type=int, default=1,
                         help="Ray CPUs (and torch threads) per ClientApp (default 1: as many actors as cores)")
+    parser.add_argument("--gpus-per-client", type=float, default=0.0,
+                        help="Ray GPUs per ClientApp, e.g. 0.25: four ClientApps share a GPU (default 0: CPU only)")
     parser.add_argument("--run-config", default="", help='overrides, e.g. "num-server-rounds=5 lr=0.001"')
     parser.add_argument("--timeout", type=float, default=7200, help="seconds before the run is abandoned")
     parser.add_argument("--flwr-home", type=Path, default=None,
@@ -185,7 +194,8 @@ def main() -> None:
     if problems:
         print("\n".join(f"fedxmr: {p}" for p in problems), file=sys.stderr)
         sys.exit(2)
-    status = simulate(args.clients, args.run_config, args.cpus_per_client, args.timeout, flwr_home=args.flwr_home)
+    status = simulate(args.clients, args.run_config, args.cpus_per_client, args.timeout, flwr_home=args.flwr_home,
+                      gpus_per_client=args.gpus_per_client)
     print(f"run {status.get('run-id', '?')}: {status.get('status')}", flush=True)
     if status.get("status") != "finished:completed":
         print(status.get("status-details", ""), file=sys.stderr)
