@@ -10,8 +10,8 @@ evaluation in the last round only, `test-clients` = sampled, warm feature cache.
 - start s: ServerApp start until round 1 begins (its dev/test features, the initial model's dev score);
 - round s: median wall time of rounds 1..R (train messages, aggregation, dev scoring);
 - end s: the last round's end until final.json (final per-client test of the sampled clients, reports);
-- peak RSS MB of the simulation process (which runs the ServerApp) and of the largest ClientApp actor (sampled
-  every 0.5 s from /proc);
+- peak RSS MB of the process that runs the ServerApp and of the largest process that runs ClientApps (a Ray actor;
+  under the Deployment Engine a ClientApp process), sampled every 0.5 s from /proc: an idle machine is assumed;
 - MB per round: the train messages' arrays, down + up;
 - the nodes that received any message (`query` replies counted by the server: each node is asked once).
 Run it on an otherwise idle machine: the rows are compared with each other.
@@ -30,8 +30,10 @@ from pathlib import Path
 
 from scripts.simulate import simulate
 
-ROLES = {"server": ("flwr-simulation", "flower-simulation"), "actor": ("ClientAppActor",),
-         "supernode": ("flower-supernode",), "superlink": ("flower-superlink",)}
+# process roles by command line: the process that runs the ServerApp, and one that runs ClientApps (a Ray actor in
+# simulation, a per-message process under the Deployment Engine)
+ROLES = {"server": ("flwr-simulation", "flower-simulation", "flwr-serverapp"),
+         "client": ("ClientAppActor", "flwr-clientapp")}
 
 
 class PeakRss:
@@ -94,7 +96,7 @@ def simulated(clients: int, args: argparse.Namespace, out: Path) -> dict:
     if status.get("status") != "finished:completed":
         raise RuntimeError(f"{name}: {status.get('status')} {status.get('status-details', '')[-1500:]}")
     return {"clients": clients, **phases(out / name, launched), "wall-s": time.time() - launched,
-            "server MB": rss.peak.get("server"), "actor MB": rss.peak.get("actor")}
+            "server MB": rss.peak.get("server"), "client MB": rss.peak.get("client")}
 
 
 def deployed(nodes: int, args: argparse.Namespace, out: Path) -> dict:
@@ -113,7 +115,7 @@ def deployed(nodes: int, args: argparse.Namespace, out: Path) -> dict:
     if ls.get("status") != "finished:completed":
         raise RuntimeError(f"{name}: {ls.get('status')} {ls.get('status-details', '')[-1500:]}")
     return {"clients": f"{nodes} SuperNodes", **phases(out / name, launched), "wall-s": time.time() - launched,
-            "server MB": rss.peak.get("server"), "actor MB": rss.peak.get("supernode")}
+            "server MB": rss.peak.get("server"), "client MB": rss.peak.get("client")}
 
 
 def main() -> None:
@@ -139,7 +141,7 @@ def main() -> None:
     for r in rows:
         mb = lambda v: "–" if v is None else f"{v:.0f}"  # noqa: E731
         print(f"| {r['clients']} | {r['boot-s']:.1f} | {r['start-s']:.1f} | {r['round-s']:.1f} | {r['end-s']:.1f} | "
-              f"{mb(r['server MB'])} | {mb(r['actor MB'])} | {r['MB/round']:.1f} | {r['sampled']:.0f} | "
+              f"{mb(r['server MB'])} | {mb(r['client MB'])} | {r['MB/round']:.1f} | {r['sampled']:.0f} | "
               f"{r['tested']} | {r['wall-s']:.0f} |")
 
 

@@ -49,7 +49,8 @@ def _unit(x: np.ndarray) -> np.ndarray:
 def client_summary(clients: list[dict], types: dict[int, str]) -> dict[str, float]:
     """Per-client scores summarised overall and by client type: mean, worst (min) and std over clients, for the
     global model (`global-score`) and, where present, global + personal adapters (`personal-score`); mean and
-    worst of the per-client Hamming MAP (`global-smap_i2t`, ...) over the clients that report it."""
+    worst of the per-client Hamming MAP (`global-smap_i2t`, ...; `global-own_smap_i2t`, ...: against the client's
+    own train set) over the clients that report it."""
     out: dict[str, float] = {}
     groups = {"all": clients} | {t: [c for c in clients if types.get(int(c["client-type"])) == t]
                                  for t in types.values()}
@@ -59,7 +60,9 @@ def client_summary(clients: list[dict], types: dict[int, str]) -> dict[str, floa
             if len(scores):
                 out |= {f"{group}-{variant}-mean": float(scores.mean()), f"{group}-{variant}-worst": float(scores.min()),
                         f"{group}-{variant}-std": float(scores.std()), f"{group}-{variant}-clients": float(len(scores))}
-            for key in ("smap_i2t", "smap_t2i"):  # per-client Hamming MAP, over the clients with labels
+            # per-client Hamming MAP over the clients with labels: against the shared gallery, and (test) against the
+            # client's own train set (PLFedCMH's protocol)
+            for key in ("smap_i2t", "smap_t2i", "own_smap_i2t", "own_smap_t2i"):
                 maps = np.array([c[f"{variant}-{key}"] for c in members if f"{variant}-{key}" in c])
                 if len(maps):
                     out |= {f"{group}-{variant}-{key}-mean": float(maps.mean()),

@@ -161,6 +161,20 @@ def _scores(model: XmrModel, shard: NodeShard, g: dict[str, np.ndarray], persona
     return out | maps
 
 
+def _own_set_maps(model: XmrModel, queries: NodeShard, database: NodeShard, personal: bool) -> dict[str, float]:
+    """PLFedCMH's protocol: the node's test queries against its own train set as the retrieval set, hashed by the
+    same model (`own_smap_i2t`, `own_smap_t2i`); for labelled nodes holding both modalities, else nothing."""
+    if set(queries.modalities) != {"img", "txt"} or not queries.data.labels.shape[1] or not len(database.data.images):
+        return {}
+    view = personal_part.NAME if personal else None
+    code = {(name, mod): model.encode(mod, shard.feats[mod], view=view)[1]
+            for name, shard in (("q", queries), ("db", database)) for mod in ("img", "txt")}
+    q_img, q_txt = queries.data.labels, queries.data.labels[queries.data.caption_image]
+    db_img, db_txt = database.data.labels, database.data.labels[database.data.caption_image]
+    return {"own_smap_i2t": standard_map(code["q", "img"], code["db", "txt"], q_img, db_txt),
+            "own_smap_t2i": standard_map(code["q", "txt"], code["db", "img"], q_txt, db_img)}
+
+
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     method = client_method(parse_run_config(context.run_config).method)
@@ -175,9 +189,12 @@ def evaluate(msg: Message, context: Context) -> Message:
     if not len(shard.data.images):  # a very skewed partition can leave a client without local dev/test items
         return Message(RecordDict({P.METRICS: MetricRecord(metrics)}), reply_to=msg)
     gallery = _gallery(model, msg.content[P.GALLERY])
-    metrics |= {f"global-{k}": v for k, v in _scores(model, shard, gallery, False).items()}
-    if shard.cfg.personal_adapters and has_personal:
-        metrics |= {f"personal-{k}": v for k, v in _scores(model, shard, gallery, True).items()}
+    own = load_shard(context, "train", method.data_config) if split == "test" else None  # its retrieval set
+    variants = [("global", False)] + ([("personal", True)] if shard.cfg.personal_adapters and has_personal else [])
+    for name, personal in variants:
+        metrics |= {f"{name}-{k}": v for k, v in _scores(model, shard, gallery, personal).items()}
+        if own is not None:
+            metrics |= {f"{name}-{k}": v for k, v in _own_set_maps(model, shard, own, personal).items()}
     return Message(RecordDict({P.METRICS: MetricRecord(metrics)}), reply_to=msg)
 
 

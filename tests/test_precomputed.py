@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import scipy.io
 import scipy.sparse
+import torch
 
 from common.config import RunConfig, parse_run_config
 from common.method_config import SECTIONS
@@ -313,3 +314,31 @@ def test_gallery_retrieval_scores_test_queries_against_train_plus_test(tmp_path:
         same = scores["test"][key] == pytest.approx(scores["retrieval"][key], nan_ok=True)
         assert same == ("map" not in key or not key.startswith("hash_")), key  # only the label hash MAPs move
     assert evaluators["test"].score(arrays, "dev") == ours.score(arrays, "dev"), "dev is scored within dev"
+
+
+def test_each_labelled_paired_client_is_also_scored_against_its_own_train_set(tmp_path: Path) -> None:
+    """PLFedCMH's protocol beside the shared gallery: at test, a client's queries retrieve from its own train set,
+    hashed by the same (selected) model; the reported value is that standard MAP, recomputed here."""
+    from safetensors.numpy import load_file
+
+    from fedxmr_client.node import _load_shard
+
+    path = write_npz(tmp_path / "data.npz")
+    read_feature_file.cache_clear()
+    cfg = _config(tmp_path, path, **{"modality-mix": "1,0,0"})
+    flat = cfg.as_flat_dict()
+    _run(InProcessGrid(flat, [3, 4]), server_context(flat))
+    final = json.loads((tmp_path / "runs" / "f" / "final.json").read_text())
+    model = XmrModel(cfg.model_cfg(D_IMG, D_TXT, concepts=C))
+    model.load_state_dict({k: torch.as_tensor(v) for k, v in load_file(str(tmp_path / "runs" / "f" /
+                                                                          "weights.safetensors")).items()})
+    for client in final["per-client"]["clients"]:
+        node = {"partition-id": client["partition-id"], "num-partitions": 2}
+        test, train = (_load_shard(cfg, node, split) for split in ("test", "train"))
+        q = model.encode("img", test.feats["img"])[1]
+        db = model.encode("txt", train.feats["txt"])[1]
+        expected = standard_map(q, db, test.data.labels, train.data.labels[train.data.caption_image])
+        assert client["global-own_smap_i2t"] == pytest.approx(expected)
+        assert 0.0 < client["global-own_smap_t2i"] <= 1.0
+    summary = final["per-client"]["summary"]
+    assert summary["all-global-own_smap_i2t-worst"] <= summary["all-global-own_smap_i2t-mean"]

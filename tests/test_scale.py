@@ -99,3 +99,11 @@ def test_a_sampled_run_resumed_on_new_node_ids_ends_like_the_uninterrupted_one(t
     final_ref, rounds_ref, weights_ref = _outcome(tmp_path / "runs" / "whole")
     assert rounds == rounds_ref and final == final_ref
     assert weights.keys() == weights_ref.keys() and all(np.array_equal(weights[k], weights_ref[k]) for k in weights)
+
+
+def test_a_gpu_share_per_client_reaches_flowers_federation_config() -> None:
+    from scripts.simulate import federation_config
+
+    assert federation_config(10) == "num-supernodes=10 client-resources-num-cpus=1"
+    assert federation_config(10, 2, 0.25) == ("num-supernodes=10 client-resources-num-cpus=2 "
+                                              "client-resources-num-gpus=0.25")
