@@ -35,6 +35,8 @@ class ModelConfig:
         (`personal`, `afe_concepts`), so their run directories still load."""
         raw = dict(raw)
         parts = list(raw.pop("parts", ()))
+        # the part names of `common.parts.personal` / `.fedcafe` (not imported: parts import this module; a test
+        # ties them)
         if raw.pop("personal", False):
             parts.insert(0, "personal")
         legacy_concepts = int(raw.pop("afe_concepts", 0))

@@ -162,9 +162,9 @@ def _scores(model: XmrModel, shard: NodeShard, g: dict[str, np.ndarray], persona
 
 
 def _own_set_maps(model: XmrModel, queries: NodeShard, database: NodeShard, personal: bool) -> dict[str, float]:
-    """PLFedCMH's protocol: the node's test queries against its own train set as the retrieval set, hashed by the
-    same model (`own_smap_i2t`, `own_smap_t2i`); for labelled nodes holding both modalities, else nothing."""
-    if set(queries.modalities) != {"img", "txt"} or not queries.data.labels.shape[1] or not len(database.data.images):
+    """The node's test queries against its own train set as the retrieval set (PLFedCMH's per-client protocol,
+    reported for every method), hashed by the same model: `own_smap_i2t`, `own_smap_t2i`."""
+    if not len(database.data.images):
         return {}
     view = personal_part.NAME if personal else None
     code = {(name, mod): model.encode(mod, shard.feats[mod], view=view)[1]
@@ -189,7 +189,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     if not len(shard.data.images):  # a very skewed partition can leave a client without local dev/test items
         return Message(RecordDict({P.METRICS: MetricRecord(metrics)}), reply_to=msg)
     gallery = _gallery(model, msg.content[P.GALLERY])
-    own = load_shard(context, "train", method.data_config) if split == "test" else None  # its retrieval set
+    own = None  # at test, a labelled node holding both modalities is also scored against its own train set
+    if split == "test" and set(shard.modalities) == {"img", "txt"} and shard.data.labels.shape[1]:
+        own = load_shard(context, "train", method.data_config)
     variants = [("global", False)] + ([("personal", True)] if shard.cfg.personal_adapters and has_personal else [])
     for name, personal in variants:
         metrics |= {f"{name}-{k}": v for k, v in _scores(model, shard, gallery, personal).items()}

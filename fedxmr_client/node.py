@@ -76,8 +76,8 @@ def node_identity(context: Context,
     if private is not None:
         manifest = read_manifest(private)
         pid, nparts = int(manifest["partition-id"]), int(manifest["num-partitions"])
-    if data_config is not None:
-        cfg = data_config(cfg, nparts)
+    if data_config is not None:  # as `load_shard` calls it
+        cfg = data_config(cfg, node.num_partitions)
     return pid, nparts, client_types(nparts, cfg.mix(), cfg.seed)[pid]
 
 

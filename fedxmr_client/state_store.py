@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from common.parts import upgrade_state
+
 States = dict[str, dict[str, np.ndarray]]  # record name -> array key -> array
 _VERSION = re.compile(r"^round-(\d+)\.npz$")
 
@@ -59,7 +61,7 @@ class NodeStateStore:
         except (OSError, ValueError) as exc:
             raise ValueError(f"node state file {path} is unreadable ({exc}); delete it to start this node's "
                              f"state afresh") from exc
-        return states
+        return {record: upgrade_state(arrays) for record, arrays in states.items()}  # old array names, renamed
 
     def save(self, server_round: int, states: States, selected_round: int) -> Path:
         """Write the state of `server_round` (replacing a version a killed attempt of this round left), then drop

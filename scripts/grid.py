@@ -4,7 +4,7 @@
 
 Each cell is one `flwr run .` simulation (scripts/simulate.py). A cell already finished with the same code version
 and config is skipped, so an interrupted grid resumes where it stopped (a half-written cell is run again from
-scratch); `--missing-only` runs only the cells with no finished record at any code version (a grid filled over
+scratch); `--missing-only` runs only the cells with no finished record of their config at any code version (a grid filled over
 several sessions; each record names the code it ran). A grid with a `records` folder copies each finished cell's small
 files there, to be committed. Cells run `--jobs` at a time; one progress line per finished cell (done / total, elapsed, estimated
 remaining). A failed cell is reported and the grid goes on; the exit status says whether every cell finished. At the
@@ -25,8 +25,8 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Callable
 
-from scripts.grid_spec import (RECORD, Cell, Grid, GridError, code_version, head_commit, is_done, keep, load_grid,
-                               read_record, run_config_text)
+from scripts.grid_spec import (RECORD, Cell, Grid, GridError, code_version, has_result, head_commit, is_done, keep,
+                               load_grid, run_config_text)
 
 # (cell, run directory) -> (status, details): "finished:completed" on success
 Runner = Callable[[Cell, Path], tuple[str, str]]
@@ -53,11 +53,12 @@ def run_grid(grid: Grid, code: str, commit: str, runner: Runner = simulate_cell,
     """Run every unfinished cell of `grid` (with `missing_only`: every cell without a finished record at any code
     version); returns counts of skipped, finished and failed cells."""
     cells = [c for c in grid.cells() if only in c.name]
-    finished = (lambda c: read_record(grid, c) is not None) if missing_only else (lambda c: is_done(grid, c, code))
+    finished = (lambda c: has_result(grid, c)) if missing_only else (lambda c: is_done(grid, c, code))
     # seed by seed: an interrupted grid has every method with the same number of seeds
     todo = sorted((c for c in cells if not finished(c)), key=lambda c: c.seed)
     counts = {"cells": len(cells), "skipped": len(cells) - len(todo), "finished": 0, "failed": 0}
-    log(f"grid {grid.path.name}: {len(cells)} cells, {counts['skipped']} already finished at code {code}, "
+    done_at = "with this config at any code version" if missing_only else f"at code {code}"
+    log(f"grid {grid.path.name}: {len(cells)} cells, {counts['skipped']} already finished {done_at}, "
         f"{len(todo)} to run, {jobs} at a time")
     start, durations = time.time(), []
 

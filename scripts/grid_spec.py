@@ -188,10 +188,14 @@ def head_commit(root: Path = PROJECT) -> str:
 def cell_dir(grid: Grid, cell: Cell) -> Path:
     """Where the cell's files are: its run directory if it holds a record, else its kept copy (if the grid keeps
     records and one exists), else the run directory."""
-    run_dir = grid.out_dir / cell.name
-    if not (run_dir / RECORD).exists() and grid.records is not None and (grid.records / cell.name / RECORD).exists():
-        return grid.records / cell.name
+    run_dir, kept = grid.out_dir / cell.name, (grid.records / cell.name if grid.records is not None else None)
+    if kept is not None and (kept / RECORD).exists() and not _finished(run_dir / RECORD):
+        return kept
     return run_dir
+
+
+def _finished(path: Path) -> bool:
+    return path.exists() and json.loads(path.read_text()).get("status") == "finished"
 
 
 def keep(grid: Grid, cell: Cell) -> None:
@@ -217,3 +221,9 @@ def read_record(grid: Grid, cell: Cell) -> dict[str, Any] | None:
 def is_done(grid: Grid, cell: Cell, code: str) -> bool:
     record = read_record(grid, cell)
     return record is not None and record.get("key") == cell.key(code)
+
+
+def has_result(grid: Grid, cell: Cell) -> bool:
+    """A finished record of this exact config, at whatever code version (`--missing-only`)."""
+    record = read_record(grid, cell)
+    return record is not None and record.get("run-config") == cell.run_config and record.get("clients") == cell.clients

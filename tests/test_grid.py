@@ -144,6 +144,9 @@ def test_kept_records_outlive_the_run_directories_and_missing_only_runs_the_rest
         "missing-only keeps the cells finished at another code version and runs only those without a record"
     assert run_grid(grid, code="v2", commit="c2", runner=runner, log=lambda _: None)["finished"] == 3, \
         "without it, cells of another code version run again"
+    path.write_text(path.read_text().replace("num-server-rounds = 2", "num-server-rounds = 3"))
+    changed = run_grid(load_grid(path), code="v2", commit="c2", runner=runner, missing_only=True, log=lambda _: None)
+    assert changed["skipped"] == 0, "a kept record of another config is no result for the changed cell"
 
 
 def test_results_file_has_mean_and_sample_std_the_dev_chosen_sweep_value_and_marks(grid) -> None:

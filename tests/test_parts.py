@@ -86,8 +86,23 @@ def test_a_run_saved_before_parts_existed_still_loads() -> None:
     assert "img.classifier.weight" in old_state and "img.memory" in old_state
     old_cfg = {k: v for k, v in ModelConfig(**CFG).to_dict().items() if k not in ("parts", "concepts")}
     old_cfg |= {"personal": True, "afe_concepts": 5}
+    assert ModelConfig.from_dict(old_cfg).parts == (personal.NAME, fedcafe.NAME)
     again = XmrModel(ModelConfig.from_dict(old_cfg))
     load_numpy_state(again, upgrade_state(old_state))
     for key, value in state_to_numpy(model).items():
         np.testing.assert_array_equal(state_to_numpy(again)[key], value, err_msg=key)
     assert ModelConfig.from_dict(model.cfg.to_dict()) == model.cfg
+
+
+def test_a_checkpoint_and_a_node_state_saved_before_parts_existed_still_load(tmp_path: Path) -> None:
+    from fedxmr_client.state_store import NodeStateStore
+    from fedxmr_server.strategies.state import StrategyState
+
+    old = {"img.classifier.weight": np.ones((2, 3), np.float32), "img.memory": np.zeros((2, 3), np.float32)}
+    StrategyState(arrays=dict(old), clients={"client-0": dict(old)}).save(tmp_path / "state.npz")
+    state = StrategyState.load(tmp_path / "state.npz")
+    assert set(state.arrays) == set(state.clients["client-0"]) == {"img.fedcafe.classifier.weight",
+                                                                    fedcafe.memory_key("img")}
+    store = NodeStateStore(tmp_path / "node")
+    store.save(1, {"node-model": dict(old)}, selected_round=1)
+    assert set(store.load(1)["node-model"]) == {"img.fedcafe.classifier.weight", fedcafe.memory_key("img")}

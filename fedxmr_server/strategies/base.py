@@ -2,7 +2,7 @@
 
 Clients: the server knows a client by its partition (`client-<id>`, learnt from a `query` message before the node's
 first message and from every reply), not by its node id, which a resumed simulation renews; all per-client state is
-keyed so. The cost of a round follows the sampled nodes: a node is asked who it is when first sampled, per-client
+keyed so. A round's cost follows the sampled nodes: a node is asked who it is when first sampled; per-client
 evaluation asks `fraction-evaluate` of the nodes, the final test `test-clients` of them (0: all).
 A method is one subclass (one file) that overrides some of these hooks:
 - `payload(client, server_round, kind)`: the RecordDict one client receives (kind "train", "evaluate" or "test"),
@@ -383,8 +383,7 @@ class XmrStrategy(ClientRegistry, Strategy):
     def final_test(self, grid: Grid, timeout: float) -> dict[str, Any]:
         """Per-client test, once, for the selected round's models (and the nodes' state of that round): every node,
         or a sample of `test-clients` of them; the result names the clients scored and of how many nodes."""
-        available = len(list(grid.get_node_ids()))
-        wanted = self.cfg.test_clients
+        available, wanted = len(list(grid.get_node_ids())), self.cfg.test_clients
         nodes = self._sample(grid, 1.0) if wanted == 0 or wanted >= available else sample_nodes(grid, 1, wanted)[0]
         replies = grid.send_and_receive(self._messages(grid, nodes, self.best.round, "test"), timeout=timeout)
         self.aggregate_evaluate(self.best.round, replies)

@@ -49,6 +49,7 @@ class ClientRegistry:
         self.sent_arrays: dict[str, dict[str, np.ndarray]] = {}  # client -> the arrays this round's train message held
         self._digests: dict[int, str] = {}  # id(reply) -> digest of its arrays, this round (set by `replay_problem`)
         self.queries = 0  # `query` messages sent by this process (each node at most once)
+        self._queried: set[int] = set()
 
     def client_key(self, node_id: int) -> str:
         """How the server knows a node: by its partition once the node said it (stable across a resumed run)."""
@@ -80,9 +81,10 @@ class ClientRegistry:
         """Ask the nodes of `nodes` that have not said who they are yet (`query`; a node answers from its configs),
         so that payloads and per-client state are keyed by partition from a node's first message on. Called before
         every batch of messages: a node is asked once per server process, when it is first sampled."""
-        new = [n for n in nodes if n not in self._partition_of and n not in self._disputed]
+        new = [n for n in nodes if n not in self._partition_of and n not in self._disputed and n not in self._queried]
         if not new:
             return
+        self._queried.update(new)  # asked once: a node that cannot answer says who it is in its replies instead
         config = ConfigRecord({P.RUN_KEY: self.run_key})
         replies = grid.send_and_receive([Message(RecordDict({P.CONFIG: config}), message_type=MessageType.QUERY,
                                                  dst_node_id=n) for n in new], timeout=timeout)

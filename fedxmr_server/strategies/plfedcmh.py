@@ -27,6 +27,7 @@ from flwr.common.logger import log
 
 from common import protocol as P
 from common.config import RunConfig
+from common.data.federation import CLIENT_TYPES, client_types
 from common.hypernet import LayerHypernet, alpha_entropy, hypernet_step, layer_of, personalized
 from common.method_config import PlFedCmhSection
 from common.trust import bounded_counts, cap_columns, clip_entries
@@ -81,9 +82,12 @@ class PlFedCmhXmr(XmrStrategy):
             self.state.buffers[HN + key] = value.detach().numpy().copy()
 
     def _mask(self) -> dict[str, torch.Tensor]:
-        """Per layer, 1 for the clients that hold its modality (both, for the pair's temperature); unknown: 1."""
-        known = self.state.meta.get("modalities", {})
-        held = [known.get(f"client-{j}", list(MODS)) for j in range(self._num_clients())]
+        """Per layer, 1 for the clients that hold its modality (both, for the pair's temperature). A client not heard
+        from yet holds what the run config makes its partition (`client_types`, as the nodes derive it), so the mask
+        does not depend on when a client is first sampled."""
+        known, n = self.state.meta.get("modalities", {}), self._num_clients()
+        types = client_types(n, self.cfg.mix(), self.cfg.seed) if n else []
+        held = [known.get(f"client-{j}", list(CLIENT_TYPES[types[j]])) for j in range(n)]
         out = {}
         for layer in self.net().layers:
             need = [layer.split(".", 1)[0]] if layer.split(".", 1)[0] in MODS else list(MODS)

@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from common.parts import upgrade_state
+
 
 @dataclass
 class StrategyState:
@@ -47,7 +49,9 @@ class StrategyState:
                 if k.startswith("clients/"):
                     node, key = k[len("clients/"):].split("/", 1)
                     clients.setdefault(node, {})[key] = z[k]
-        return cls(round=header["round"], arrays=arrays, clients=clients, buffers=buffers, meta=header["meta"])
+        # checkpoints written before model parts existed name FedCAFE's arrays the old way
+        return cls(round=header["round"], arrays=upgrade_state(arrays),
+                   clients={c: upgrade_state(a) for c, a in clients.items()}, buffers=buffers, meta=header["meta"])
 
     def save(self, path: Path) -> None:
         _write_atomically(path, self.to_bytes())
