@@ -31,6 +31,10 @@ trap 'on_signal 15' TERM
 trap 'on_signal 1' HUP
 trap 'on_signal 2' INT
 wait "$child"
+# the log stream can end while the run goes on (long silent rounds): wait for the run itself, still stoppable
+(cd "$PROJECT_DIR" && exec "$VENV_BIN/python" -m scripts.deploy status --connection "$CONNECTION" --wait) &
+child=$!
+wait "$child"
+status=$?
 trap - TERM HUP INT
-cd "$PROJECT_DIR"
-exec "$VENV_BIN/python" -m scripts.deploy status --connection "$CONNECTION"
+exit "$status"

@@ -95,12 +95,17 @@ def main() -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     status_p = sub.add_parser("status", help="print the latest run's status; exit 0 only if it completed")
     status_p.add_argument("--connection", required=True)
+    status_p.add_argument("--wait", action="store_true",
+                          help="poll until the run has finished (Flower's log stream can end while a run goes on)")
     stop_p = sub.add_parser("stop", help="stop every process started from a deploy directory")
     stop_p.add_argument("--deploy-dir", type=Path, required=True)
     stop_p.add_argument("--grace", type=float, default=15.0, help="seconds before SIGKILL (default 15)")
     args = parser.parse_args()
     if args.command == "status":
         run = run_status(dict(os.environ), args.connection)
+        while args.wait and not str(run.get("status", "")).startswith("finished") and run.get("status") != "unknown":
+            time.sleep(5)
+            run = run_status(dict(os.environ), args.connection)
         print(json.dumps(run, indent=1))
         print(f"run {run.get('run-id', '?')}: {run.get('status')}", flush=True)
         sys.exit(0 if run.get("status") == "finished:completed" else 1)
