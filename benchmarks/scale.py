@@ -79,6 +79,12 @@ def phases(run_dir: Path, launched: float) -> dict:
     final = json.loads((run_dir / "final.json").read_text())
     return {"boot-s": began - launched, "start-s": rounds[0]["elapsed-s"],
             "round-s": statistics.median(r["round-s"] for r in trained),
+            # the round's phases: train messages (send to last reply), aggregation + server dev scoring; and per
+            # train message, the client's own work (shard load, local training)
+            "train-msgs-s": statistics.median(r["train-s"] for r in trained),
+            "aggregate-dev-s": statistics.median(r["aggregate-and-dev-s"] for r in trained),
+            "client-load-s": statistics.median(c["load-seconds"] for r in trained for c in r["train"]["clients"]),
+            "client-train-s": statistics.median(c["train-seconds"] for r in trained for c in r["train"]["clients"]),
             "end-s": (run_dir / "final.json").stat().st_mtime - began - rounds[-1]["elapsed-s"],
             "MB/round": statistics.mean(r["train"]["download-bytes"] + r["train"]["upload-bytes"]
                                         for r in trained) / 1e6,
@@ -92,7 +98,7 @@ def simulated(clients: int, args: argparse.Namespace, out: Path) -> dict:
     fraction = min(1.0, args.sampled / clients)
     name = f"scale-{clients}"
     config = (f"num-server-rounds={args.rounds} fraction-train={fraction} fraction-evaluate={fraction} "
-              f"test-clients={args.sampled} client-eval-every={args.rounds} min-nodes={min(2, clients)} "
+              f"test-clients={args.sampled} client-eval-every={args.rounds} min-nodes=1 "
               f"max-train-images={args.items_per_client * clients if args.items_per_client else 0} "
               f"data-dir='{Path(args.data_dir).resolve()}' cache-dir='{Path(args.cache_dir).resolve()}' "
               f"out-dir='{out}' run-name='{name}'")
@@ -145,11 +151,13 @@ def main() -> None:
         if args.deploy_nodes:
             rows.append(deployed(args.deploy_nodes, args, Path(tmp)))
             print(json.dumps(rows[-1]), flush=True)
-    print("\n| clients | boot s | start s | round s (median) | end s | server peak MB | client peak MB | MB/round "
-          "| trained per round (usable) | tested | wall s |\n|---|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| clients | boot s | start s | round s (median) | of which train messages s | aggregation + dev s "
+          "| per client: load s / train s | end s | server peak MB | client peak MB | MB/round "
+          "| trained per round (usable) | tested | wall s |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         mb = lambda v: "–" if v is None else f"{v:.0f}"  # noqa: E731
-        print(f"| {r['clients']} | {r['boot-s']:.1f} | {r['start-s']:.1f} | {r['round-s']:.1f} | {r['end-s']:.1f} | "
+        print(f"| {r['clients']} | {r['boot-s']:.1f} | {r['start-s']:.1f} | {r['round-s']:.1f} | {r['train-msgs-s']:.1f} "
+              f"| {r['aggregate-dev-s']:.1f} | {r['client-load-s']:.2f} / {r['client-train-s']:.2f} | {r['end-s']:.1f} | "
               f"{mb(r['server MB'])} | {mb(r['client MB'])} | {r['MB/round']:.1f} | {r['sampled']:.0f} ({r['usable']:.1f}) | "
               f"{r['tested']} | {r['wall-s']:.0f} |")
 
