@@ -235,8 +235,11 @@ def test_a_serverapp_killed_mid_run_resumes_to_the_uninterrupted_result(finished
                              str(base / "home-1"), "--run-config", config], cwd=Path(__file__).resolve().parents[1],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
+    # killed once round 1 is logged and checkpointed (the checkpoint follows the log line: waiting for the log
+    # line alone raced the checkpoint's write)
     while time.time() < deadline and proc.poll() is None and not (
-            (run_dir / "metrics.jsonl").exists() and '"round": 1,' in (run_dir / "metrics.jsonl").read_text()):
+            (run_dir / "metrics.jsonl").exists() and '"round": 1,' in (run_dir / "metrics.jsonl").read_text()
+            and (run_dir / "checkpoint.npz").exists()):
         time.sleep(0.05)
     server = [p for p in descendants([proc.pid]) if p in processes_matching("flwr-simulation")]
     assert len(server) == 1, "the ServerApp process was not found"
