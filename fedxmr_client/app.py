@@ -53,10 +53,11 @@ def _train(model: XmrModel, shard: NodeShard, cfg: TrainConfig, rng: np.random.G
                           labels=labels)
 
 
-def _identity(shard: NodeShard) -> dict[str, int]:
+def _identity(partition_id: int, client_type: str) -> dict[str, int]:
     """What a node says about itself in its train and query replies: partition, client type, modalities held."""
-    return {P.PARTITION_ID: shard.partition_id, P.CLIENT_TYPE: TYPE_CODES[shard.client_type],
-            P.HAS["img"]: int("img" in shard.modalities), P.HAS["txt"]: int("txt" in shard.modalities)}
+    mods = CLIENT_TYPES[client_type]
+    return {P.PARTITION_ID: partition_id, P.CLIENT_TYPE: TYPE_CODES[client_type],
+            P.HAS["img"]: int("img" in mods), P.HAS["txt"]: int("txt" in mods)}
 
 
 def _model(shard: NodeShard, method: ClientMethod, content: RecordDict, states: States) -> tuple[XmrModel, bool]:
@@ -113,7 +114,7 @@ def train(msg: Message, context: Context) -> Message:
     arrays = ArrayRecord(state)
     records[P.ARRAYS] = arrays
     metrics |= {
-        **_identity(shard),
+        **_identity(shard.partition_id, shard.client_type),
         P.NUM_EXAMPLES: num_examples,
         P.TRAINED: int(plan.train),
         "train-seconds": time.perf_counter() - start,
@@ -206,7 +207,5 @@ def query(msg: Message, context: Context) -> Message:
     loaded (`node_identity`)."""
     method = client_method(parse_run_config(context.run_config).method)
     pid, nparts, client_type = node_identity(context, method.data_config)
-    mods = CLIENT_TYPES[client_type]
-    metrics = {P.PARTITION_ID: pid, P.NUM_PARTITIONS: nparts, P.CLIENT_TYPE: TYPE_CODES[client_type],
-               P.HAS["img"]: int("img" in mods), P.HAS["txt"]: int("txt" in mods)}
+    metrics = {**_identity(pid, client_type), P.NUM_PARTITIONS: nparts}
     return Message(RecordDict({P.METRICS: MetricRecord(metrics)}), reply_to=msg)

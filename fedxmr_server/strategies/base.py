@@ -397,7 +397,3 @@ def _due(server_round: int, every: int, num_rounds: int) -> bool:
     """Whether a round is scored: every `every`-th round, and always the last one."""
     return server_round % every == 0 or server_round == num_rounds
 
-
-def is_paired(msg: Message) -> bool:
-    """Whether a reply's client holds both modalities (`has-img` / `has-txt`, both 1 when not reported)."""
-    return all(msg.content[P.METRICS].get(P.HAS[m], 1) for m in P.HAS)

@@ -48,7 +48,6 @@ class ClientRegistry:
         self._disputed: set[int] = set()  # nodes that claimed a partition another node holds (warned once)
         self.sent_arrays: dict[str, dict[str, np.ndarray]] = {}  # client -> the arrays this round's train message held
         self._digests: dict[int, str] = {}  # id(reply) -> digest of its arrays, this round (set by `replay_problem`)
-        self.queries = 0  # `query` messages sent by this process (each node at most once)
         self._queried: set[int] = set()
 
     def client_key(self, node_id: int) -> str:
@@ -99,7 +98,6 @@ class ClientRegistry:
             parts = metrics.get(P.NUM_PARTITIONS)
             if isinstance(parts, (int, float)) and math.isfinite(parts) and parts >= 1:
                 meta["num-partitions"] = max(int(parts), int(meta.get("num-partitions", 0)))
-        self.queries += len(new)
         log(INFO, "identify: %d of %d new nodes said which partition they hold (%d known)",
             sum(n in self._partition_of for n in new), len(new), len(self._partition_of))
 

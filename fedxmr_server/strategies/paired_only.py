@@ -5,7 +5,8 @@ import numpy as np
 from flwr.app import Message
 
 from common import protocol as P
-from fedxmr_server.strategies.base import XmrStrategy, is_paired
+from fedxmr_server.strategies.base import XmrStrategy
+from fedxmr_server.strategies.replies import is_paired
 
 
 class PairedOnlyXmr(XmrStrategy):

@@ -7,7 +7,7 @@ import math
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Message, RecordDict
 
 from common import protocol as P
 from common.trust import cap_shares
@@ -92,3 +92,8 @@ def content_problem(content: RecordDict, reference: dict[str, np.ndarray], max_n
         if not np.all(np.isfinite(value)):
             return f"array {key!r} has non-finite values (as {value.dtype})"
     return None
+
+
+def is_paired(msg: Message) -> bool:
+    """Whether a reply's client holds both modalities (`has-img` / `has-txt`, both 1 when not reported)."""
+    return all(msg.content[P.METRICS].get(P.HAS[m], 1) for m in P.HAS)

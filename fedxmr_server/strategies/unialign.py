@@ -14,7 +14,8 @@ from flwr.app import Message
 
 from common import protocol as P
 from common.unimodal import agreement_weights
-from fedxmr_server.strategies.base import XmrStrategy, from_array_record, is_paired
+from fedxmr_server.strategies.base import XmrStrategy, from_array_record
+from fedxmr_server.strategies.replies import is_paired
 
 
 class UniAlignXmr(XmrStrategy):
