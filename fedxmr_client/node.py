@@ -27,7 +27,7 @@ from common.config import RunConfig, parse_node_config, parse_run_config
 from common.data.datasets import backbone_for, split_concepts
 from common.data.federation import CLIENT_TYPES, client_types
 from common.data.split import DATA_DIR_ENV, RetrievalSplit
-from common.data.shards import cut_shard, read_manifest, read_shard, shard_backbone, shard_dir
+from common.data.shards import cut_shard, partitioned_split, read_manifest, read_shard, shard_backbone, shard_dir
 from common.features import resolve_cache_dir, split_features
 from common.model import XmrModel, load_numpy_state
 from common.parts import is_private
@@ -95,12 +95,14 @@ def load_shard(context: Context, split: str = "train",
     if data_config is not None:  # what the node loads, as the method sees it (centralized: the whole split)
         cfg = data_config(cfg, node.num_partitions)
     node_config = dict(context.node_config)
+    disk = _disk_fingerprint(node.data_dir or cfg.data_dir, node.cache_dir or cfg.cache_dir)
     key = (json.dumps(cfg.as_flat_dict(), sort_keys=True), json.dumps(node_config, sort_keys=True, default=str), split,
-           _disk_fingerprint(node.data_dir or cfg.data_dir, node.cache_dir or cfg.cache_dir))
+           disk)
     if os.environ.get(MEMO_ENV, "1") == "0":  # benchmarks/simulation_round.py measures the loads without it
         _MEMO.clear()
+        _PARTITIONS.clear()
     if key not in _MEMO:
-        shard = _load_shard(cfg, node_config, split)
+        shard = _load_shard(cfg, node_config, split, disk)
         _MEMO[key] = replace(shard, feats=MappingProxyType(shard.feats))  # shared between callers: read-only
         while len(_MEMO) > _MEMO_SIZE:
             _MEMO.popitem(last=False)
@@ -111,6 +113,11 @@ def load_shard(context: Context, split: str = "train",
 # the per-process memo of `load_shard`: (effective run config, node config, split, disk fingerprint) -> shard
 _MEMO: OrderedDict[tuple, NodeShard] = OrderedDict()
 _MEMO_SIZE = 32  # 10 simulated nodes x (train, dev, test) fit
+# and of the whole split with every partition (`partitioned_split`), shared by all the nodes a process serves: with
+# thousands of simulated nodes a sampled node is mostly new to its actor, and re-deriving the partition per node
+# made a round's cost grow with the federation (docs/SCALE.md)
+_PARTITIONS: OrderedDict[tuple, tuple[RetrievalSplit, list[np.ndarray]]] = OrderedDict()
+_PARTITIONS_SIZE = 3  # train, dev, test of one run
 MEMO_ENV = "FEDXMR_SHARD_MEMO"  # "0": load from disk every message (the behaviour before the memo)
 IMAGE_FILES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")  # never part of the fingerprint
 
@@ -136,7 +143,20 @@ def _disk_fingerprint(data_dir: str, cache_dir: str) -> tuple:
     return tuple(out)
 
 
-def _load_shard(cfg: RunConfig, node_config: dict, split: str) -> NodeShard:
+def _partitioned(cfg: RunConfig, num_partitions: int, data_dir: str, split: str,
+                 disk: tuple) -> tuple[RetrievalSplit, list[np.ndarray]]:
+    """`partitioned_split`, from the per-process memo when this process already derived it (same run config,
+    federation size, data dir and files on disk)."""
+    key = (json.dumps(cfg.as_flat_dict(), sort_keys=True), num_partitions, str(data_dir), split, disk)
+    if key not in _PARTITIONS:
+        _PARTITIONS[key] = partitioned_split(cfg, num_partitions, data_dir, split)
+        while len(_PARTITIONS) > _PARTITIONS_SIZE:
+            _PARTITIONS.popitem(last=False)
+    _PARTITIONS.move_to_end(key)
+    return _PARTITIONS[key]
+
+
+def _load_shard(cfg: RunConfig, node_config: dict, split: str, disk: tuple | None = None) -> NodeShard:
     """Find this node's shard of `split` and load (encoding once) its features; `cfg` is the run config as the
     method sees it (`data_config`: centralized loads the whole split, paired).
 
@@ -154,7 +174,9 @@ def _load_shard(cfg: RunConfig, node_config: dict, split: str) -> NodeShard:
         shard = read_shard(private, split, cfg, node.partition_id if "partition_id" in given else None,
                            node.num_partitions if "num_partitions" in given else None)
     else:
-        shard = cut_shard(cfg, node.partition_id, node.num_partitions, data_dir, split)
+        disk = disk if disk is not None else _disk_fingerprint(data_dir, node.cache_dir or cfg.cache_dir)
+        shard = cut_shard(cfg, node.partition_id, node.num_partitions, data_dir, split,
+                          _partitioned(cfg, node.num_partitions, data_dir, split, disk))
     device = node.device or cfg.device
     backbone = (shard_backbone(private, cfg.backbone, device) if private is not None
                 else backbone_for(cfg.backbone, data_dir, cfg.data_keys, device))

@@ -327,6 +327,7 @@ def test_a_process_reuses_a_loaded_shard_until_its_files_change(run_config: dict
     read-only; a touched feature chunk or another node config -> a fresh load with the same content."""
     import os
 
+    load_shard(_context(run_config), "train")  # encodes into the cache if no earlier test did (changes the files)
     first = load_shard(_context(run_config), "train")
     again = load_shard(_context(run_config), "train")
     assert again.data is first.data and again.feats["txt"] is first.feats["txt"]
@@ -345,3 +346,28 @@ def test_a_process_reuses_a_loaded_shard_until_its_files_change(run_config: dict
     fresh = load_shard(_context(run_config), "train")
     assert fresh.data is not first.data
     assert fresh.data.images == first.data.images and np.array_equal(fresh.feats["txt"], first.feats["txt"])
+
+
+def test_a_process_derives_the_partition_once_for_all_the_nodes_it_serves(run_config: dict,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """With thousands of simulated nodes a sampled node is mostly new to its actor: the split and its partition are
+    derived once per process (not per node), and every node still gets exactly the shard cut on its own."""
+    import fedxmr_client.node as node
+    from common.config import parse_run_config
+    from common.data.shards import cut_shard
+
+    for pid in range(3):  # features encoded into the cache first (new cache files would change the disk fingerprint)
+        for split in ("train", "dev"):
+            load_shard(_context(run_config, pid=pid, num=3), split)
+    calls = []
+    real = node.partitioned_split
+    monkeypatch.setattr(node, "partitioned_split", lambda *a: calls.append(a[-1]) or real(*a))
+    node._MEMO.clear()
+    node._PARTITIONS.clear()
+    cfg = parse_run_config(run_config)
+    for pid in range(3):
+        for split in ("train", "dev"):
+            shard = load_shard(_context(run_config, pid=pid, num=3), split)
+            alone = cut_shard(cfg, pid, 3, run_config["data-dir"], split)
+            assert shard.data.images == alone.data.images and np.array_equal(shard.pool_indices, alone.pool_indices)
+    assert sorted(calls) == ["dev", "train"]

@@ -71,23 +71,30 @@ class Shard:
     data: RetrievalSplit  # only the modalities of `client_type`
 
 
-def cut_shard(cfg: RunConfig, partition_id: int, num_partitions: int, data_dir: str | os.PathLike,
-              split: str) -> Shard:
-    """Partition `partition_id` of `split` from the full dataset; a dev or test shard follows the node's train class
-    mix."""
-    client_type = client_types(num_partitions, cfg.mix(), cfg.seed)[partition_id]
-    modalities = CLIENT_TYPES[client_type]
-    # image files are checked for this node's images only (below): one missing file fails the node holding it,
-    # not every node of the federation
+def partitioned_split(cfg: RunConfig, num_partitions: int, data_dir: str | os.PathLike,
+                      split: str) -> tuple[RetrievalSplit, list[np.ndarray]]:
+    """The whole pool of `split` and every partition's indices into it: what each node's shard is cut from. The
+    same for every node of a run, so a process serving many nodes computes it once (`fedxmr_client.node`); a dev or
+    test pool follows each node's train class mix."""
+    # image files are checked per node (`cut_shard`): one missing file fails the node holding it, not the federation
     dataset = open_dataset(data_dir, cfg.data_keys, resolve_cache_dir(cfg.cache_dir))
     train = dataset.load("train", cfg.max_train_images, check_images=False)
     parts = partition(cfg.partitioner, len(train.images), num_partitions, cfg.seed, labels=train.labels,
                       beta=cfg.partition_beta, ways=cfg.partition_ways, shots=cfg.partition_shots)
-    pool = train
-    if split != "train":
-        pool = dataset.load(split, cfg.max_eval_images, check_images=False)
-        parts = follow_partition(dominant_class(train.labels), parts, dominant_class(pool.labels, train.labels),
-                                 cfg.seed)
+    if split == "train":
+        return train, parts
+    pool = dataset.load(split, cfg.max_eval_images, check_images=False)
+    return pool, follow_partition(dominant_class(train.labels), parts, dominant_class(pool.labels, train.labels),
+                                  cfg.seed)
+
+
+def cut_shard(cfg: RunConfig, partition_id: int, num_partitions: int, data_dir: str | os.PathLike, split: str,
+              partitioned: tuple[RetrievalSplit, list[np.ndarray]] | None = None) -> Shard:
+    """Partition `partition_id` of `split` from the full dataset (`partitioned`: `partitioned_split`'s result for
+    these arguments, when the caller already has it)."""
+    client_type = client_types(num_partitions, cfg.mix(), cfg.seed)[partition_id]
+    modalities = CLIENT_TYPES[client_type]
+    pool, parts = partitioned or partitioned_split(cfg, num_partitions, data_dir, split)
     idx = parts[partition_id]
     if "img" in modalities and pool.features is None:
         missing = [p for p in pool.image_paths(idx) if not p.is_file()]
