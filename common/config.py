@@ -19,7 +19,7 @@ from common.data.partition import PARTITIONERS
 from common.losses import HASH_LOSSES, LossWeights
 from common.model import ModelConfig
 from common.parts import personal as personal_part
-from common.method_config import SECTIONS, Section, aggregation_support, kebab
+from common.method_config import SECTIONS, Section, aggregation_support, dp_refusal, kebab
 from common.robust import AGGREGATIONS
 from common.train import TrainConfig
 
@@ -51,6 +51,13 @@ class RunConfig(BaseModel):
     # the most any one client weighs in any mix of client inputs (weights, memories, prototypes, hypernetwork
     # inputs), after the method's own weights (common/trust.py); at least the uniform share of the clients mixed
     max_client_share: float = Field(0.3, gt=0.0, le=1.0)
+    # client-level differential privacy (common/privacy.py, docs/PRIVACY.md): on when a noise multiplier or a target ε
+    # is set; each client's update clipped to L2 norm `dp-clip`, equal weights, Gaussian noise; δ 0: 1 / clients
+    dp_noise_multiplier: float = Field(0.0, ge=0.0)
+    dp_target_epsilon: float = Field(0.0, ge=0.0)
+    dp_clip: float = Field(1.0, gt=0.0)
+    dp_delta: float = Field(0.0, ge=0.0, lt=1.0)
+    dp_side: Literal["server", "client"] = "server"  # who clips and draws the noise
     # score the global model on dev / run the per-client dev evaluation every k rounds (and always in the last
     # round); selection only sees scored rounds, so 1 (every round) is the protocol, larger is for fast grids
     eval_every: int = Field(1, ge=1)
@@ -134,6 +141,11 @@ class RunConfig(BaseModel):
             return self.select_on
         return "hash-map" if is_feature_file(Path(self.data_dir)) else "rsum"
 
+    @property
+    def dp(self) -> bool:
+        """Whether client-level DP is on."""
+        return self.dp_noise_multiplier > 0 or self.dp_target_epsilon > 0
+
     def mix(self) -> tuple[float, float, float]:
         return parse_mix(self.modality_mix)
 
@@ -209,12 +221,31 @@ def parse_run_config(raw: Mapping[str, Any]) -> RunConfig:
     if allowed and cfg.aggregation not in allowed:
         problems.append(f"run config keys 'aggregation' = {cfg.aggregation!r} and 'method' = {cfg.method!r}: the "
                         f"method has {why}; use aggregation {' or '.join(map(repr, allowed))}")
+    problems += _dp_problems(cfg)
     if cfg.hash_loss == "center" and cfg.hash_straight_through:
         problems.append("run config keys 'hash-loss' = 'center' and 'hash-straight-through' = true: the center loss on "
                         "exact ±1 codes has no gradient; use one of them")
     if problems:
         raise ConfigError("invalid run config:\n  " + "\n  ".join(problems))
     return cfg
+
+
+def _dp_problems(cfg: RunConfig) -> list[str]:
+    """Why this run cannot have the DP it asks for (common/method_config.py: what a refused method's records leak)."""
+    if not cfg.dp:
+        return []
+    problems = []
+    if cfg.dp_noise_multiplier > 0 and cfg.dp_target_epsilon > 0:
+        problems.append("run config keys 'dp-noise-multiplier' and 'dp-target-epsilon' are both set; set one (the "
+                        "other is derived)")
+    refused = dp_refusal(cfg.method, cfg.options)
+    if refused:
+        problems.append(f"run config key 'method' = {cfg.method!r} cannot run under client-level DP "
+                        f"('dp-noise-multiplier' / 'dp-target-epsilon'): {refused}")
+    if cfg.aggregation != "mean":
+        problems.append(f"run config key 'aggregation' = {cfg.aggregation!r}: DP-FedAvg needs the plain mean of "
+                        "clipped updates (a robust rule's sensitivity to one client is not bounded by the clip)")
+    return problems
 
 
 class NodeConfig(BaseModel):

@@ -161,3 +161,29 @@ def aggregation_support(method: str, options: Section) -> tuple[tuple[str, ...],
     if method == "unialign" and getattr(options, "weighting", "size") == "agreement":
         return ("mean", "norm-clip"), _OWN.format("agreement")
     return _SUPPORT.get(method, ((), ""))
+
+
+# What each method's clients send beyond their model weights, and so why it refuses client-level DP (common/privacy.py
+# clips and noises model updates only); methods not listed send only weights and run under DP.
+_LEAKS = "its clients send {}, which DP-FedAvg neither clips nor noises"
+_DP_REFUSED: dict[str, str] = {
+    "fedproto": _LEAKS.format("record 'prototypes': the mean embedding of their items of each concept and how many "
+                              "items they hold per concept"),
+    "rcsr": _LEAKS.format("record 'prototypes' (per-concept mean embeddings and counts) and consistency statistics "
+                          "of their held-out items; the router weighs individual clients"),
+    "plfedcmh": _LEAKS.format("record 'prototypes' (per-concept mean hash features and counts); the hypernetwork "
+                              "mixes individual clients' models"),
+    "fedcafe": _LEAKS.format("record 'memory': the mean hash code of their items of each concept and per-concept "
+                             "counts; the weights compare individual clients' memories"),
+    "linear": _LEAKS.format("record 'linear': the sums, second moments XᵀX and label cross-moments XᵀY of their "
+                            "items' features, then ITQ sums"),
+    "centralized": "one node holds all the data: there is no second client to hide a client among",
+    "local": "no update is ever shared (each client keeps its own model): there is nothing to release",
+}
+
+
+def dp_refusal(method: str, options: Section) -> str:
+    """Why `method` (with these options) cannot run under client-level DP; "" when it can."""
+    if method == "unialign" and getattr(options, "weighting", "size") == "agreement":
+        return "unialign-weighting = 'agreement' weighs each client by its own update (use 'size')"
+    return _DP_REFUSED.get(method, "")

@@ -21,7 +21,7 @@ from dataclasses import replace
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from common import protocol as P
@@ -30,6 +30,7 @@ from common.data.federation import CLIENT_TYPES, TYPE_CODES
 from common.metrics import query_recalls, standard_map
 from common.model import XmrModel, upload_keys
 from common.parts import personal as personal_part
+from common.privacy import client_noise, fresh_rng
 from common.train import TrainConfig, train_paired, train_unimodal
 from fedxmr_client.faults import apply_fault, fail_if_drilled, fault_of, tamper_reply
 from fedxmr_client.methods import ClientMethod, client_method
@@ -51,6 +52,21 @@ def _train(model: XmrModel, shard: NodeShard, cfg: TrainConfig, rng: np.random.G
         return train_unimodal(model, "img", f["img"], cfg, rng, personal=personal, terms=terms, labels=labels)
     return train_unimodal(model, "txt", f["txt"], cfg, rng, caption_image=caps, personal=personal, terms=terms,
                           labels=labels)
+
+
+def _privatise(state: dict[str, torch.Tensor], received: dict[str, np.ndarray], shard: NodeShard,
+               config: ConfigRecord) -> dict[str, torch.Tensor]:
+    """The update clipped to `dp-clip` plus N(0, (z·C)²/m) (`common.privacy.client_noise`). z: the larger of the run
+    config's and the server's; m: the server's count of sampled clients, at most the federation's size (a server that
+    claims more clients would shrink each node's share of the noise)."""
+    if P.DP_NOISE not in config or P.DP_SAMPLED not in config:  # never send an update without its noise
+        raise ValueError(f"client-side DP: the train message has no {P.DP_NOISE!r} / {P.DP_SAMPLED!r}; this node "
+                         "sends no update without noise")
+    z = max(shard.cfg.dp_noise_multiplier, float(config[P.DP_NOISE]))
+    m = min(int(config[P.DP_SAMPLED]), shard.num_partitions)
+    noised, _ = client_noise({k: received[k] for k in state}, {k: v.detach().cpu().numpy() for k, v in state.items()},
+                             shard.cfg.dp_clip, z, m, fresh_rng())
+    return {k: torch.from_numpy(v) for k, v in noised.items()}
 
 
 def _identity(partition_id: int, client_type: str) -> dict[str, int]:
@@ -111,6 +127,8 @@ def train(msg: Message, context: Context) -> Message:
     received = {k: a.numpy() for k, a in msg.content[P.ARRAYS].items()} if got else {}
     state, num_examples = apply_fault(fault, {k: state[k] for k in sent}, received, len(plan.shard.data.images),
                                       context.state)
+    if shard.cfg.dp and shard.cfg.dp_side == "client" and state and got:  # clip, add this node's share of noise
+        state = _privatise(state, received, shard, config)
     arrays = ArrayRecord(state)
     records[P.ARRAYS] = arrays
     metrics |= {

@@ -98,9 +98,10 @@ def _run(grid: Grid, context: Context) -> None:
     recorder.plot_router()
     recorder.plot_layer_weights(best.round)
     n_clients = max((r["train"].get("replies", 0) for r in recorder.rounds if r.get("train")), default=0)
+    privacy = {"privacy": strategy.privacy.report(strategy.state.meta)} if strategy.privacy is not None else {}
     text = recorder.summary(best.round, dev, test, {"clients": n_clients, "per-client": clients,
                                                     "selected-on": _selected_on(cfg.selection_metric(),
-                                                                                strategy.has_global_model)})
+                                                                                strategy.has_global_model), **privacy})
     print(text, flush=True)
     log(INFO, "fedxmr: outputs in %s", recorder.dir)
 

@@ -211,6 +211,7 @@ class RunRecorder:
                "MAP@all and MAP@R, and the standard MAP@all of the hashing papers, ties in database order):", "",
                "| split | MAP@all i2t | MAP@all t2i | MAP@R i2t | MAP@R t2i | std MAP i2t | std MAP t2i |",
                "|---|---|---|---|---|---|---|", *maps, ""] if test else []),
+            *_privacy_lines(extra.get("privacy", {})),
             *_client_lines(extra.get("per-client", {}).get("summary", {})),
             *_rejection_lines(self.rounds),
         ])
@@ -218,6 +219,15 @@ class RunRecorder:
         (self.dir / "final.json").write_text(json.dumps(
             {"best-round": best_round, "dev": dev, "test": test, **extra}, indent=2))
         return text
+
+
+def _privacy_lines(privacy: dict[str, Any]) -> list[str]:
+    """The run's client-level DP in one line (fedxmr_server/privacy.py), if it ran under DP."""
+    if not privacy:
+        return []
+    return [f"Client-level DP ({privacy['side']} side): (ε = {privacy['epsilon']:.2f}, δ = {privacy['delta']:.2g}) "
+            f"after {privacy['rounds-released']} released rounds; noise multiplier {privacy['noise-multiplier']:.3f}, "
+            f"update clip {privacy['clip']:g}; accounting: {privacy['accounting']}.", ""]
 
 
 def _rejection_lines(rounds: list[dict[str, Any]]) -> list[str]:

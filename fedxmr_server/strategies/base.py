@@ -32,7 +32,6 @@ failed, never "completed".
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Any, Callable, Iterable
 
@@ -43,17 +42,19 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
-from common.config import RunConfig
+from common.config import ConfigError, RunConfig
 from common.data.concepts import CONCEPT_NAMES
 from common.data.federation import TYPE_CODES
 from common.evaluate import client_summary
 from common import protocol as P
 from common.robust import combine, norm_outliers
 from common.trust import cap_shares
+from fedxmr_server.privacy import ClientLevelDp
 from fedxmr_server.strategies.clients import ClientRegistry
 from fedxmr_server.strategies.replies import (content_problem, effective_weights, from_array_record, mean_metrics,
                                               record_bytes, scalar, to_array_record)
-from fedxmr_server.strategies.state import Checkpoint, StrategyState, capture_rng, restore_rng
+from fedxmr_server.strategies.selection import Selection, SelectsOnDev
+from fedxmr_server.strategies.state import Checkpoint, StrategyState
 
 Arrays = dict[str, np.ndarray]
 
@@ -62,17 +63,7 @@ class RunFailed(RuntimeError):
     """The run cannot produce an honest result (see the quorum rule in the module docstring)."""
 
 
-@dataclass
-class Selection:
-    """The best round so far and copies of its models (global and per-client)."""
-
-    round: int = -1
-    score: float = -np.inf
-    arrays: Arrays = field(default_factory=dict)
-    clients: dict[str, Arrays] = field(default_factory=dict)
-
-
-class XmrStrategy(ClientRegistry, Strategy):
+class XmrStrategy(ClientRegistry, SelectsOnDev, Strategy):
     """Round loop, validation, weighting/aggregation hooks and a single serialisable state object."""
 
     name = "base"
@@ -100,6 +91,10 @@ class XmrStrategy(ClientRegistry, Strategy):
         self.concepts = len(CONCEPT_NAMES)
         self.run_key = ""  # set by the ServerApp: names the run for the nodes' on-disk state (`P.RUN_KEY`)
         self._timeout = 3600.0  # of each message batch; `start` sets it
+        self.privacy = ClientLevelDp(cfg) if cfg.dp else None  # DP-FedAvg replaces `aggregate` (fedxmr_server/privacy.py)
+        if self.privacy is not None and type(self).aggregate is not XmrStrategy.aggregate:
+            raise ConfigError(f"method {self.name!r} aggregates in its own way, which client-level DP does not cover; "
+                              "list what it sends in common/method_config.py (_DP_REFUSED)")
 
     def summary(self) -> None:
         log(INFO, "fedxmr strategy %r: %s", self.name, self.description)
@@ -113,6 +108,8 @@ class XmrStrategy(ClientRegistry, Strategy):
     def payload(self, client: str, server_round: int, kind: str) -> RecordDict:
         config = ConfigRecord({P.SERVER_ROUND: server_round, P.BEST_ROUND: self.best.round,
                                P.SPLIT_KEY: P.SPLIT[kind], P.RUN_KEY: self.run_key})
+        if kind == "train" and self.privacy is not None:
+            config.update(self.privacy.client_config())
         content = RecordDict({P.CONFIG: config})
         arrays = self.model_for(client, selected=kind == "test")
         if arrays is not None:
@@ -129,6 +126,11 @@ class XmrStrategy(ClientRegistry, Strategy):
 
     def aggregate(self, server_round: int, replies: list[Message], weights: np.ndarray) -> None:
         client_arrays = [from_array_record(m.content[P.ARRAYS]) for m in replies]
+        if self.privacy is not None:  # equal weights, clipped updates, noise; one release in the ledger
+            self.state.arrays = self.privacy.release(self.state.arrays, client_arrays, self.last_train_asked,
+                                                     self.state.meta)
+            self.last_train["privacy"] = self.privacy.last
+            return
         self.state.arrays = combine(self.state.arrays, client_arrays, weights, self.cfg.aggregation,
                                     self.cfg.trim_fraction, self.cfg.max_client_share)
 
@@ -162,7 +164,7 @@ class XmrStrategy(ClientRegistry, Strategy):
                 ok.append(msg)
         ok.sort(key=lambda m: (scalar(m.content[P.METRICS].get(P.PARTITION_ID, -1)), m.metadata.src_node_id))
         with_arrays = [m for m in ok if P.ARRAYS in m.content.array_records and len(m.content[P.ARRAYS])]
-        if self.cfg.update_norm_limit > 0 and self.state.arrays and with_arrays:
+        if self.cfg.update_norm_limit > 0 and self.state.arrays and with_arrays and self.privacy is None:
             reasons = norm_outliers(self.state.arrays, [from_array_record(m.content[P.ARRAYS]) for m in with_arrays],
                                     self.cfg.update_norm_limit)
             for msg, reason in zip(with_arrays, reasons):
@@ -191,7 +193,10 @@ class XmrStrategy(ClientRegistry, Strategy):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        messages = self._messages(grid, self._sample(grid, self.cfg.fraction_train), server_round, "train")
+        nodes = self._sample(grid, self.cfg.fraction_train)
+        if self.privacy is not None:  # δ and the noise multiplier, once the federation's size is known
+            self.privacy.start(self.state.meta, len(list(grid.get_node_ids())), len(nodes))
+        messages = self._messages(grid, nodes, server_round, "train")
         self._download_bytes = sum(record_bytes(m.content) for m in messages)
         self.sent_arrays = {self.client_key(m.metadata.dst_node_id): from_array_record(m.content[P.ARRAYS])
                             for m in messages if P.ARRAYS in m.content.array_records}
@@ -267,41 +272,6 @@ class XmrStrategy(ClientRegistry, Strategy):
         keys = [P.CAPTION_IMAGE, P.LABEL] + [f"{other}-{kind}" for mod, other in (("img", "txt"), ("txt", "img"))
                                              if mod in mods for kind in kinds]
         return {k: gallery[k] for k in keys if k in gallery}
-
-    def selection_score(self, dev: dict[str, float] | None) -> float:
-        """The dev value that selects the reported round (`select-on`; MAPs: the mean of i2t and t2i). Without a
-        global model the per-client dev evaluation stands in (mean R@K score, or mean per-client Hamming MAP)."""
-        metric = self.cfg.selection_metric()
-        if not self.has_global_model:  # `last_evaluate` is reset every round, so a stale per-client score never counts
-            summary = self.last_evaluate.get("summary", {})
-            keys = ["all-global-mean"] if metric == "rsum" else ["all-global-smap_i2t-mean", "all-global-smap_t2i-mean"]
-        else:
-            summary = dev or {}
-            keys = {"rsum": ["rsum"], "map": ["emb_smap_i2t", "emb_smap_t2i"],
-                    "hash-map": ["hash_smap_i2t", "hash_smap_t2i"]}[metric]
-        missing = [k for k in keys if k not in summary]
-        if summary and missing:
-            raise ValueError(f"run config key 'select-on' = {metric!r}: the dev scores have no {missing} (labels?)")
-        return float(np.mean([summary[k] for k in keys])) if summary else -np.inf
-
-    def _select(self, server_round: int, dev: dict[str, float] | None) -> None:
-        """Keep the round if its dev score (`selection_score`) is the best so far (ties keep the earlier round); a
-        round without a dev score this round (`eval-every` / `client-eval-every`) is never selected."""
-        score = self.selection_score(dev)
-        if score > self.best.score:
-            self.best = Selection(server_round, float(score), {k: v.copy() for k, v in self.state.arrays.items()},
-                                  {n: {k: v.copy() for k, v in a.items()} for n, a in self.state.clients.items()})
-
-    def checkpoint(self) -> Checkpoint:
-        """The run as of the last completed round (state, selection, RNG states): `start(resume=...)` continues
-        from it."""
-        best = StrategyState(self.best.round, self.best.arrays, self.best.clients, meta={"score": self.best.score})
-        return Checkpoint(self.state.round, self.state, best, capture_rng())
-
-    def _restore(self, ckpt: Checkpoint) -> None:
-        self.state = ckpt.state
-        self.best = Selection(ckpt.best.round, float(ckpt.best.meta["score"]), ckpt.best.arrays, ckpt.best.clients)
-        restore_rng(ckpt.rng)
 
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,
               train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
