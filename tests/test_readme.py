@@ -25,7 +25,7 @@ MAX_LINES = 300
 # Hand-written pages; the generated results pages (docs/RESULTS.md, ...) belong to scripts/results.py.
 PAGES = [README, ROOT / "deploy" / "README.md",
          *(ROOT / "docs" / f"{name}.md" for name in ("CONFIG", "DATA", "FIDELITY", "GRIDS", "MEASURED", "METHODS",
-                                                     "PROTOCOL", "SEARCH", "TRUST"))]
+                                                     "PRIVACY", "PROTOCOL", "SEARCH", "TRUST"))]
 
 FENCE = re.compile(r"^```[^\n]*\n(.*?)^```[ \t]*$", re.M | re.S)
 INLINE = re.compile(r"`([^`]+)`")
