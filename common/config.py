@@ -52,7 +52,8 @@ class RunConfig(BaseModel):
     # inputs), after the method's own weights (common/trust.py); at least the uniform share of the clients mixed
     max_client_share: float = Field(0.3, gt=0.0, le=1.0)
     # client-level differential privacy (common/privacy.py, docs/PRIVACY.md): on when a noise multiplier or a target ε
-    # is set; each client's update clipped to L2 norm `dp-clip`, equal weights, Gaussian noise; δ 0: 1 / clients
+    # is set; each client's update clipped to L2 norm `dp-clip`, equal weights, Gaussian noise; δ 0: min(1e-5, 0.1 /
+    # clients) (fedxmr_server/privacy.py: default_delta)
     dp_noise_multiplier: float = Field(0.0, ge=0.0)
     dp_target_epsilon: float = Field(0.0, ge=0.0)
     dp_clip: float = Field(1.0, gt=0.0)

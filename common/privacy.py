@@ -1,18 +1,23 @@
 """Client-level differential privacy for the weight-sharing methods: DP-FedAvg with fixed clipping.
 
-The algorithm is the one of Flower's `DifferentialPrivacy{Server,Client}SideFixedClipping` (McMahan et al., ICLR
-2018): every sampled client's update Δ_i = w_i − w (all the arrays it sends, as one vector) is clipped to L2 norm C,
-the clipped updates are averaged with equal weights over the m clients asked this round (a fixed denominator: a
-client that sends nothing adds a zero update), and Gaussian noise N(0, (z·C/m)²) is added to every entry of the mean.
-Adding or removing one client's whole data changes the sum of clipped updates by at most C, so one round is the
-Gaussian mechanism with noise multiplier z; the accountant (`fedxmr_server.privacy`) composes the rounds.
+The server-side release is the algorithm of Flower's `DifferentialPrivacyServerSideFixedClipping` (McMahan et al.,
+ICLR 2018): every sampled client's update Δ_i = w_i − w (all the arrays it sends, as one vector) is clipped to L2
+norm C, the clipped updates are averaged with equal weights over the m clients asked this round (a fixed denominator:
+a client that sends nothing adds a zero update), and Gaussian noise N(0, (z·C/m)²) is added to every entry of the
+mean that some client sent. Adding or removing one client's whole data changes the sum of clipped updates by at most
+C, so one round is the Gaussian mechanism with noise multiplier z; the accountant (`fedxmr_server.privacy`) composes
+the rounds.
 
 Where the noise is drawn:
 - server side (`dp-side = server`): the server clips and adds all the noise. The server sees exact updates; the
   guarantee holds for everyone who sees the model afterwards (other clients, users of the search index).
-- client side (`dp-side = client`): each client clips its own update and adds its share N(0, (z·C)²/m) of the noise,
-  so that the sum over m clients carries N(0, (z·C)²). Alone, one client's update carries only 1/√m of the noise:
-  the guarantee against the server needs secure aggregation, which shows the server only the sum.
+- client side (`dp-side = client`, distributed noise; unlike Flower's client-side variant, where the clients only
+  clip and the server still adds the noise): each client clips its own update and adds N(0, (z·C)²/m), so that the
+  sum over m clients carries N(0, (z·C)²). The guarantee is then for neighbouring federations in which one client's
+  data is replaced by none while the client still takes part and adds its noise ("zero-out" neighbours, as in
+  distributed DP, Kairouz et al. 2021); with k of the m clients sending a given array, that array carries z·√(k/m).
+  Alone, one client's update carries only 1/√m of the noise: against the server the guarantee needs secure
+  aggregation, which shows the server only the sum.
 
 Noise comes from the operating system's entropy, never from the run's seed: noise that can be regenerated from a
 seed in the run config can be subtracted. Runs under DP therefore do not repeat bit for bit.
@@ -50,13 +55,17 @@ def clip_update(start: Arrays, arrays: Arrays, bound: float) -> tuple[Arrays, fl
 
 def noisy_mean(start: Arrays, deltas: list[Arrays], denominator: int, noise_std: float,
                rng: np.random.Generator) -> Arrays:
-    """`start` + (Σ deltas + N(0, noise_std² · denominator²)) / denominator, key by key over `start`'s keys: the
-    noise on the mean has std `noise_std` (z·C/m server side, 0 when the clients added it). A key a client did not
-    send counts as a zero update (the denominator never depends on who replied)."""
+    """`start` + (Σ deltas + N(0, noise_std² · denominator²)) / denominator, key by key: the noise on the mean has
+    std `noise_std` (z·C/m server side, 0 when the clients added it). A key a client did not send counts as a zero
+    update (the denominator never depends on who replied); a key no client sent is released unchanged, without
+    noise."""
     if denominator < 1:
         raise ValueError(f"the DP mean needs a positive fixed denominator, got {denominator}")
     out = {}
     for key, base in start.items():
+        if not any(key in delta for delta in deltas):
+            out[key] = base
+            continue
         total = np.zeros(base.shape, np.float64)
         for delta in deltas:
             if key in delta:

@@ -59,9 +59,10 @@ def _privatise(state: dict[str, torch.Tensor], received: dict[str, np.ndarray], 
     """The update clipped to `dp-clip` plus N(0, (z·C)²/m) (`common.privacy.client_noise`). z: the larger of the run
     config's and the server's; m: the server's count of sampled clients, at most the federation's size (a server that
     claims more clients would shrink each node's share of the noise)."""
-    if P.DP_NOISE not in config or P.DP_SAMPLED not in config:  # never send an update without its noise
-        raise ValueError(f"client-side DP: the train message has no {P.DP_NOISE!r} / {P.DP_SAMPLED!r}; this node "
-                         "sends no update without noise")
+    missing = [k for k in (P.DP_NOISE, P.DP_SAMPLED) if k not in config] + [k for k in state if k not in received]
+    if missing:  # never send an update without its noise, or one that cannot be measured from the model it started at
+        raise ValueError(f"client-side DP: the train message has no {missing[:3]}; this node sends no update "
+                         "without noise")
     z = max(shard.cfg.dp_noise_multiplier, float(config[P.DP_NOISE]))
     m = min(int(config[P.DP_SAMPLED]), shard.num_partitions)
     noised, _ = client_noise({k: received[k] for k in state}, {k: v.detach().cpu().numpy() for k, v in state.items()},
@@ -127,7 +128,7 @@ def train(msg: Message, context: Context) -> Message:
     received = {k: a.numpy() for k, a in msg.content[P.ARRAYS].items()} if got else {}
     state, num_examples = apply_fault(fault, {k: state[k] for k in sent}, received, len(plan.shard.data.images),
                                       context.state)
-    if shard.cfg.dp and shard.cfg.dp_side == "client" and state and got:  # clip, add this node's share of noise
+    if shard.cfg.dp and shard.cfg.dp_side == "client" and state:  # clip, add this node's share of the noise
         state = _privatise(state, received, shard, config)
     arrays = ArrayRecord(state)
     records[P.ARRAYS] = arrays

@@ -95,14 +95,14 @@ def load_shard(context: Context, split: str = "train",
     if data_config is not None:  # what the node loads, as the method sees it (centralized: the whole split)
         cfg = data_config(cfg, node.num_partitions)
     node_config = dict(context.node_config)
-    disk = _disk_fingerprint(node.data_dir or cfg.data_dir, node.cache_dir or cfg.cache_dir)
+    data = _disk_fingerprint(node.data_dir or cfg.data_dir, None)
     key = (json.dumps(cfg.as_flat_dict(), sort_keys=True), json.dumps(node_config, sort_keys=True, default=str), split,
-           disk)
+           data, _disk_fingerprint("", node.cache_dir or cfg.cache_dir))
     if os.environ.get(MEMO_ENV, "1") == "0":  # benchmarks/simulation_round.py measures the loads without it
         _MEMO.clear()
         _PARTITIONS.clear()
     if key not in _MEMO:
-        shard = _load_shard(cfg, node_config, split, disk)
+        shard = _load_shard(cfg, node_config, split, data)
         _MEMO[key] = replace(shard, feats=MappingProxyType(shard.feats))  # shared between callers: read-only
         while len(_MEMO) > _MEMO_SIZE:
             _MEMO.popitem(last=False)
@@ -122,11 +122,13 @@ MEMO_ENV = "FEDXMR_SHARD_MEMO"  # "0": load from disk every message (the behavio
 IMAGE_FILES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")  # never part of the fingerprint
 
 
-def _disk_fingerprint(data_dir: str, cache_dir: str) -> tuple:
+def _disk_fingerprint(data_dir: str, cache_dir: str | None) -> tuple:
     """Size and mtime of every file a shard can be read from (split lists, captions, shard files, feature chunks;
-    not the image files): a changed, added or removed file means a new load."""
+    not the image files): a changed, added or removed file means a new load. `cache_dir` None: the data dir's
+    files only (what a partition is derived from)."""
     out = []
-    roots = (data_dir or os.environ.get(DATA_DIR_ENV, ""), str(resolve_cache_dir(cache_dir)))
+    roots = (data_dir or os.environ.get(DATA_DIR_ENV, ""),
+             str(resolve_cache_dir(cache_dir)) if cache_dir is not None else "")
     for root in filter(None, roots):
         path = Path(root).expanduser().resolve()
         if path.is_file():  # a Karpathy JSON given as the data dir
@@ -146,7 +148,8 @@ def _disk_fingerprint(data_dir: str, cache_dir: str) -> tuple:
 def _partitioned(cfg: RunConfig, num_partitions: int, data_dir: str, split: str,
                  disk: tuple) -> tuple[RetrievalSplit, list[np.ndarray]]:
     """`partitioned_split`, from the per-process memo when this process already derived it (same run config,
-    federation size, data dir and files on disk)."""
+    federation size, data dir and data files: `disk`; the feature cache does not decide a partition, and new nodes
+    write to it)."""
     key = (json.dumps(cfg.as_flat_dict(), sort_keys=True), num_partitions, str(data_dir), split, disk)
     if key not in _PARTITIONS:
         _PARTITIONS[key] = partitioned_split(cfg, num_partitions, data_dir, split)
@@ -156,7 +159,7 @@ def _partitioned(cfg: RunConfig, num_partitions: int, data_dir: str, split: str,
     return _PARTITIONS[key]
 
 
-def _load_shard(cfg: RunConfig, node_config: dict, split: str, disk: tuple | None = None) -> NodeShard:
+def _load_shard(cfg: RunConfig, node_config: dict, split: str, data_files: tuple | None = None) -> NodeShard:
     """Find this node's shard of `split` and load (encoding once) its features; `cfg` is the run config as the
     method sees it (`data_config`: centralized loads the whole split, paired).
 
@@ -174,9 +177,9 @@ def _load_shard(cfg: RunConfig, node_config: dict, split: str, disk: tuple | Non
         shard = read_shard(private, split, cfg, node.partition_id if "partition_id" in given else None,
                            node.num_partitions if "num_partitions" in given else None)
     else:
-        disk = disk if disk is not None else _disk_fingerprint(data_dir, node.cache_dir or cfg.cache_dir)
+        data_files = data_files if data_files is not None else _disk_fingerprint(data_dir, None)
         shard = cut_shard(cfg, node.partition_id, node.num_partitions, data_dir, split,
-                          _partitioned(cfg, node.num_partitions, data_dir, split, disk))
+                          _partitioned(cfg, node.num_partitions, data_dir, split, data_files))
     device = node.device or cfg.device
     backbone = (shard_backbone(private, cfg.backbone, device) if private is not None
                 else backbone_for(cfg.backbone, data_dir, cfg.data_keys, device))

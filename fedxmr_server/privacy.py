@@ -25,7 +25,7 @@ from flwr.serverapp import GaussianPrivacyEvent, NeighboringRelation, PrivacyCon
 from flwr.serverapp import RdpAccountant
 
 from common import protocol as P
-from common.config import RunConfig
+from common.config import ConfigError, RunConfig
 from common.privacy import Arrays, clip_update, fresh_rng, noisy_mean
 
 ACCOUNTING = "rdp (Flower's RdpAccountant), add-or-remove-one client, no amplification by sampling"
@@ -57,6 +57,12 @@ def noise_for_epsilon(target: float, releases: int, delta: float, population: in
     return hi
 
 
+def default_delta(population: int) -> float:
+    """δ when `dp-delta` is 0: well below 1/clients (a mechanism that publishes one random client's data outright is
+    (0, 1/clients)-DP, so δ near 1/clients promises little), at most 1e-5."""
+    return min(1e-5, 0.1 / population)
+
+
 class ClientLevelDp:
     """The release and the ledger of one run. `start(population, sampled)` fixes δ and the noise multiplier once the
     federation's size is known (round 1); the ledger lives in `meta` (the strategy's checkpointed state), so a
@@ -74,8 +80,9 @@ class ClientLevelDp:
         book = meta.setdefault("privacy", {})
         if "noise-multiplier" not in book:
             if population < 2:
-                raise ValueError("client-level DP needs at least 2 clients (δ = 1/clients must be below 1)")
-            delta = self.cfg.dp_delta or 1.0 / population
+                raise ConfigError(f"client-level DP needs at least 2 clients to hide one among; this federation has "
+                                  f"{population}")
+            delta = self.cfg.dp_delta or default_delta(population)
             z = self.cfg.dp_noise_multiplier or noise_for_epsilon(
                 self.cfg.dp_target_epsilon, self.cfg.num_server_rounds, delta, population, sampled)
             book |= {"noise-multiplier": z, "delta": delta, "population": population, "clip": self.cfg.dp_clip,
@@ -101,11 +108,12 @@ class ClientLevelDp:
             clipped = [clip_update(start, a, bound) for a in sent]
             deltas, norms = [d for d, _ in clipped], [n for _, n in clipped]
             effective, noise_std = z, z * bound / asked
-        else:  # the clients clipped and noised; the noise present is what the senders added
+        else:  # the clients clipped and noised; an array carries the noise of the clients that sent it
             deltas = [{k: np.asarray(v, np.float64) - np.asarray(start[k], np.float64) for k, v in a.items()}
                       for a in sent]
             norms, noise_std = [], 0.0
-            effective = z * float(np.sqrt(len(sent) / asked))
+            senders = min(sum(k in a for a in sent) for k in set().union(*sent))
+            effective = z * float(np.sqrt(senders / asked))
         out = noisy_mean(start, deltas, asked, noise_std, self.rng)
         book["releases"].append({"noise-multiplier": effective, "sampled": asked})
         self.last = {"epsilon": self.epsilon(book), "delta": self.delta, "noise-multiplier": effective,

@@ -10,6 +10,8 @@ from pathlib import Path
 import dp_accounting
 import numpy as np
 import pytest
+import torch
+from flwr.app import ConfigRecord
 from dp_accounting import rdp
 
 from common.config import ConfigError, parse_run_config
@@ -137,10 +139,10 @@ def test_a_run_under_dp_reports_the_epsilon_its_ledger_implies(side: str, tmp_pa
     assert not grid.errors
     run = tmp_path / "runs" / "f"
     privacy = json.loads((run / "final.json").read_text())["privacy"]
-    z = noise_for_epsilon(4.0, 3, 0.25, 4, 4)
-    assert privacy["noise-multiplier"] == pytest.approx(z) and privacy["delta"] == 0.25  # δ = 1 / clients
+    z = noise_for_epsilon(4.0, 3, 1e-5, 4, 4)
+    assert privacy["noise-multiplier"] == pytest.approx(z) and privacy["delta"] == 1e-5  # min(1e-5, 0.1 / clients)
     assert privacy["rounds-released"] == 3 and privacy["side"] == side
-    assert privacy["epsilon"] == pytest.approx(_library_epsilon(z, 3, 0.25), rel=1e-9)
+    assert privacy["epsilon"] == pytest.approx(_library_epsilon(z, 3, 1e-5), rel=1e-9)
     assert privacy["epsilon"] <= 4.0
     rounds = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     spent = [r["train"]["privacy"]["epsilon"] for r in rounds if r["round"] > 0]
@@ -160,3 +162,53 @@ def test_a_client_never_sends_an_update_without_its_noise(tmp_path: Path, monkey
     with pytest.raises(RunFailed):  # no usable reply in the only round: the run fails, it is not "completed"
         _run(grid, server_context(flat))
     assert grid.errors and all("sends no update without noise" in e for e in grid.errors)
+
+
+def test_client_side_noise_is_accounted_per_array_by_its_fewest_senders() -> None:
+    """An image-only client sends no text tower: the text tower's sum then carries the noise of fewer clients, and the
+    ledger must record that (not z)."""
+    cfg = parse_run_config({"dp-noise-multiplier": 2.0, "dp-side": "client"})
+    dp = ClientLevelDp(cfg)
+    meta: dict = {}
+    dp.start(meta, population=3, sampled=3)
+    start = {"img.w": np.zeros(4, np.float32), "txt.w": np.zeros(4, np.float32)}
+    paired = {k: v + 0.1 for k, v in start.items()}
+    dp.release(start, [paired, paired, {"img.w": start["img.w"] + 0.1}], asked=3, meta=meta)
+    assert meta["privacy"]["releases"][-1]["noise-multiplier"] == pytest.approx(2.0 * np.sqrt(2 / 3))
+
+
+def test_a_strategy_with_its_own_aggregation_cannot_run_under_dp() -> None:
+    from fedxmr_server.strategies.fedavg import FedAvgXmr
+
+    class Sneaky(FedAvgXmr):
+        def aggregate(self, server_round, replies, weights):  # type: ignore[no-untyped-def]
+            pass
+
+    with pytest.raises(ConfigError, match="own \\['aggregate'\\]"):
+        Sneaky(parse_run_config({"dp-noise-multiplier": 1.0}))
+    FedAvgXmr(parse_run_config({"dp-noise-multiplier": 1.0}))  # the plain one can
+
+
+def test_a_client_side_node_sends_nothing_without_the_model_it_started_from(tmp_path: Path) -> None:
+    from fedxmr_client.app import _privatise
+
+    shard = type("Shard", (), {"cfg": parse_run_config({"dp-noise-multiplier": 1.0, "dp-side": "client"}),
+                               "num_partitions": 3})()
+    state = {"w": torch.zeros(3)}
+    with pytest.raises(ValueError, match="no update without noise"):
+        _privatise(state, {}, shard, ConfigRecord({P.DP_NOISE: 1.0, P.DP_SAMPLED: 3}))
+    noised = _privatise(state, {"w": np.zeros(3, np.float32)}, shard, ConfigRecord({P.DP_NOISE: 1.0, P.DP_SAMPLED: 3}))
+    assert not torch.equal(noised["w"], state["w"])
+
+
+def test_a_round_under_quorum_releases_nothing(tmp_path: Path) -> None:
+    """Partition 0 fails every round: 1 usable reply of 2 asked, below the quorum of 2, so the model is kept and no
+    ε is spent."""
+    path = write_npz(tmp_path / "data.npz")
+    flat = _config(tmp_path, path, **{"num-server-rounds": 2, "modality-mix": "1,0,0", "dp-noise-multiplier": 1.0,
+                                      "faults": "0:raise"}).as_flat_dict()
+    _run(_Recorder(flat, [3, 4]), server_context(flat))
+    run = tmp_path / "runs" / "f"
+    assert json.loads((run / "final.json").read_text())["privacy"]["rounds-released"] == 0
+    rounds = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["train"]["under-quorum"] and "privacy" not in r["train"] for r in rounds if r["round"] > 0)

@@ -92,9 +92,11 @@ class XmrStrategy(ClientRegistry, SelectsOnDev, Strategy):
         self.run_key = ""  # set by the ServerApp: names the run for the nodes' on-disk state (`P.RUN_KEY`)
         self._timeout = 3600.0  # of each message batch; `start` sets it
         self.privacy = ClientLevelDp(cfg) if cfg.dp else None  # DP-FedAvg replaces `aggregate` (fedxmr_server/privacy.py)
-        if self.privacy is not None and type(self).aggregate is not XmrStrategy.aggregate:
-            raise ConfigError(f"method {self.name!r} aggregates in its own way, which client-level DP does not cover; "
-                              "list what it sends in common/method_config.py (_DP_REFUSED)")
+        own = [h for h in ("aggregate", "aggregate_train", "model_for", "payload")
+               if getattr(type(self), h) is not getattr(XmrStrategy, h)]
+        if self.privacy is not None and own:
+            raise ConfigError(f"method {self.name!r} has its own {own}, which client-level DP does not cover; list "
+                              "what it sends in common/method_config.py (_DP_REFUSED)")
 
     def summary(self) -> None:
         log(INFO, "fedxmr strategy %r: %s", self.name, self.description)
@@ -164,6 +166,7 @@ class XmrStrategy(ClientRegistry, SelectsOnDev, Strategy):
                 ok.append(msg)
         ok.sort(key=lambda m: (scalar(m.content[P.METRICS].get(P.PARTITION_ID, -1)), m.metadata.src_node_id))
         with_arrays = [m for m in ok if P.ARRAYS in m.content.array_records and len(m.content[P.ARRAYS])]
+        # under DP the clip bounds every update, and screening one client by the others' norms would leak them
         if self.cfg.update_norm_limit > 0 and self.state.arrays and with_arrays and self.privacy is None:
             reasons = norm_outliers(self.state.arrays, [from_array_record(m.content[P.ARRAYS]) for m in with_arrays],
                                     self.cfg.update_norm_limit)
@@ -172,6 +175,11 @@ class XmrStrategy(ClientRegistry, SelectsOnDev, Strategy):
                     reject(msg, reason)
                     ok.remove(msg)
         return ok, rejected
+
+    def _quorum(self) -> int:
+        """Usable train replies a round needs to change the model: `min-nodes`, or every node asked if fewer were (one
+        node, centralized, is its own quorum); replies that never came count against it."""
+        return min(self.cfg.min_nodes, max(self.last_train_asked, 1))
 
     def _sender(self, msg: Message) -> int:
         """The node a reply answers for: the error the SuperLink sends for an unavailable node comes from the
@@ -225,7 +233,7 @@ class XmrStrategy(ClientRegistry, SelectsOnDev, Strategy):
         self.last_train = {"replies": len(replies), "usable": len(ok), "rejected": rejected, "clients": [],
                            "download-bytes": self._download_bytes,
                            "upload-bytes": sum(record_bytes(m.content) for m in replies if not m.has_error())}
-        if not ok:
+        if len(ok) < self._quorum():  # under quorum: nothing is aggregated (and nothing released), the model is kept
             return None, None
         weights = np.asarray(self.client_weights(ok), dtype=np.float64)
         if not np.all(np.isfinite(weights)) or weights.sum() <= 0 or np.any(weights < 0):
@@ -308,9 +316,7 @@ class XmrStrategy(ClientRegistry, SelectsOnDev, Strategy):
             self.state.round = rnd  # also when nothing was usable: the round happened
             usable = self.last_train.get("usable", 0)
             meta["ever-usable"] = bool(meta.get("ever-usable")) or usable > 0
-            # one node (centralized) is its own quorum; replies that never came count against it
-            need = min(self.cfg.min_nodes, max(self.last_train_asked, 1))
-            quorum = usable >= need and metrics is not None
+            quorum = usable >= self._quorum() and metrics is not None
             self.last_train["under-quorum"] = not quorum
             meta["failed-in-a-row"] = 0 if quorum else int(meta.get("failed-in-a-row", 0)) + 1
             if not quorum:
