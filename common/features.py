@@ -17,6 +17,7 @@ import re
 import sys
 import uuid
 import zipfile
+from collections import OrderedDict
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -48,6 +49,30 @@ class MissingItems(KeyError):
     """Some requested items are not in the cache (yet); encoding them fills it."""
 
 
+def _read(chunk: Path, member: str) -> np.ndarray:
+    """One member (`ids` or `feats`) of a chunk, from a per-process memo keyed by path, size and mtime.
+
+    Why: a simulation actor serves many nodes, each new one reading the same chunks to find its items; with thousands
+    of nodes that re-read cost most of a train message (docs/SCALE.md). Chunks are written once under a fresh name
+    (never changed in place), so the key identifies the content; the arrays handed out are read-only.
+    """
+    st = chunk.stat()
+    key = (str(chunk), member, st.st_size, st.st_mtime_ns)
+    if key not in _CHUNKS:
+        with np.load(chunk, allow_pickle=False) as z:
+            array = z[member]
+        array.setflags(write=False)
+        _CHUNKS[key] = array
+        while sum(a.nbytes for a in _CHUNKS.values()) > _CHUNKS_BYTES and len(_CHUNKS) > 1:
+            _CHUNKS.popitem(last=False)
+    _CHUNKS.move_to_end(key)
+    return _CHUNKS[key]
+
+
+_CHUNKS: OrderedDict[tuple, np.ndarray] = OrderedDict()
+_CHUNKS_BYTES = 512 << 20  # Flickr8k's whole cache of the default backbone is about 110 MB
+
+
 class FeatureStore:
     """Features of one (dataset, split, modality, encoder) on this node's disk."""
 
@@ -62,8 +87,7 @@ class FeatureStore:
         index: dict[str, tuple[Path, int]] = {}
         for chunk in self._chunks():
             try:
-                with np.load(chunk, allow_pickle=False) as z:
-                    ids = z["ids"]
+                ids = _read(chunk, "ids")
             except _UNREADABLE as exc:
                 _quarantine(chunk, exc)
                 continue
@@ -125,8 +149,7 @@ class FeatureStore:
         out: np.ndarray | None = None
         for chunk, pairs in by_chunk.items():
             try:
-                with np.load(chunk, allow_pickle=False) as z:
-                    feats = z["feats"]
+                feats = _read(chunk, "feats")
             except _UNREADABLE as exc:
                 _quarantine(chunk, exc)
                 raise CorruptChunk(f"feature cache chunk {chunk} was unreadable and has been quarantined") from exc
