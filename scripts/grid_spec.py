@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import re
 import subprocess
 import tomllib
 from dataclasses import dataclass, field
@@ -145,6 +146,10 @@ def load_grid(path: str | Path) -> Grid:
         unknown = [s for s in method.get("settings", []) if s not in settings]
         if unknown:
             raise GridError(f"grid file {path}: method {method['name']!r} names unknown settings {unknown}")
+        names = [str(method.get("label", method["name"])), *settings]
+        if not all(_RUN_NAME.fullmatch(n) for n in names):  # they become run names (`run-name`): fail before any run
+            raise GridError(f"grid file {path}: method label / setting names {names} must use only letters, digits, "
+                            "'.', '_' and '-' (they name the cells' run directories)")
         bad = [k for k, v in method.get("sweep", {}).items() if not isinstance(v, list) or not v]
         if bad:
             raise GridError(f"grid file {path}: method {method['name']!r} sweep keys {bad} need a non-empty list")
@@ -165,6 +170,9 @@ def load_grid(path: str | Path) -> Grid:
                 baseline=str(raw.get("baseline", "fedavg")), gap=gap,
                 columns=tuple(raw["columns"]) if "columns" in raw else None, tables=tables,
                 records=Path(_resolve(raw["records"])) if "records" in raw else None)
+
+
+_RUN_NAME = re.compile(r"[A-Za-z0-9._-]+")  # common/config.py: run-name
 
 
 def code_version(root: Path = PROJECT) -> str:

@@ -286,3 +286,6 @@ def test_run_config_text_and_bad_grids(tmp_path: Path) -> None:
     bad.write_text('title = "t"\nseeds = [0]\n[run-config]\nseed = 3\n[settings.a]\n[[methods]]\nname = "x"\n')
     with pytest.raises(GridError, match="'seed' is set by the grid"):
         load_grid(bad)
+    bad.write_text('title = "t"\nseeds = [0]\n[settings.a]\n[[methods]]\nname = "fedavg"\nlabel = "fedavg ε=8"\n')
+    with pytest.raises(GridError, match="only letters, digits"):  # a label becomes a run name: refused before a run
+        load_grid(bad)
