@@ -212,3 +212,13 @@ def test_a_round_under_quorum_releases_nothing(tmp_path: Path) -> None:
     assert json.loads((run / "final.json").read_text())["privacy"]["rounds-released"] == 0
     rounds = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert all(r["train"]["under-quorum"] and "privacy" not in r["train"] for r in rounds if r["round"] > 0)
+
+
+def test_the_utility_plot_reads_epsilon_from_the_labels(tmp_path: Path) -> None:
+    from scripts.privacy_plot import plot, points
+
+    rec = [{"setting": "demo", "method": m, "metric": "rsum", "mean": v, "std": 1.0}
+           for m, v in (("fedavg-nodp", 270.0), ("fedavg-eps8", 10.0), ("fedavg-eps1", 4.0), ("linear", 99.0))]
+    assert points(rec, "demo", "rsum") == [(1.0, 4.0, 1.0), (8.0, 10.0, 1.0), (float("inf"), 270.0, 1.0)]
+    plot(rec + [{**r, "metric": "hash_smap_i2t", "mean": 0.3} for r in rec], tmp_path / "u.png")
+    assert (tmp_path / "u.png").stat().st_size > 0
