@@ -201,3 +201,21 @@ def test_open_clip_imports_in_a_fresh_process() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          cwd=Path(__file__).resolve().parents[1])
     assert out.returncode == 0 and out.stdout.strip() == "True", out.stderr[-2000:]
+
+
+def test_bf16_encoding_agrees_with_fp32_and_keeps_its_own_cache_keys(default_backbone: Backbone,
+                                                                     flickr8k_images: list[Path]) -> None:
+    """`<name>@bf16`: the same encoders under autocast (here CPU's bf16); float32 out, features close to fp32, and
+    cache keys of their own so the two precisions never mix in a feature cache."""
+    mixed = build_backbone("effnet-lite0+minilm@bf16", device="cpu")
+    assert (mixed.img_dim, mixed.txt_dim) == (default_backbone.img_dim, default_backbone.txt_dim)
+    assert mixed.img_key == default_backbone.img_key + "@bf16" != default_backbone.img_key
+    assert mixed.image_encoder().key == mixed.img_key and mixed.text_encoder().key == mixed.txt_key
+    for full, half in ((default_backbone.image_encoder().encode(flickr8k_images),
+                        mixed.image_encoder().encode(flickr8k_images)),
+                       (default_backbone.text_encoder().encode(CAPTIONS), mixed.text_encoder().encode(CAPTIONS))):
+        assert half.dtype == np.float32 and not np.array_equal(half, full)  # autocast really changed the arithmetic
+        cos = (half * full).sum(1) / (np.linalg.norm(half, axis=1) * np.linalg.norm(full, axis=1))
+        assert cos.min() > 0.99, cos
+    with pytest.raises(BackboneError):
+        build_backbone("identity@bf16")

@@ -8,6 +8,9 @@
   tests use with the tiny config `fedxmr-tiny` shipped in `configs/`.
 - `identity`: for precomputed-feature datasets (`common.data.precomputed`): the features are the dataset's own,
   so there is nothing to encode; its dimensions come from the dataset (`identity_backbone`).
+- `<name>@bf16` or `<name>@fp16` (not `identity`): the same encoders run under torch's autocast in that precision
+  (mixed precision: faster on GPUs; features still returned as float32). The cache keys carry the precision, so
+  features of different precisions never mix in a cache; every node and the server must name the same backbone.
 
 Each modality's encoder loads lazily, so a node that holds only images never loads the text model.
 Nothing is downloaded: the Hugging Face hub is forced offline.
@@ -83,9 +86,42 @@ def identity_backbone(img_dim: int, txt_dim: int) -> Backbone:
     return Backbone(IDENTITY, img_dim, txt_dim, IDENTITY, IDENTITY, _no_encoder("image"), _no_encoder("text"))
 
 
+PRECISIONS = ("bf16", "fp16")  # `<backbone>@<precision>`: autocast encoding
+
+
+@dataclass(frozen=True)
+class _Autocast:
+    """An encoder run under torch's autocast: mixed precision inside, float32 features out."""
+
+    inner: Encoder
+    precision: str
+    device: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.inner.key}@{self.precision}"
+
+    @property
+    def dim(self) -> int:
+        return self.inner.dim
+
+    def encode(self, items: Sequence) -> np.ndarray:
+        import torch
+
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        with torch.autocast(device_type=self.device.split(":")[0], dtype=dtype):
+            return np.asarray(self.inner.encode(items), dtype=np.float32)
+
+
 def build_backbone(name: str, device: str = "cpu") -> Backbone:
     """Backbone by name (see the module docstring for the grammar; `identity` needs the dataset's dimensions:
     `common.data.datasets.backbone_for`)."""
+    base, _, precision = name.rpartition("@")
+    if base and precision in PRECISIONS and base != IDENTITY:
+        inner, dev = build_backbone(base, device), resolve_device(device)
+        return Backbone(name, inner.img_dim, inner.txt_dim, f"{inner.img_key}@{precision}",
+                        f"{inner.txt_key}@{precision}", lambda: _Autocast(inner.image_encoder(), precision, dev),
+                        lambda: _Autocast(inner.text_encoder(), precision, dev))
     if name == DEFAULT_BACKBONE:
         from common.backbones.effnet_minilm import effnet_minilm_backbone
 
@@ -101,7 +137,7 @@ def build_backbone(name: str, device: str = "cpu") -> Backbone:
         raise BackboneError("backbone 'identity' takes its dimensions from a precomputed-feature dataset "
                             "(common.data.datasets.backbone_for)")
     raise BackboneError(f"unknown backbone {name!r}; expected {DEFAULT_BACKBONE!r}, 'identity' or "
-                        f"'openclip:<model>[:<tag|path>]'")
+                        f"'openclip:<model>[:<tag|path>]', optionally followed by '@bf16' or '@fp16'")
 
 
 def load_rgb(path: Path, size: int) -> np.ndarray:
