@@ -30,6 +30,8 @@ import secrets
 
 import numpy as np
 
+from common.robust import update_norms
+
 Arrays = dict[str, np.ndarray]
 
 
@@ -39,18 +41,17 @@ def fresh_rng() -> np.random.Generator:
 
 
 def update_norm(start: Arrays, arrays: Arrays) -> float:
-    """L2 norm of the update `arrays` − `start` over every key the client sent, as one vector."""
-    total = sum(float(np.sum((np.asarray(arrays[k], np.float64) - np.asarray(start[k], np.float64)) ** 2))
-                for k in arrays)
-    return float(np.sqrt(total))
+    """L2 norm of the update `arrays` − `start` over every key the client sent, as one vector (the per-tower norms
+    of `common.robust.update_norms`, combined)."""
+    return float(np.sqrt(sum(n * n for n in update_norms(start, arrays).values())))
 
 
 def clip_update(start: Arrays, arrays: Arrays, bound: float) -> tuple[Arrays, float]:
     """(the update of `arrays` from `start` scaled to norm ≤ `bound`, as a delta per key; its norm before)."""
-    norm = update_norm(start, arrays)
+    delta = {k: np.asarray(arrays[k], np.float64) - np.asarray(start[k], np.float64) for k in arrays}
+    norm = float(np.sqrt(sum(float(np.sum(d * d)) for d in delta.values())))
     scale = min(1.0, bound / norm) if norm > 0 else 1.0
-    delta = {k: ((np.asarray(arrays[k], np.float64) - np.asarray(start[k], np.float64)) * scale) for k in arrays}
-    return delta, norm
+    return {k: d * scale for k, d in delta.items()}, norm
 
 
 def noisy_mean(start: Arrays, deltas: list[Arrays], denominator: int, noise_std: float,
