@@ -19,7 +19,8 @@ from common.data.partition import PARTITIONERS
 from common.losses import HASH_LOSSES, LossWeights
 from common.model import ModelConfig
 from common.parts import personal as personal_part
-from common.method_config import SECTIONS, Section, aggregation_support, dp_refusal, kebab
+from common.method_config import (SECTIONS, Section, aggregation_support, dp_refusal, kebab,
+                                  secagg_refusal)
 from common.robust import AGGREGATIONS
 from common.train import TrainConfig
 
@@ -59,6 +60,14 @@ class RunConfig(BaseModel):
     dp_clip: float = Field(1.0, gt=0.0)
     dp_delta: float = Field(0.0, ge=0.0, lt=1.0)
     dp_side: Literal["server", "client"] = "server"  # who clips and draws the noise
+    # secure aggregation (Flower's SecAgg+, fedxmr_server/strategies/secagg.py, docs/PRIVACY.md): the server learns only the
+    # weighted mean of the train round's updates. `secagg-shares`: the fraction of the sampled clients each client's
+    # secrets are shared with; `secagg-threshold`: the fraction of those shares that rebuild one (fewer colluding
+    # clients learn nothing); `secagg-clip`: every value a client sends must lie in [-clip, clip] (it is quantised)
+    secure_aggregation: bool = False
+    secagg_shares: float = Field(1.0, gt=0.0, le=1.0)
+    secagg_threshold: float = Field(0.5, gt=0.0, le=1.0)
+    secagg_clip: float = Field(8.0, gt=0.0)
     # score the global model on dev / run the per-client dev evaluation every k rounds (and always in the last
     # round); selection only sees scored rounds, so 1 (every round) is the protocol, larger is for fast grids
     eval_every: int = Field(1, ge=1)
@@ -222,7 +231,7 @@ def parse_run_config(raw: Mapping[str, Any]) -> RunConfig:
     if allowed and cfg.aggregation not in allowed:
         problems.append(f"run config keys 'aggregation' = {cfg.aggregation!r} and 'method' = {cfg.method!r}: the "
                         f"method has {why}; use aggregation {' or '.join(map(repr, allowed))}")
-    problems += _dp_problems(cfg)
+    problems += _dp_problems(cfg) + _secagg_problems(cfg)
     if cfg.hash_loss == "center" and cfg.hash_straight_through:
         problems.append("run config keys 'hash-loss' = 'center' and 'hash-straight-through' = true: the center loss on "
                         "exact ±1 codes has no gradient; use one of them")
@@ -246,6 +255,24 @@ def _dp_problems(cfg: RunConfig) -> list[str]:
     if cfg.aggregation != "mean":
         problems.append(f"run config key 'aggregation' = {cfg.aggregation!r}: DP-FedAvg needs the plain mean of "
                         "clipped updates (a robust rule's sensitivity to one client is not bounded by the clip)")
+    return problems
+
+
+def _secagg_problems(cfg: RunConfig) -> list[str]:
+    """Why this run cannot have the secure aggregation it asks for."""
+    if not cfg.secure_aggregation:
+        return []
+    problems = []
+    refused = secagg_refusal(cfg.method, cfg.options)
+    if refused:
+        problems.append(f"run config key 'method' = {cfg.method!r} cannot run with 'secure-aggregation': {refused}")
+    if cfg.aggregation != "mean":
+        problems.append(f"run config key 'aggregation' = {cfg.aggregation!r}: a robust rule needs every client's "
+                        "update, which secure aggregation hides; use 'mean'")
+    if cfg.dp and cfg.dp_side == "server":
+        problems.append("run config keys 'secure-aggregation' and 'dp-side' = 'server': the server would clip each "
+                        "update, which it no longer sees; use 'dp-side' = 'client' (each client clips and adds its "
+                        "share of the noise inside the secure sum)")
     return problems
 
 

@@ -187,3 +187,24 @@ def dp_refusal(method: str, options: Section) -> str:
     if method == "unialign" and getattr(options, "weighting", "size") == "agreement":
         return "unialign-weighting = 'agreement' weighs each client by its own update (use 'size')"
     return _DP_REFUSED.get(method, "")
+
+
+# Why a method cannot run with secure aggregation (SecAgg+ gives the server the weighted mean of the updates and
+# nothing else); methods not listed need only that mean.
+_INDIVIDUAL = "its server needs each client's own {}, which secure aggregation hides"
+_SECAGG_REFUSED: dict[str, str] = {
+    "fedproto": "its clients send per-concept prototypes and counts, which SecAgg+ does not aggregate here (not built)",
+    "rcsr": _INDIVIDUAL.format("prototypes and consistency statistics (the router weighs clients one by one)"),
+    "plfedcmh": _INDIVIDUAL.format("model (the hypernetwork mixes models per client and layer)"),
+    "fedcafe": _INDIVIDUAL.format("memory (its weights compare clients' memories)"),
+    "linear": "its sums of feature statistics could be summed securely, but that is not built",
+    "centralized": "one node holds all the data: there is no sum of several clients to hide a client in",
+    "local": "no update is ever shared: there is nothing to aggregate",
+}
+
+
+def secagg_refusal(method: str, options: Section) -> str:
+    """Why `method` (with these options) cannot run with secure aggregation; "" when it can."""
+    if method == "unialign" and getattr(options, "weighting", "size") == "agreement":
+        return "unialign-weighting = 'agreement' weighs each client by its own update, which the server must see"
+    return _SECAGG_REFUSED.get(method, "")

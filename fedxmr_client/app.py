@@ -37,9 +37,10 @@ from fedxmr_client.methods import ClientMethod, client_method
 from fedxmr_client.methods.base import Plan
 from fedxmr_client.node import (MODEL_STATE, PERSONAL_STATE, NodeShard, load_shard, model_for, node_identity,
                                 personal_state, shared_state, state_store)
+from fedxmr_client.secagg import secagg_mod
 from fedxmr_client.state_store import States
 
-app = ClientApp()
+app = ClientApp(mods=[secagg_mod])  # SecAgg+ rounds only (fedxmr_client/secagg.py); other messages pass through
 
 
 def _train(model: XmrModel, shard: NodeShard, cfg: TrainConfig, rng: np.random.Generator, personal: bool,

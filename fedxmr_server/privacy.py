@@ -115,11 +115,25 @@ class ClientLevelDp:
             senders = min(sum(k in a for a in sent) for k in set().union(*sent))
             effective = z * float(np.sqrt(senders / asked))
         out = noisy_mean(start, deltas, asked, noise_std, self.rng)
+        self._ledger(book, effective, asked, norms)
+        return out
+
+    def release_sum(self, start: Arrays, summed: Arrays, fewest_senders: int, asked: int,
+                    meta: dict[str, Any]) -> Arrays:
+        """`release` for client-side DP under secure aggregation, where the server holds only the sum of the clients'
+        clipped, noised updates per array (`summed`) and how many clients sent the array with the fewest senders."""
+        if not summed:
+            return start
+        out = noisy_mean(start, [summed], asked, 0.0, self.rng)
+        self._ledger(meta["privacy"], self.noise_multiplier * float(np.sqrt(fewest_senders / asked)), asked, [])
+        return out
+
+    def _ledger(self, book: dict[str, Any], effective: float, asked: int, norms: list[float]) -> None:
+        """One release in the ledger, and this round's report (`last`)."""
         book["releases"].append({"noise-multiplier": effective, "sampled": asked})
         self.last = {"epsilon": self.epsilon(book), "delta": self.delta, "noise-multiplier": effective,
-                     "clip": bound, "denominator": asked,
-                     "clipped": sum(n > bound for n in norms) if norms else None}
-        return out
+                     "clip": self.cfg.dp_clip, "denominator": asked,
+                     "clipped": sum(n > self.cfg.dp_clip for n in norms) if norms else None}
 
     def epsilon(self, book: dict[str, Any]) -> float:
         """ε spent by the releases in the ledger, at δ."""

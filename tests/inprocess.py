@@ -6,6 +6,7 @@ point runs."""
 
 from __future__ import annotations
 
+import copy
 from typing import Iterable
 
 from flwr.app import Context, Error, Message, RecordDict
@@ -36,8 +37,8 @@ class InProcessGrid:
         messages = list(messages)
         replies = []
         for msg in messages:
-            try:
-                replies.append(client_app(msg, self.contexts[msg.metadata.dst_node_id]))
+            try:  # a copy, as a real transport delivers: a node must never change what another node receives
+                replies.append(client_app(copy.deepcopy(msg), self.contexts[msg.metadata.dst_node_id]))
             except Exception as exc:  # what Flower sends back for a ClientApp exception
                 replies.append(Message(Error(code=1, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg))
         if messages and self.kill_at is not None:

@@ -1,7 +1,7 @@
 """The real Deployment Engine on loopback, driven by the deploy/ scripts (deploy/README.md): a SuperLink with TLS
 and SuperNode authentication, two registered SuperNodes each reading only its materialised shard, 2 rounds of the
-default method on a small subset. An unregistered SuperNode must be refused, and everything that was started must
-be stopped, also when a step fails."""
+default method on a small subset, then one round with secure aggregation (SecAgg+). An unregistered SuperNode must
+be refused, and everything that was started must be stopped, also when a step fails."""
 
 from __future__ import annotations
 
@@ -107,6 +107,8 @@ def deployment(flickr8k_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         listing = _checked(_script(env, "status"))
         result["status"] = json.JSONDecoder().raw_decode(listing[listing.index("{"):])[0]
         result["tls"] = _tls_probe(int(env["SUPERLINK_PORT"]), deploy_dir / "certs" / "ca.crt")
+        secure = run_config.replace(f"num-server-rounds={ROUNDS}", "num-server-rounds=1 secure-aggregation=true")
+        result["secure"] = _script(env, "run", "--run-config", secure.replace("'deploy'", "'secagg'"), timeout=600)
         long = run_config.replace(f"num-server-rounds={ROUNDS}", "num-server-rounds=200").replace("'deploy'",
                                                                                                 "'signalled'")
         result["signalled"] = _signalled_run(env, long, base / "signalled.log")
@@ -142,6 +144,18 @@ def test_metrics_were_written_from_both_private_shards(deployment: dict) -> None
     assert max(r["dev"]["rsum"] for r in rounds[1:]) > rounds[0]["dev"]["rsum"] + 60
     final = json.loads((run_dir / "final.json").read_text())
     assert final["test"]["rsum"] > 0
+
+
+def test_a_secagg_round_runs_over_tls(deployment: dict) -> None:
+    """One round with SecAgg+: the four stages reach both SuperNodes, their masked vectors are summed and unmasked,
+    and no train reply carried arrays (the strategy saw the mean only)."""
+    assert deployment["secure"].returncode == 0, deployment["secure"].stdout[-4000:]
+    rounds = [json.loads(line) for line in (deployment["run-dir"].parent / "secagg" / "metrics.jsonl").read_text()
+              .splitlines()]
+    train = rounds[1]["train"]
+    assert train["usable"] == 2 and sorted(c["partition-id"] for c in train["clients"]) == [0, 1]
+    assert [s["replies"] for s in train["secagg"]["stages"]] == [2, 2, 2, 2]
+    assert rounds[1]["dev"]["rsum"] > rounds[0]["dev"]["rsum"]
 
 
 def test_sigterm_to_run_sh_stops_its_run(deployment: dict) -> None:

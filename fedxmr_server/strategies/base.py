@@ -50,9 +50,11 @@ from common import protocol as P
 from common.robust import combine, norm_outliers
 from common.trust import cap_shares
 from fedxmr_server.privacy import ClientLevelDp
+from fedxmr_server.strategies.secagg import SecureAggregation
 from fedxmr_server.strategies.clients import ClientRegistry
 from fedxmr_server.strategies.replies import (content_problem, effective_weights, from_array_record, mean_metrics,
                                               record_bytes, scalar, to_array_record)
+from fedxmr_server.strategies.secure import SecureRounds
 from fedxmr_server.strategies.selection import Selection, SelectsOnDev
 from fedxmr_server.strategies.state import Checkpoint, StrategyState
 
@@ -63,7 +65,7 @@ class RunFailed(RuntimeError):
     """The run cannot produce an honest result (see the quorum rule in the module docstring)."""
 
 
-class XmrStrategy(ClientRegistry, SelectsOnDev, Strategy):
+class XmrStrategy(ClientRegistry, SelectsOnDev, SecureRounds, Strategy):
     """Round loop, validation, weighting/aggregation hooks and a single serialisable state object."""
 
     name = "base"
@@ -92,11 +94,15 @@ class XmrStrategy(ClientRegistry, SelectsOnDev, Strategy):
         self.run_key = ""  # set by the ServerApp: names the run for the nodes' on-disk state (`P.RUN_KEY`)
         self._timeout = 3600.0  # of each message batch; `start` sets it
         self.privacy = ClientLevelDp(cfg) if cfg.dp else None  # DP-FedAvg replaces `aggregate` (fedxmr_server/privacy.py)
+        # SecAgg+ replaces a train round's replies by their mean (fedxmr_server/strategies/secure.py)
+        self.secure = SecureAggregation(cfg) if cfg.secure_aggregation else None
         own = [h for h in ("aggregate", "aggregate_train", "model_for", "payload")
                if getattr(type(self), h) is not getattr(XmrStrategy, h)]
-        if self.privacy is not None and own:
-            raise ConfigError(f"method {self.name!r} has its own {own}, which client-level DP does not cover; list "
-                              "what it sends in common/method_config.py (_DP_REFUSED)")
+        for guard, what, table in ((self.privacy, "client-level DP", "_DP_REFUSED"),
+                                   (self.secure, "secure aggregation", "_SECAGG_REFUSED")):
+            if guard is not None and own:
+                raise ConfigError(f"method {self.name!r} has its own {own}, which {what} does not cover; list what "
+                                  f"it sends in common/method_config.py ({table})")
 
     def summary(self) -> None:
         log(INFO, "fedxmr strategy %r: %s", self.name, self.description)
@@ -309,10 +315,14 @@ class XmrStrategy(ClientRegistry, SelectsOnDev, Strategy):
         for rnd in range(self.state.round + 1, num_rounds + 1):
             log(INFO, "[ROUND %s/%s]", rnd, num_rounds)
             clock = [time.perf_counter()]  # phase boundaries of the round, for `self.timings`
-            replies = grid.send_and_receive(self.configure_train(rnd, initial_arrays, ConfigRecord(), grid),
-                                            timeout=timeout)
-            clock.append(time.perf_counter())
-            arrays, metrics = self.aggregate_train(rnd, replies)
+            if self.secure is not None:
+                arrays, metrics = self.secure_train(grid, rnd, timeout)
+                clock.append(time.perf_counter())
+            else:
+                replies = grid.send_and_receive(self.configure_train(rnd, initial_arrays, ConfigRecord(), grid),
+                                                timeout=timeout)
+                clock.append(time.perf_counter())
+                arrays, metrics = self.aggregate_train(rnd, replies)
             self.state.round = rnd  # also when nothing was usable: the round happened
             usable = self.last_train.get("usable", 0)
             meta["ever-usable"] = bool(meta.get("ever-usable")) or usable > 0
