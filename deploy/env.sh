@@ -8,6 +8,9 @@ DEPLOY_DIR=$(mkdir -p "${DEPLOY_DIR:-$PROJECT_DIR/.deploy}" && cd "${DEPLOY_DIR:
 SUPERLINK_HOST=${SUPERLINK_HOST:-127.0.0.1}                   # where the SuperLink listens
 SUPERLINK_PORT=${SUPERLINK_PORT:-8000}                        # one HTTPS port: Fleet, Control and Runtime APIs
 SUPERLINK_ADDRESS=${SUPERLINK_ADDRESS:-127.0.0.1:$SUPERLINK_PORT}  # how nodes and the operator reach it
+# the SuperLink's state: a SQLite file (survives a SuperLink restart), or "memory" (Flower's in-memory state: many
+# nodes pushing replies at once never meet a locked file, but a restart forgets runs and registered nodes)
+SUPERLINK_DATABASE=${SUPERLINK_DATABASE:-$DEPLOY_DIR/superlink/state.db}
 CONNECTION=${CONNECTION:-fedxmr}                              # the operator's connection name in config.toml
 VENV_BIN=${VENV_BIN:-$PROJECT_DIR/.venv/bin}
 CERTS=$DEPLOY_DIR/certs

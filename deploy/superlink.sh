@@ -7,10 +7,12 @@ source "$(dirname "$0")/env.sh"
 [[ -f $CERTS/superlink.crt ]] || die "no SuperLink certificate in $CERTS; run deploy/certs.sh first"
 ensure_connection
 mkdir -p "$DEPLOY_DIR/superlink"
+database=(--database "$SUPERLINK_DATABASE")
+[[ $SUPERLINK_DATABASE == memory ]] && database=()  # no --database: Flower keeps the state in memory
 start_bg superlink env FLWR_HOME="$DEPLOY_DIR/superlink/flwr-home" flower-superlink \
   --ssl-ca-certfile "$CERTS/ca.crt" --ssl-certfile "$CERTS/superlink.crt" --ssl-keyfile "$CERTS/superlink.key" \
   --enable-supernode-auth --disable-runtime-dependency-installation \
-  --host "$SUPERLINK_HOST" --port "$SUPERLINK_PORT" --database "$DEPLOY_DIR/superlink/state.db"
+  --host "$SUPERLINK_HOST" --port "$SUPERLINK_PORT" "${database[@]}"
 
 pid=$(cat "$DEPLOY_DIR/pids/superlink.pid")
 for _ in $(seq 1 120); do

@@ -39,20 +39,21 @@ class LinearClient(ClientMethod):
         assert isinstance(plan, LinearPlan)
         out: dict[str, np.ndarray] = {}
         metrics: dict[str, float] = {}
+        device = next(model.parameters()).device  # the node's device (`device`): the towers run there
         for mod, feats, labels in _items(plan.shard):
             tower = model.tower(mod)
             with torch.no_grad():
-                x = torch.as_tensor(feats, dtype=torch.float32)
+                x = torch.as_tensor(feats, dtype=torch.float32, device=device)
                 if plan.statistics:
                     if labels is not None:
-                        stats = FeatureStats.of(tower.norm(x).numpy(), labels).as_arrays()
+                        stats = FeatureStats.of(tower.norm(x).cpu().numpy(), labels).as_arrays()
                         out |= {f"{mod}-{k}": v for k, v in stats.items()}
                     continue
                 model.eval()
                 emb = tower.adapter(tower.proj(tower.norm(x)))
-                raw = tower.hash(emb).numpy().astype(np.float64)
+                raw = tower.hash(emb).cpu().numpy().astype(np.float64)
             codes = np.where(raw >= 0, 1.0, -1.0)
-            out[f"{mod}-etb"] = emb.numpy().astype(np.float64).T @ codes
+            out[f"{mod}-etb"] = emb.cpu().numpy().astype(np.float64).T @ codes
             quant = float(((codes - raw) ** 2).sum())
             out[f"{mod}-quant"] = np.array([quant])
             metrics[f"linear-quant-{mod}"] = quant / max(raw.size, 1)
