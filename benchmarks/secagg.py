@@ -57,8 +57,8 @@ def main() -> None:
             print(json.dumps(rows[-1]), flush=True)
     plain = statistics.median(r["train-s"] for r in rows if r["run"].startswith("plain"))
     secure = statistics.median(r["train-s"] for r in rows if r["run"].startswith("secagg"))
-    print(f"\n{args.clients} clients, {args.rounds} rounds x {args.pairs} pairs; train phase median: plain {plain:.2f} s, "
-          f"SecAgg+ {secure:.2f} s (x{secure / plain:.2f})")
+    print(f"\n{args.clients} clients, {args.rounds} rounds x {args.pairs} pairs; train phase median: "
+          f"plain {plain:.2f} s, SecAgg+ {secure:.2f} s (x{secure / plain:.2f})")
     print("| run | train s / round | MB down / round | MB up / round | stage s (setup, keys, masked, unmask) | "
           "dev rsum, last round |\n|---|---|---|---|---|---|")
     for r in rows:

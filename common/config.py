@@ -60,14 +60,15 @@ class RunConfig(BaseModel):
     dp_clip: float = Field(1.0, gt=0.0)
     dp_delta: float = Field(0.0, ge=0.0, lt=1.0)
     dp_side: Literal["server", "client"] = "server"  # who clips and draws the noise
-    # secure aggregation (Flower's SecAgg+, fedxmr_server/strategies/secagg.py, docs/PRIVACY.md): the server learns only the
-    # weighted mean of the train round's updates. `secagg-shares`: the fraction of the sampled clients each client's
-    # secrets are shared with; `secagg-threshold`: the fraction of those shares that rebuild one (fewer colluding
-    # clients learn nothing); `secagg-clip`: every value a client sends must lie in [-clip, clip] (it is quantised)
+    # secure aggregation (Flower's SecAgg+, fedxmr_server/strategies/secagg.py, docs/PRIVACY.md): the server
+    # learns only the weighted mean of the train round's updates. `secagg-shares`: the fraction of the sampled
+    # clients each client's secrets are shared with; `secagg-threshold`: the fraction of those shares that rebuild
+    # one (fewer colluding clients learn nothing); `secagg-clip`: every value a client sends must lie in
+    # [-clip, clip] (it is quantised)
     secure_aggregation: bool = False
     secagg_shares: float = Field(1.0, gt=0.0, le=1.0)
-    secagg_threshold: float = Field(0.5, gt=0.0, le=1.0)
-    secagg_clip: float = Field(8.0, gt=0.0)
+    secagg_threshold: float = Field(0.6, gt=0.5, le=1.0)  # above 0.5: no two disjoint halves both rebuild a secret
+    secagg_clip: float = Field(8.0, ge=1.0)  # at least 1: the indicator entries (1) must pass unclipped
     # score the global model on dev / run the per-client dev evaluation every k rounds (and always in the last
     # round); selection only sees scored rounds, so 1 (every round) is the protocol, larger is for fast grids
     eval_every: int = Field(1, ge=1)
@@ -269,6 +270,9 @@ def _secagg_problems(cfg: RunConfig) -> list[str]:
     if cfg.aggregation != "mean":
         problems.append(f"run config key 'aggregation' = {cfg.aggregation!r}: a robust rule needs every client's "
                         "update, which secure aggregation hides; use 'mean'")
+    if cfg.min_nodes < 2:
+        problems.append(f"run config key 'min-nodes' = {cfg.min_nodes}: SecAgg+ needs at least 2 clients in a sum "
+                        "(one client's mean is its own update)")
     if cfg.dp and cfg.dp_side == "server":
         problems.append("run config keys 'secure-aggregation' and 'dp-side' = 'server': the server would clip each "
                         "update, which it no longer sees; use 'dp-side' = 'client' (each client clips and adds its "
@@ -286,6 +290,8 @@ class NodeConfig(BaseModel):
     data_dir: str = ""
     cache_dir: str = ""
     device: str = ""
+    # the node's own rule, whatever the run config says: answer train messages only inside SecAgg+
+    require_secure_aggregation: bool = False
 
 
 def parse_node_config(raw: Mapping[str, Any]) -> NodeConfig:

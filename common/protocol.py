@@ -24,10 +24,16 @@ BEST_ROUND = "best-round"  # the round selected on dev so far (-1: none); nodes 
 LINEAR_PHASE = "linear-phase"  # method linear: "statistics" until the ridge map is solved, then "itq"
 DP_NOISE = "dp-noise-multiplier"  # client-side DP (common/privacy.py): the noise multiplier z of this run
 DP_SAMPLED = "dp-sampled"  # ... and the number m of clients asked this round (each adds 1/m of the noise variance)
-SECAGG_KEYS = "secagg-keys"  # secure aggregation (fedxmr_client/secagg.py): the arrays every node's masked vector holds,
-# in order, space-separated (one it did not train is zeros, and a 0 in the indicator vector that closes the list)
+SECAGG_KEYS = "secagg-keys"  # secure aggregation (fedxmr_client/secagg.py): the names of the model's arrays, in the
+# order the FitIns carries them, space-separated
+SECAGG_UPLOAD = "secagg-upload"  # ... the arrays every node's masked vector holds, in order (one it did not train is
+# zeros, and a 0 in the indicator vector that closes the list)
 SECAGG_WEIGHT = "secagg-weight"  # ... and the node's weight in the mean, an integer in 1..SECAGG_MAX_WEIGHT
-SECAGG_MAX_WEIGHT = 1000
+SECAGG_MAX_WEIGHT = 2**16
+# the metrics a node sends in the clear beside its masked vector: who it is, its size, losses and timings (never a
+# statistic of its model, such as SENT_CHECKSUM)
+SECAGG_CLEAR_METRICS = ("num-examples", "partition-id", "client-type", "has-img", "has-txt", "trained",
+                        "train-seconds", "load-seconds")
 RUN_KEY = "run-key"  # names the run for the nodes' on-disk state: the same for a resumed run, new for a new one
 SPLIT_KEY = "split"  # which local split an evaluate message scores: "dev" every round, "test" once at the end
 SPLIT = {"train": "train", "evaluate": "dev", "test": "test"}  # message kind -> split

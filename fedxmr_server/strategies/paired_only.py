@@ -22,3 +22,7 @@ class PairedOnlyXmr(XmrStrategy):
 
     def client_weights(self, replies: list[Message]) -> np.ndarray:
         return np.array([float(m.content[P.METRICS][P.NUM_EXAMPLES]) * is_paired(m) for m in replies])
+
+    def would_send(self, client: str) -> list[str]:
+        paired = set(self.state.meta.get("modalities", {}).get(client, P.HAS)) >= set(P.HAS)
+        return super().would_send(client) if paired else []
