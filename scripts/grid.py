@@ -27,6 +27,7 @@ from typing import Callable
 
 from scripts.grid_spec import (RECORD, Cell, Grid, GridError, code_version, has_result, head_commit, is_done, keep,
                                load_grid, run_config_text)
+from scripts.results import screen_choices
 
 # (cell, run directory) -> (status, details): "finished:completed" on success
 Runner = Callable[[Cell, Path], tuple[str, str]]
@@ -51,14 +52,25 @@ def _clock(seconds: float) -> str:
 def run_grid(grid: Grid, code: str, commit: str, runner: Runner = simulate_cell, jobs: int = 1,
              only: str = "", missing_only: bool = False, log: Callable[[str], None] = print) -> dict[str, int]:
     """Run every unfinished cell of `grid` (with `missing_only`: every cell without a finished record at any code
-    version); returns counts of skipped, finished and failed cells."""
-    cells = [c for c in grid.cells() if only in c.name]
+    version); returns counts of skipped, finished and failed cells. Methods with `sweep-seeds` run in two passes:
+    their screen, then their other seeds at the value chosen on the screen's dev scores."""
     finished = (lambda c: has_result(grid, c)) if missing_only else (lambda c: is_done(grid, c, code))
-    # seed by seed: an interrupted grid has every method with the same number of seeds
-    todo = sorted((c for c in cells if not finished(c)), key=lambda c: c.seed)
-    counts = {"cells": len(cells), "skipped": len(cells) - len(todo), "finished": 0, "failed": 0}
+    counts, tried = {"cells": 0, "skipped": 0, "finished": 0, "failed": 0}, set()
+    while True:
+        cells = [c for c in grid.cells(screen_choices(grid)) if only in c.name]
+        # seed by seed: an interrupted grid has every method with the same number of seeds
+        todo = sorted((c for c in cells if not finished(c) and c.name not in tried), key=lambda c: c.seed)
+        counts |= {"cells": len(cells), "skipped": len(cells) - len(todo) - len(tried)}
+        if not todo:
+            return counts
+        tried |= {c.name for c in todo}
+        _run_cells(grid, code, commit, todo, runner, jobs, missing_only, counts, log)
+
+
+def _run_cells(grid: Grid, code: str, commit: str, todo: list[Cell], runner: Runner, jobs: int, missing_only: bool,
+               counts: dict[str, int], log: Callable[[str], None]) -> None:
     done_at = "with this config at any code version" if missing_only else f"at code {code}"
-    log(f"grid {grid.path.name}: {len(cells)} cells, {counts['skipped']} already finished {done_at}, "
+    log(f"grid {grid.path.name}: {counts['cells']} cells, {counts['skipped']} already finished {done_at}, "
         f"{len(todo)} to run, {jobs} at a time")
     start, durations = time.time(), []
 
@@ -91,12 +103,11 @@ def run_grid(grid: Grid, code: str, commit: str, runner: Runner = simulate_cell,
                 ok = status == "finished:completed"
                 counts["finished" if ok else "failed"] += 1
                 left = (len(todo) - done) * (sum(durations) / len(durations)) / max(1, min(jobs, len(todo)))
-                log(f"[{counts['skipped'] + done}/{len(cells)}] {cell.name}: "
+                log(f"[{counts['skipped'] + counts['finished'] + counts['failed']}/{counts['cells']}] {cell.name}: "
                     f"{'done' if ok else 'FAILED (' + status + ')'} in {wall:.0f} s · "
                     f"elapsed {_clock(time.time() - start)} · ~{_clock(left)} left")
                 if not ok:
                     log(f"  {cell.name}: {details[-1500:]}")
-    return counts
 
 
 def main() -> None:

@@ -18,6 +18,8 @@ A grid file (`grids/*.toml`):
     [run-config]                         # keys every cell shares (relative data-dir / cache-dir: to the project)
     [settings.<name>]                    # title and run-config of one setting (partition x modality mix x ...)
     [[methods]]                          # name; optional: sweep = {key = [values]} (chosen on dev),
+                                         # sweep-seeds = [...] (screen: every swept value runs on these seeds
+                                         # only, the other seeds at the value with the best mean dev score there),
                                          # run-config, settings = [...], seeds = [...], clients, label
     [[tables]]                           # optional: tables across grids at the end of the results file
                                          # (scripts/cross_table.py)
@@ -37,7 +39,7 @@ import subprocess
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 PROJECT = Path(__file__).resolve().parents[1]
 # what decides a cell's numbers: a change here reruns the grid; a change elsewhere (docs, scripts) does not
@@ -58,6 +60,7 @@ class Cell:
     seed: int
     clients: int
     run_config: dict[str, Any]  # the whole run config of the cell, run-name and out-dir excepted
+    screen_seeds: tuple[int, ...] = ()  # the method's `sweep-seeds`: where its swept values are compared; (): all
 
     @property
     def name(self) -> str:
@@ -88,18 +91,25 @@ class Grid:
     tables: list[dict[str, Any]] = field(default_factory=list)  # tables across grids (scripts/cross_table.py)
     records: Path | None = None  # tracked copies of finished cells' small files (KEPT); None: run directories only
 
-    def cells(self) -> list[Cell]:
+    def cells(self, choices: Mapping[tuple[str, str], dict[str, Any]] | None = None) -> list[Cell]:
+        """Every cell. A method with `sweep-seeds` runs each swept value on those seeds only, and its other seeds at
+        the value `choices` names for (setting, label), chosen on the screen's dev scores (`scripts.results.
+        screen_choices`); until its screen has finished those cells are not listed."""
         out = []
         for method in self.methods:
-            sweep = method.get("sweep", {})
+            sweep, label = method.get("sweep", {}), method.get("label", method["name"])
+            screen = tuple(method.get("sweep-seeds", ()))
             for setting in method.get("settings", list(self.settings)):
+                chosen = (choices or {}).get((setting, label))
                 for values in itertools.product(*sweep.values()):
                     variant = dict(zip(sweep, values))
                     for seed in method.get("seeds", self.seeds):
+                        if screen and seed not in screen and variant != chosen:
+                            continue
                         config = {**self.run_config, **self.settings[setting].get("run-config", {}),
                                   **method.get("run-config", {}), "method": method["name"], **variant, "seed": seed}
-                        out.append(Cell(setting, method.get("label", method["name"]), variant, seed,
-                                        method.get("clients", self.clients), config))
+                        out.append(Cell(setting, label, variant, seed, method.get("clients", self.clients), config,
+                                        screen))
         return out
 
 
@@ -153,6 +163,11 @@ def load_grid(path: str | Path) -> Grid:
         bad = [k for k, v in method.get("sweep", {}).items() if not isinstance(v, list) or not v]
         if bad:
             raise GridError(f"grid file {path}: method {method['name']!r} sweep keys {bad} need a non-empty list")
+        screen = method.get("sweep-seeds")
+        if screen is not None and not (method.get("sweep") and isinstance(screen, list) and screen
+                                       and set(screen) <= set(method.get("seeds", raw["seeds"]))):
+            raise GridError(f"grid file {path}: method {method['name']!r} 'sweep-seeds' {screen!r} needs a sweep and "
+                            "a non-empty list of the method's seeds")
     gap = raw.get("gap")
     if gap is not None:
         if not (isinstance(gap, list) and len(gap) == 2 and gap[1].count("/") == 1):

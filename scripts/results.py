@@ -176,10 +176,28 @@ def format_mean_std(name: str, values: list[float | None], mark: str = "") -> st
     return f"{mean:.{d}f} ± {std:.{d}f}{(' ' + mark) if mark else ''}"
 
 
+def _screen_dev(cells: list[tuple[Cell, dict | None, dict | None]]) -> list[float]:
+    """The dev scores a swept value is chosen on: its cells on the method's `sweep-seeds` (all seeds if none)."""
+    return [n["dev"] for c, _, n in cells if n and (not c.screen_seeds or c.seed in c.screen_seeds)]
+
+
+def screen_choices(grid: Grid) -> dict[tuple[str, str], dict[str, Any]]:
+    """(setting, method label) -> the swept values with the best mean dev score on the method's `sweep-seeds`, for
+    every screened method whose screening cells have all finished (`Grid.cells` then lists its other seeds)."""
+    screens: dict[tuple[str, str], dict[str, list]] = {}
+    for cell in grid.cells():  # without choices: a screened method's screening cells only
+        if cell.screen_seeds:
+            numbers = cell_numbers(cell_dir(grid, cell)) if read_record(grid, cell) else None
+            variants = screens.setdefault((cell.setting, cell.method), {})
+            variants.setdefault(json.dumps(cell.variant, sort_keys=True), []).append(numbers and numbers["dev"])
+    return {key: json.loads(max(variants, key=lambda v: float(np.mean(variants[v]))))
+            for key, variants in screens.items() if all(d is not None for ds in variants.values() for d in ds)}
+
+
 def _groups(grid: Grid) -> dict[str, dict[tuple[str, str], list[tuple[Cell, dict | None, dict | None]]]]:
     """setting -> (method, variant text) -> [(cell, record, numbers)] over seeds, in grid order."""
     out: dict[str, dict[tuple[str, str], list]] = {}
-    for cell in grid.cells():
+    for cell in grid.cells(screen_choices(grid)):
         record = read_record(grid, cell)
         numbers = cell_numbers(cell_dir(grid, cell)) if record else None
         variant = ", ".join(f"{k}={v}" for k, v in sorted(cell.variant.items()))
@@ -188,11 +206,12 @@ def _groups(grid: Grid) -> dict[str, dict[tuple[str, str], list[tuple[Cell, dict
 
 
 def _chosen(rows: dict[tuple[str, str], list]) -> dict[tuple[str, str], list]:
-    """Per method, the variant with the best mean dev score (methods without a sweep have one variant)."""
+    """Per method, the variant with the best mean dev score (on its `sweep-seeds` if it has them; methods without a
+    sweep have one variant)."""
     best: dict[str, tuple[str, str]] = {}
     for key, cells in rows.items():
-        dev = mean_std([n["dev"] for _, _, n in cells if n])[0]
-        if key[0] not in best or dev > mean_std([n["dev"] for _, _, n in rows[best[key[0]]] if n])[0]:
+        dev = mean_std(_screen_dev(cells))[0]
+        if key[0] not in best or dev > mean_std(_screen_dev(rows[best[key[0]]]))[0]:
             best[key[0]] = key
     return {key: rows[key] for key in best.values()}
 
@@ -252,11 +271,12 @@ def sweep_table(rows: dict[tuple[str, str], list]) -> list[str]:
     swept = {k: v for k, v in rows.items() if k[1]}
     if not swept:
         return []
-    lines = ["Swept knobs (the row above is the value with the best mean dev score):", "",
+    lines = ["Swept knobs (the row above is the value with the best mean dev score; a method with `sweep-seeds` is "
+             "compared on those seeds, and its dev score here is theirs):", "",
              "| method | value | seeds | dev score | test rsum |", "|---|---|---|---|---|"]
     for (method, variant), cells in swept.items():
         done = [n for _, _, n in cells if n]
-        dev = format_mean_std("dev", [n["dev"] for n in done])
+        dev = format_mean_std("dev", _screen_dev(cells))
         lines.append(f"| {method} | {_marked(variant, done)} | {len(done)}/{len(cells)} | {dev} | "
                      f"{format_mean_std('test rsum', [n['test rsum'] for n in done])} |")
     return lines + [""]

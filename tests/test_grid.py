@@ -289,3 +289,36 @@ def test_run_config_text_and_bad_grids(tmp_path: Path) -> None:
     bad.write_text('title = "t"\nseeds = [0]\n[settings.a]\n[[methods]]\nname = "fedavg"\nlabel = "fedavg ε=8"\n')
     with pytest.raises(GridError, match="only letters, digits"):  # a label becomes a run name: refused before a run
         load_grid(bad)
+
+
+def test_sweep_seeds_screen_each_value_then_run_the_other_seeds_at_the_value_chosen_there(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "fixture.toml"
+    text = GRID.format(out=tmp_path / "runs", results=tmp_path / "docs" / "RESULTS.md")
+    path.write_text(text + "sweep-seeds = [0]\n")
+    grid = load_grid(path)
+    # mu=0.01 wins the screen (seed 0) but would lose a mean over all the seeds it then runs (210 against 230)
+    monkeypatch.setitem(TEST_RSUM, ("fedprox-0.01", 0), 250.0)
+    assert sorted(c.name for c in grid.cells() if c.method == "fedprox") == [
+        "a.fedprox.fedprox-mu-0.01.seed0", "a.fedprox.fedprox-mu-0.1.seed0"], "before the screen: only the screen"
+    calls: list[str] = []
+    counts = run_grid(grid, code="v1", commit="c1", runner=fake_runner(calls), log=lambda _: None)
+    prox = [name for name in calls if ".fedprox." in name]
+    assert prox[:2] == ["a.fedprox.fedprox-mu-0.01.seed0", "a.fedprox.fedprox-mu-0.1.seed0"]
+    assert sorted(prox[2:]) == ["a.fedprox.fedprox-mu-0.01.seed1", "a.fedprox.fedprox-mu-0.01.seed2"]
+    assert counts == {"cells": 3 + 4, "skipped": 0, "finished": 7, "failed": 0}
+    assert run_grid(grid, code="v1", commit="c1", runner=fake_runner(calls), log=lambda _: None)["skipped"] == 7
+    row = next(line for line in write_results(grid).read_text().splitlines() if line.startswith("| fedprox ("))
+    assert "fedprox-mu=0.01, chosen on dev" in row and "| 3/3 |" in row
+
+
+def test_sweep_seeds_must_be_seeds_of_a_swept_method(tmp_path: Path) -> None:
+    path = tmp_path / "fixture.toml"
+    text = GRID.format(out=tmp_path / "runs", results=tmp_path / "docs" / "RESULTS.md")
+    for bad in ("sweep-seeds = [7]\n", "sweep-seeds = []\n"):
+        path.write_text(text + bad)
+        with pytest.raises(GridError, match="sweep-seeds"):
+            load_grid(path)
+    path.write_text(text.replace('name = "fedavg"\n', 'name = "fedavg"\nsweep-seeds = [0]\n'))
+    with pytest.raises(GridError, match="needs a sweep"):
+        load_grid(path)
