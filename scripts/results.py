@@ -173,7 +173,10 @@ def format_mean_std(name: str, values: list[float | None], mark: str = "") -> st
     if not n:
         return "–"
     d = DIGITS.get(name, 1)
-    return f"{mean:.{d}f} ± {std:.{d}f}{(' ' + mark) if mark else ''}"
+    text = f"{mean:.{d}f} ± {std:.{d}f}" if n > 1 else f"{mean:.{d}f}"
+    if n < len(values):  # cells that do not report it (e.g. run before the metric existed)
+        text += f" ({n}/{len(values)})"
+    return f"{text}{(' ' + mark) if mark else ''}"
 
 
 def _screen_dev(cells: list[tuple[Cell, dict | None, dict | None]]) -> list[float]:
@@ -381,9 +384,10 @@ def write_results(grid: Grid, appendix: list[str] | None = None) -> Path:
              "`hash-bits` (64 unless the run config says otherwise); MAP@all (tie-aware) and std MAP (the hashing "
              "papers' convention), Hamming ranking over DERIVED concept labels; continuous MAP: the same standard MAP "
              "ranked by cosine of the embeddings, relaxed MAP: by cosine of the tanh codes (what the sign loses is "
-             "relaxed − std MAP), mean abs code: of the relaxed codes (1: binary). MB/round: arrays of the train "
-             "messages, down + up, all clients (evaluation galleries not counted). Wall: the whole simulation on 2 "
-             "cores, one cell at a time.", ""]
+             "relaxed − std MAP), mean abs code: of the relaxed codes (1: binary). (k/n) after a value: only k of "
+             "the n finished seeds report that metric (cells run before it existed); a value without ± is one seed. "
+             "MB/round: arrays of the train messages, down + up, all clients (evaluation galleries not counted). "
+             "Wall: the whole simulation on 2 cores, one cell at a time.", ""]
     all_cells = []
     for setting, rows in groups.items():
         spec = grid.settings[setting]

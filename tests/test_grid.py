@@ -212,7 +212,8 @@ def test_results_json_records_match_the_table(grid) -> None:
         for metric, column in columns.items():
             record = by[(label, metric)]
             assert row[column].startswith(f"{record['mean']:.{3 if 'MAP' in column else 1}f} ± ")
-            assert row[column].split(" ▲")[0] == format_mean_std(column, record["seeds"])
+            finished = [v for v in record["seeds"] if v is not None]  # the JSON lists unfinished seeds as None
+            assert row[column].split(" ▲")[0] == format_mean_std(column, finished)
     assert _table_row(text, "fedavg")["seeds"] == "2/3"
     before = results_json(grid).read_bytes()
     write_results(grid)
@@ -322,3 +323,10 @@ def test_sweep_seeds_must_be_seeds_of_a_swept_method(tmp_path: Path) -> None:
     path.write_text(text.replace('name = "fedavg"\n', 'name = "fedavg"\nsweep-seeds = [0]\n'))
     with pytest.raises(GridError, match="needs a sweep"):
         load_grid(path)
+
+
+def test_a_value_reported_by_fewer_seeds_than_finished_says_so() -> None:
+    assert format_mean_std("test rsum", [200.0, 210.0, 205.0]) == "205.0 ± 5.0"
+    assert format_mean_std("test rsum", [200.0, None, 210.0], "▲") == "205.0 ± 7.1 (2/3) ▲"
+    assert format_mean_std("client MAP i2t", [None, None, 0.5891]) == "0.589 (1/3)", "one seed: no ± 0.000"
+    assert format_mean_std("test rsum", [None, None]) == "–"
