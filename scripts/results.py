@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from scripts.grid_spec import PROJECT, RECORD, Cell, Grid, cell_dir, read_record, run_config_text
+from scripts.results_plot import plot_setting
 
 # (column, how to get it from a cell's outputs); test numbers are at the run's selected round
 COLUMNS = {
@@ -285,43 +286,6 @@ def sweep_table(rows: dict[tuple[str, str], list]) -> list[str]:
     return lines + [""]
 
 
-def plot_setting(rows: dict[tuple[str, str], list], title: str, path: Path) -> Path | None:
-    """Dev rsum of the global model (left) and mean per-client dev score (right) per round: mean over seeds with
-    a ± std band, for each method (its chosen variant)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    drawn = False
-    for (method, _), cells in _chosen(rows).items():
-        for ax, curve in zip(axes, ("dev-curve", "client-curve")):
-            curves = [n[curve] for _, _, n in cells if n and n[curve]]
-            rounds = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
-            if not rounds:
-                continue
-            values = np.array([[c[r] for r in rounds] for c in curves])
-            mean, std = values.mean(0), values.std(0, ddof=1) if len(values) > 1 else np.zeros(len(rounds))
-            ax.plot(rounds, mean, "o-", ms=3, label=f"{method} ({len(curves)} seeds)")
-            ax.fill_between(rounds, mean - std, mean + std, alpha=0.2)
-            drawn = True
-    if not drawn:
-        plt.close(fig)
-        return None
-    axes[0].set(xlabel="round", ylabel="dev rsum (global model)", title="Server dev, global model")
-    axes[1].set(xlabel="round", ylabel="mean per-client dev score", title="Per-client dev (own model for local/fedproto)")
-    for ax in axes:
-        if ax.lines:
-            ax.legend(fontsize=7)
-    fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
-
-
 def _shown(path: Path) -> Path:
     """A path as a reader of the project would type it (relative to the project when inside it)."""
     try:
@@ -397,7 +361,7 @@ def write_results(grid: Grid, appendix: list[str] | None = None) -> Path:
         if grid.gap and setting != grid.gap[1]:
             reference = groups.get(grid.gap[1], {}).get((grid.gap[2], ""), [])
             lines += gap_table(rows, reference, grid.gap[0], f"{grid.gap[1]}/{grid.gap[2]}")
-        png = plot_setting(rows, spec.get("title", setting), out.parent / f"{out.stem}-{setting}.png")
+        png = plot_setting(_chosen(rows), spec.get("title", setting), out.parent / f"{out.stem}-{setting}.png")
         if png:
             lines += [f"![convergence, {setting}]({png.name})", ""]
         all_cells += [c for cells in rows.values() for c in cells]
