@@ -60,7 +60,7 @@ COLUMNS = {
 DIGITS = {"MAP@all i2t": 3, "MAP@all t2i": 3, "std MAP i2t": 3, "std MAP t2i": 3, "client MAP i2t": 3,
           "client MAP t2i": 3, "worst client MAP i2t": 3, "worst client MAP t2i": 3,
           "own-set client MAP i2t": 3, "own-set client MAP t2i": 3, "worst own-set client MAP i2t": 3,
-          "continuous MAP i2t": 3, "continuous MAP t2i": 3, "relaxed MAP i2t": 3, "mean abs code": 2}
+          "continuous MAP i2t": 3, "continuous MAP t2i": 3, "relaxed MAP i2t": 3, "mean abs code": 2, "dev MAP": 3}
 # marked against the grid's baseline
 SIGNIFICANCE = ("test rsum", "Hamming rsum", "client mean", "image-only", "text-only", "std MAP i2t", "std MAP t2i")
 # a run whose selected round is past this fraction of its rounds was still improving when it stopped
@@ -105,6 +105,26 @@ def _num_rounds(run_dir: Path, rounds: list[dict]) -> int:
     return max((r["round"] for r in rounds), default=0)
 
 
+# final.json's "selected-on" (fedxmr_server/app.py: _selected_on) -> where the score that chose the round is: the
+# dev scores of the global model, or the per-client dev summary; the mean of the keys (MAPs: i2t and t2i)
+SELECTION_KEYS = {"dev rsum": ("dev", ["rsum"]),
+                  "dev continuous label MAP": ("dev", ["emb_smap_i2t", "emb_smap_t2i"]),
+                  "dev Hamming label MAP": ("dev", ["hash_smap_i2t", "hash_smap_t2i"]),
+                  "mean per-client dev score": ("client", ["all-global-mean"]),
+                  "mean per-client dev Hamming MAP": ("client", ["all-global-smap_i2t-mean", "all-global-smap_t2i-mean"])}
+
+
+def selection_score(final: dict, selected: dict) -> float | None:
+    """The dev value the run chose its reported round on (`select-on`), at that round (`selected`: its line of
+    metrics.jsonl); runs written before `selected-on` existed chose on dev rsum (or the per-client dev score)."""
+    client = selected.get("client-dev", {}).get("summary", {})
+    where, keys = SELECTION_KEYS.get(final.get("selected-on", ""),
+                                     ("dev", ["rsum"]) if final.get("dev") else ("client", ["all-global-mean"]))
+    scores = (final.get("dev") or {}) if where == "dev" else client
+    values = [scores.get(k) for k in keys]
+    return float(np.mean(values)) if values and all(v is not None for v in values) else None
+
+
 def cell_numbers(run_dir: Path) -> dict[str, Any]:
     """One finished cell's numbers: the table columns, its dev score, bytes per round, the convergence curves, every
     metric of final.json (`metrics`) and whether it was still improving (selected late in its rounds)."""
@@ -112,11 +132,10 @@ def cell_numbers(run_dir: Path) -> dict[str, Any]:
     rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     trained = [r["train"] for r in rounds if r.get("train")]
     selected = next((r for r in rounds if r["round"] == final["best-round"]), {})
-    client_dev = selected.get("client-dev", {}).get("summary", {}).get("all-global-mean")
     num_rounds = _num_rounds(run_dir, rounds)
     return {
         **{name: get(final) for name, get in COLUMNS.items()},
-        "dev": final.get("dev", {}).get("rsum", client_dev),
+        "dev": selection_score(final, selected),  # what chooses a swept value too: the metric the round was chosen on
         "best-round": final["best-round"],
         "MB/round": (np.mean([t.get("download-bytes", 0) + t.get("upload-bytes", 0) for t in trained]) / 1e6
                      if trained else None),
@@ -280,7 +299,8 @@ def sweep_table(rows: dict[tuple[str, str], list]) -> list[str]:
              "| method | value | seeds | dev score | test rsum |", "|---|---|---|---|---|"]
     for (method, variant), cells in swept.items():
         done = [n for _, _, n in cells if n]
-        dev = format_mean_std("dev", _screen_dev(cells))
+        scores = _screen_dev(cells)
+        dev = format_mean_std("dev MAP" if scores and max(scores) <= 1 else "dev", scores)
         lines.append(f"| {method} | {_marked(variant, done)} | {len(done)}/{len(cells)} | {dev} | "
                      f"{format_mean_std('test rsum', [n['test rsum'] for n in done])} |")
     return lines + [""]

@@ -330,3 +330,21 @@ def test_a_value_reported_by_fewer_seeds_than_finished_says_so() -> None:
     assert format_mean_std("test rsum", [200.0, None, 210.0], "▲") == "205.0 ± 7.1 (2/3) ▲"
     assert format_mean_std("client MAP i2t", [None, None, 0.5891]) == "0.589 (1/3)", "one seed: no ± 0.000"
     assert format_mean_std("test rsum", [None, None]) == "–"
+
+
+@pytest.mark.parametrize("metric", ["rsum", "map", "hash-map"])
+@pytest.mark.parametrize("global_model", [True, False])
+def test_a_swept_value_is_chosen_on_the_metric_the_run_selected_its_round_on(metric: str, global_model: bool) -> None:
+    from fedxmr_server.app import _selected_on
+    from scripts.results import SELECTION_KEYS, selection_score
+
+    words = _selected_on(metric, global_model)
+    assert words in SELECTION_KEYS, "every way the server words its selection must be readable here"
+    dev = {"rsum": 150.0, "emb_smap_i2t": 0.66, "emb_smap_t2i": 0.64, "hash_smap_i2t": 0.62, "hash_smap_t2i": 0.60}
+    summary = {"all-global-mean": 15.0, "all-global-smap_i2t-mean": 0.58, "all-global-smap_t2i-mean": 0.56}
+    final = {"selected-on": words, "dev": dev if global_model else {}}
+    score = selection_score(final, {"client-dev": {"summary": summary}})
+    expected = ({"rsum": 150.0, "map": 0.65, "hash-map": 0.61} if global_model
+                else {"rsum": 15.0, "map": 0.57, "hash-map": 0.57})[metric]
+    assert score == pytest.approx(expected)
+    assert selection_score({"dev": dev}, {}) == 150.0, "records from before `selected-on`: dev rsum"
