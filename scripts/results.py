@@ -19,7 +19,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -111,7 +111,8 @@ SELECTION_KEYS = {"dev rsum": ("dev", ["rsum"]),
                   "dev continuous label MAP": ("dev", ["emb_smap_i2t", "emb_smap_t2i"]),
                   "dev Hamming label MAP": ("dev", ["hash_smap_i2t", "hash_smap_t2i"]),
                   "mean per-client dev score": ("client", ["all-global-mean"]),
-                  "mean per-client dev Hamming MAP": ("client", ["all-global-smap_i2t-mean", "all-global-smap_t2i-mean"])}
+                  "mean per-client dev Hamming MAP": ("client",
+                                                      ["all-global-smap_i2t-mean", "all-global-smap_t2i-mean"])}
 
 
 def selection_score(final: dict, selected: dict) -> float | None:
@@ -201,20 +202,41 @@ def format_mean_std(name: str, values: list[float | None], mark: str = "") -> st
 
 def _screen_dev(cells: list[tuple[Cell, dict | None, dict | None]]) -> list[float]:
     """The dev scores a swept value is chosen on: its cells on the method's `sweep-seeds` (all seeds if none)."""
-    return [n["dev"] for c, _, n in cells if n and (not c.screen_seeds or c.seed in c.screen_seeds)]
+    return [n["dev"] for c, _, n in cells
+            if n and n["dev"] is not None and (not c.screen_seeds or c.seed in c.screen_seeds)]
 
 
-def screen_choices(grid: Grid) -> dict[tuple[str, str], dict[str, Any]]:
-    """(setting, method label) -> the swept values with the best mean dev score on the method's `sweep-seeds`, for
-    every screened method whose screening cells have all finished (`Grid.cells` then lists its other seeds)."""
+def _screens(grid: Grid, finished: Callable[[Cell], bool] | None) -> dict[tuple[str, str], dict[str, list]]:
+    """(setting, method label) -> swept values (JSON) -> their screen's dev scores (None: the cell has none), for
+    every screened method whose screening cells have all finished (`finished`: the caller's rule, e.g. at this code
+    version; default: any finished record)."""
     screens: dict[tuple[str, str], dict[str, list]] = {}
+    running: set[tuple[str, str]] = set()
     for cell in grid.cells():  # without choices: a screened method's screening cells only
-        if cell.screen_seeds:
-            numbers = cell_numbers(cell_dir(grid, cell)) if read_record(grid, cell) else None
-            variants = screens.setdefault((cell.setting, cell.method), {})
-            variants.setdefault(json.dumps(cell.variant, sort_keys=True), []).append(numbers and numbers["dev"])
+        if not cell.screen_seeds:
+            continue
+        key = (cell.setting, cell.method)
+        if not (read_record(grid, cell) is not None if finished is None else finished(cell)):
+            running.add(key)
+            continue
+        dev = cell_numbers(cell_dir(grid, cell))["dev"]
+        screens.setdefault(key, {}).setdefault(json.dumps(cell.variant, sort_keys=True), []).append(dev)
+    return {key: variants for key, variants in screens.items() if key not in running}
+
+
+def screen_choices(grid: Grid, finished: Callable[[Cell], bool] | None = None) -> dict[tuple[str, str], dict[str, Any]]:
+    """(setting, method label) -> the swept values with the best mean dev score on the method's `sweep-seeds`, for
+    every screened method whose screen has finished with a dev score in every cell (`Grid.cells` then lists its
+    other seeds)."""
     return {key: json.loads(max(variants, key=lambda v: float(np.mean(variants[v]))))
-            for key, variants in screens.items() if all(d is not None for ds in variants.values() for d in ds)}
+            for key, variants in _screens(grid, finished).items()
+            if all(d is not None for ds in variants.values() for d in ds)}
+
+
+def undecided_screens(grid: Grid, finished: Callable[[Cell], bool] | None = None) -> list[str]:
+    """Screens that finished but cannot choose: a cell without a dev score of its `select-on` metric."""
+    return [f"{setting}.{label}" for (setting, label), variants in _screens(grid, finished).items()
+            if any(d is None for ds in variants.values() for d in ds)]
 
 
 def _groups(grid: Grid) -> dict[str, dict[tuple[str, str], list[tuple[Cell, dict | None, dict | None]]]]:

@@ -348,3 +348,42 @@ def test_a_swept_value_is_chosen_on_the_metric_the_run_selected_its_round_on(met
                 else {"rsum": 15.0, "map": 0.57, "hash-map": 0.57})[metric]
     assert score == pytest.approx(expected)
     assert selection_score({"dev": dev}, {}) == 150.0, "records from before `selected-on`: dev rsum"
+
+
+def _screened_grid(tmp_path: Path):
+    path = tmp_path / "fixture.toml"
+    path.write_text(GRID.format(out=tmp_path / "runs", results=tmp_path / "docs" / "RESULTS.md") + "sweep-seeds = [0]\n")
+    return load_grid(path)
+
+
+def test_a_new_code_version_screens_again_before_it_runs_any_other_seed(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    grid = _screened_grid(tmp_path)
+    run_grid(grid, code="v1", commit="c1", runner=fake_runner([]), log=lambda _: None)  # v1 chooses mu=0.1
+    monkeypatch.setitem(TEST_RSUM, ("fedprox-0.01", 0), 250.0)  # at v2 the screen flips to mu=0.01
+    calls: list[str] = []
+    counts = run_grid(grid, code="v2", commit="c2", runner=fake_runner(calls), log=lambda _: None)
+    prox = [name for name in calls if ".fedprox." in name]
+    assert sorted(prox) == sorted(["a.fedprox.fedprox-mu-0.01.seed0", "a.fedprox.fedprox-mu-0.1.seed0",
+                                   "a.fedprox.fedprox-mu-0.01.seed1", "a.fedprox.fedprox-mu-0.01.seed2"]), \
+        "no other seed may run at the old code's choice"
+    assert counts == {"cells": 7, "skipped": 0, "finished": 7, "failed": 0}
+
+
+def test_a_screen_cell_without_a_dev_score_fails_the_grid_and_the_results_still_write(tmp_path: Path) -> None:
+    grid = _screened_grid(tmp_path)
+    runner = fake_runner([])
+
+    def no_dev_for_mu_01(cell, run_dir):
+        status = runner(cell, run_dir)
+        if cell.variant.get("fedprox-mu") == 0.1:
+            final = json.loads((run_dir / "final.json").read_text())
+            (run_dir / "final.json").write_text(json.dumps({**final, "dev": {}, "selected-on": "dev Hamming label MAP"}))
+        return status
+
+    lines: list[str] = []
+    counts = run_grid(grid, code="v1", commit="c1", runner=no_dev_for_mu_01, log=lines.append)
+    assert counts["failed"] == 1 and any("a.fedprox" in line and "not run" in line for line in lines)
+    from scripts.results import screen_choices
+    assert not any(c.method == "fedprox" and c.seed > 0 for c in grid.cells(screen_choices(grid))), "no choice made"
+    write_results(grid)  # a None dev score must not break the tables
