@@ -8,7 +8,7 @@ to that grid's results file, so they are read side by side in one place:
     [[tables]]
     title = "MAP@all by partition and code length"
     rows = ["centralized", "fedavg", "fedcafe"]          # method labels as the grids name them
-    metrics = ["std MAP i2t", "std MAP t2i"]             # columns of scripts/results.py
+    metrics = ["std MAP i2t", "std MAP t2i"]             # columns of scripts/cells.py (COLUMNS)
     baseline = "fedavg"                                  # optional (default: the grid's): ▲ / ▼ against it
     note = "..."                                         # optional: a paragraph under the heading
     [[tables.groups]]
@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from scripts.grid_spec import PROJECT, Cell, Grid, GridError, cell_dir, load_grid, read_record
-from scripts.results import COLUMNS, cell_numbers, format_mean_std, improving_mark, paired_mark
+from scripts.cells import COLUMNS, cell_numbers
+from scripts.results import format_mean_std, improving_mark, paired_mark
 
 
 TABLE_KEYS = {"title", "rows", "metrics", "baseline", "note", "groups"}
@@ -42,7 +43,7 @@ class Entry:
     cells: tuple[Cell, ...]
 
     def numbers(self) -> dict[int, dict[str, Any]]:
-        """seed -> scripts.results.cell_numbers of the finished cells (read when the table is written)."""
+        """seed -> scripts.cells.cell_numbers of the finished cells (read when the table is written)."""
         if self.grid is None:
             return {}
         grid = self.grid

@@ -87,7 +87,7 @@ class Grid:
     run_config: dict[str, Any] = field(default_factory=dict)
     baseline: str = "fedavg"
     gap: tuple[str, str, str] | None = None  # (from method, reference setting, reference method)
-    columns: tuple[str, ...] | None = None  # the results table's metric columns (scripts/results.py); None: all
+    columns: tuple[str, ...] | None = None  # the results table's metric columns (scripts/cells.py); None: all
     tables: list[dict[str, Any]] = field(default_factory=list)  # tables across grids (scripts/cross_table.py)
     records: Path | None = None  # tracked copies of finished cells' small files (KEPT); None: run directories only
 

@@ -23,130 +23,19 @@ from typing import Any, Callable
 
 import numpy as np
 
-from scripts.grid_spec import PROJECT, RECORD, Cell, Grid, cell_dir, read_record, run_config_text
+from scripts.cells import COLUMNS, cell_numbers
+from scripts.grid_spec import PROJECT, Cell, Grid, cell_dir, read_record, run_config_text
 from scripts.results_plot import plot_setting
 
-# (column, how to get it from a cell's outputs); test numbers are at the run's selected round
-COLUMNS = {
-    "test rsum": lambda f: f["test"].get("rsum"),
-    "Hamming rsum": lambda f: f["test"].get("hash_rsum"),
-    "Hamming / continuous %": lambda f: _ratio(f["test"].get("hash_rsum"), f["test"].get("rsum")),
-    "MAP@all i2t": lambda f: f["test"].get("hash_map_i2t"),
-    "MAP@all t2i": lambda f: f["test"].get("hash_map_t2i"),
-    "std MAP i2t": lambda f: f["test"].get("hash_smap_i2t"),
-    "std MAP t2i": lambda f: f["test"].get("hash_smap_t2i"),
-    "continuous MAP i2t": lambda f: f["test"].get("emb_smap_i2t"),
-    "continuous MAP t2i": lambda f: f["test"].get("emb_smap_t2i"),
-    "relaxed MAP i2t": lambda f: f["test"].get("relaxed_smap_i2t"),
-    "mean abs code": lambda f: f["test"].get("code_abs_mean"),
-    "client mean": lambda f: _summary(f, "all-global-mean"),
-    "client worst": lambda f: _summary(f, "all-global-worst"),
-    "client MAP i2t": lambda f: _summary(f, "all-global-smap_i2t-mean"),
-    "client MAP t2i": lambda f: _summary(f, "all-global-smap_t2i-mean"),
-    "worst client MAP i2t": lambda f: _summary(f, "all-global-smap_i2t-worst"),
-    "worst client MAP t2i": lambda f: _summary(f, "all-global-smap_t2i-worst"),
-    # PLFedCMH's protocol: each client's test queries against its own train set
-    "own-set client MAP i2t": lambda f: _summary(f, "all-global-own_smap_i2t-mean"),
-    "own-set client MAP t2i": lambda f: _summary(f, "all-global-own_smap_t2i-mean"),
-    "worst own-set client MAP i2t": lambda f: _summary(f, "all-global-own_smap_i2t-worst"),
-    "paired": lambda f: _summary(f, "paired-global-mean"),
-    "paired worst": lambda f: _summary(f, "paired-global-worst"),
-    "image-only": lambda f: _summary(f, "image-only-global-mean"),
-    "image-only worst": lambda f: _summary(f, "image-only-global-worst"),
-    "text-only": lambda f: _summary(f, "text-only-global-mean"),
-    "text-only worst": lambda f: _summary(f, "text-only-global-worst"),
-    "+personal mean": lambda f: _summary(f, "all-personal-mean"),
-}
 DIGITS = {"MAP@all i2t": 3, "MAP@all t2i": 3, "std MAP i2t": 3, "std MAP t2i": 3, "client MAP i2t": 3,
           "client MAP t2i": 3, "worst client MAP i2t": 3, "worst client MAP t2i": 3,
           "own-set client MAP i2t": 3, "own-set client MAP t2i": 3, "worst own-set client MAP i2t": 3,
           "continuous MAP i2t": 3, "continuous MAP t2i": 3, "relaxed MAP i2t": 3, "mean abs code": 2, "dev MAP": 3}
 # marked against the grid's baseline
 SIGNIFICANCE = ("test rsum", "Hamming rsum", "client mean", "image-only", "text-only", "std MAP i2t", "std MAP t2i")
-# a run whose selected round is past this fraction of its rounds was still improving when it stopped
-LATE = 0.8
 IMPROVING = "†"
 FOOTNOTE = (f"{IMPROVING} n/m: the selected round was in the last fifth of the rounds in n of m seeds: the run was "
             "still improving (selected round > 0.8 × its rounds), so its numbers may understate the method.")
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return 100.0 * a / b if a is not None and b else None
-
-
-def _summary(final: dict, key: str) -> float | None:
-    return final.get("per-client", {}).get("summary", {}).get(key)
-
-
-def _number(value: int | float) -> int | float | None:
-    """A metric value as strict JSON can hold it: NaN / inf as None."""
-    return value if math.isfinite(value) else None
-
-
-def flat_metrics(final: dict) -> dict[str, int | float | None]:
-    """Every scalar metric of final.json under its own key (per-client summary keys as they are, `dev_<key>` for the
-    dev section, test keys as they are: the same names a reader finds in the file), plus `selected_round`."""
-    sections = (("", final.get("per-client", {}).get("summary", {})), ("dev_", final.get("dev") or {}),
-                ("", final.get("test") or {}))
-    out = {prefix + k: _number(v) for prefix, section in sections for k, v in section.items()
-           if not isinstance(v, bool) and isinstance(v, (int, float))}
-    return {**out, "selected_round": int(final["best-round"])}
-
-
-def _num_rounds(run_dir: Path, rounds: list[dict]) -> int:
-    """The cell's number of server rounds: its resolved config (config.json), else its grid record, else the last
-    round it logged."""
-    for name, key in (("config.json", "run"), (RECORD, "run-config")):
-        path = run_dir / name
-        if path.exists():
-            value = json.loads(path.read_text()).get(key, {}).get("num-server-rounds")
-            if value:
-                return int(value)
-    return max((r["round"] for r in rounds), default=0)
-
-
-# final.json's "selected-on" (fedxmr_server/app.py: _selected_on) -> where the score that chose the round is: the
-# dev scores of the global model, or the per-client dev summary; the mean of the keys (MAPs: i2t and t2i)
-SELECTION_KEYS = {"dev rsum": ("dev", ["rsum"]),
-                  "dev continuous label MAP": ("dev", ["emb_smap_i2t", "emb_smap_t2i"]),
-                  "dev Hamming label MAP": ("dev", ["hash_smap_i2t", "hash_smap_t2i"]),
-                  "mean per-client dev score": ("client", ["all-global-mean"]),
-                  "mean per-client dev Hamming MAP": ("client",
-                                                      ["all-global-smap_i2t-mean", "all-global-smap_t2i-mean"])}
-
-
-def selection_score(final: dict, selected: dict) -> float | None:
-    """The dev value the run chose its reported round on (`select-on`), at that round (`selected`: its line of
-    metrics.jsonl); runs written before `selected-on` existed chose on dev rsum (or the per-client dev score)."""
-    client = selected.get("client-dev", {}).get("summary", {})
-    where, keys = SELECTION_KEYS.get(final.get("selected-on", ""),
-                                     ("dev", ["rsum"]) if final.get("dev") else ("client", ["all-global-mean"]))
-    scores = (final.get("dev") or {}) if where == "dev" else client
-    values = [scores.get(k) for k in keys]
-    return float(np.mean(values)) if values and all(v is not None for v in values) else None
-
-
-def cell_numbers(run_dir: Path) -> dict[str, Any]:
-    """One finished cell's numbers: the table columns, its dev score, bytes per round, the convergence curves, every
-    metric of final.json (`metrics`) and whether it was still improving (selected late in its rounds)."""
-    final = json.loads((run_dir / "final.json").read_text())
-    rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    trained = [r["train"] for r in rounds if r.get("train")]
-    selected = next((r for r in rounds if r["round"] == final["best-round"]), {})
-    num_rounds = _num_rounds(run_dir, rounds)
-    return {
-        **{name: get(final) for name, get in COLUMNS.items()},
-        "dev": selection_score(final, selected),  # what chooses a swept value too: the metric the round was chosen on
-        "best-round": final["best-round"],
-        "MB/round": (np.mean([t.get("download-bytes", 0) + t.get("upload-bytes", 0) for t in trained]) / 1e6
-                     if trained else None),
-        "dev-curve": {r["round"]: r["dev"]["rsum"] for r in rounds if r.get("dev") and r["round"] > 0},
-        "client-curve": {r["round"]: r["client-dev"]["summary"]["all-global-mean"] for r in rounds
-                         if r.get("client-dev", {}).get("summary", {}).get("all-global-mean") is not None},
-        "rounds": num_rounds,
-        "still-improving": final["best-round"] > LATE * num_rounds,
-        "metrics": flat_metrics(final),
-    }
 
 
 def improving_mark(numbers: list[dict[str, Any] | None]) -> str:
@@ -338,8 +227,9 @@ def _shown(path: Path) -> Path:
 
 def result_records(groups: dict[str, dict[tuple[str, str], list]]) -> list[dict[str, Any]]:
     """The rows of the setting tables for scripts, one record per (setting, method, metric), in table order, metrics
-    sorted: {setting, method (the table's label), metric (final.json's name, see `flat_metrics`), mean, std (None
-    if no seed has it), seeds (per seed, None where missing), seed_ids, still_improving, still_improving_seeds}."""
+    sorted: {setting, method (the table's label), metric (final.json's name, see `scripts.cells.flat_metrics`),
+    mean, std (None if no seed has it), seeds (per seed, None where missing), seed_ids, still_improving,
+    still_improving_seeds}."""
     records = []
     for setting, rows in groups.items():
         for (method, variant), cells in _chosen(rows).items():

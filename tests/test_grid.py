@@ -16,7 +16,8 @@ import scripts.grid
 import scripts.simulate
 from scripts.grid import run_grid
 from scripts.grid_spec import Cell, GridError, load_grid, run_config_text
-from scripts.results import FOOTNOTE, cell_numbers, format_mean_std, mean_std, paired_mark, results_json, write_results
+from scripts.cells import cell_numbers
+from scripts.results import FOOTNOTE, format_mean_std, mean_std, paired_mark, results_json, write_results
 
 GRID = """
 title = "fixture grid"
@@ -336,7 +337,7 @@ def test_a_value_reported_by_fewer_seeds_than_finished_says_so() -> None:
 @pytest.mark.parametrize("global_model", [True, False])
 def test_a_swept_value_is_chosen_on_the_metric_the_run_selected_its_round_on(metric: str, global_model: bool) -> None:
     from fedxmr_server.app import _selected_on
-    from scripts.results import SELECTION_KEYS, selection_score
+    from scripts.cells import SELECTION_KEYS, selection_score
 
     words = _selected_on(metric, global_model)
     assert words in SELECTION_KEYS, "every way the server words its selection must be readable here"
