@@ -9,6 +9,17 @@ from __future__ import annotations
 
 import numpy as np
 
+# what selects the reported round (run config `select-on`): per metric, the dev keys of the global model and the
+# per-client dev summary keys that stand in without one (the score is their mean), and how final.json's
+# "selected-on" words each case (global model, per-client)
+SELECTION = {
+    "rsum": (("rsum",), ("all-global-mean",), ("dev rsum", "mean per-client dev score")),
+    "map": (("emb_smap_i2t", "emb_smap_t2i"), ("all-global-smap_i2t-mean", "all-global-smap_t2i-mean"),
+            ("dev continuous label MAP", "mean per-client dev Hamming MAP")),
+    "hash-map": (("hash_smap_i2t", "hash_smap_t2i"), ("all-global-smap_i2t-mean", "all-global-smap_t2i-mean"),
+                 ("dev Hamming label MAP", "mean per-client dev Hamming MAP")),
+}
+
 # records of a RecordDict
 ARRAYS = "arrays"  # ArrayRecord: model arrays (server -> node: the node's model; node -> server: what it trained)
 CONFIG = "config"  # ConfigRecord, server -> node

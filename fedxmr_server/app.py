@@ -17,6 +17,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from threadpoolctl import threadpool_limits
 
+from common import protocol as P
 from common.data.datasets import backbone_for, concept_count
 from common.config import ConfigError, parse_run_config
 from common.preflight import CHECKPOINT, path_problems
@@ -107,8 +108,5 @@ def _run(grid: Grid, context: Context) -> None:
 
 
 def _selected_on(metric: str, global_model: bool) -> str:
-    """How the reported round was chosen, in words for the summary."""
-    words = {"rsum": "rsum", "map": "continuous label MAP", "hash-map": "Hamming label MAP"}[metric]
-    if global_model:
-        return f"dev {words}"
-    return "mean per-client dev score" if metric == "rsum" else "mean per-client dev Hamming MAP"
+    """How the reported round was chosen, in words for the summary (and for scripts reading final.json)."""
+    return P.SELECTION[metric][2][0 if global_model else 1]

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from common import protocol as P
 from scripts.grid_spec import RECORD
 
 # (column, how to get it from a cell's outputs); test numbers are at the run's selected round
@@ -82,14 +83,10 @@ def _num_rounds(run_dir: Path, rounds: list[dict]) -> int:
     return max((r["round"] for r in rounds), default=0)
 
 
-# final.json's "selected-on" (fedxmr_server/app.py: _selected_on) -> where the score that chose the round is: the
-# dev scores of the global model, or the per-client dev summary; the mean of the keys (MAPs: i2t and t2i)
-SELECTION_KEYS = {"dev rsum": ("dev", ["rsum"]),
-                  "dev continuous label MAP": ("dev", ["emb_smap_i2t", "emb_smap_t2i"]),
-                  "dev Hamming label MAP": ("dev", ["hash_smap_i2t", "hash_smap_t2i"]),
-                  "mean per-client dev score": ("client", ["all-global-mean"]),
-                  "mean per-client dev Hamming MAP": ("client",
-                                                      ["all-global-smap_i2t-mean", "all-global-smap_t2i-mean"])}
+# final.json's "selected-on" words -> where the score that chose the round is (the global model's dev scores, or the
+# per-client dev summary) and its keys (their mean): common/protocol.py's SELECTION, read backwards
+SELECTION_KEYS = {words: (where, list(keys)) for dev_keys, client_keys, (on_dev, on_clients) in P.SELECTION.values()
+                  for words, where, keys in ((on_dev, "dev", dev_keys), (on_clients, "client", client_keys))}
 
 
 def selection_score(final: dict, selected: dict) -> float | None:

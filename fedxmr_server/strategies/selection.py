@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from common import protocol as P
 from fedxmr_server.strategies.state import Checkpoint, StrategyState, capture_rng, restore_rng
 
 Arrays = dict[str, np.ndarray]
@@ -30,13 +31,11 @@ class SelectsOnDev:
         """The dev value that selects the reported round (`select-on`; MAPs: the mean of i2t and t2i). Without a
         global model the per-client dev evaluation stands in (mean R@K score, or mean per-client Hamming MAP)."""
         metric = self.cfg.selection_metric()
+        dev_keys, client_keys, _ = P.SELECTION[metric]
         if not self.has_global_model:  # `last_evaluate` is reset every round, so a stale per-client score never counts
-            summary = self.last_evaluate.get("summary", {})
-            keys = ["all-global-mean"] if metric == "rsum" else ["all-global-smap_i2t-mean", "all-global-smap_t2i-mean"]
+            summary, keys = self.last_evaluate.get("summary", {}), list(client_keys)
         else:
-            summary = dev or {}
-            keys = {"rsum": ["rsum"], "map": ["emb_smap_i2t", "emb_smap_t2i"],
-                    "hash-map": ["hash_smap_i2t", "hash_smap_t2i"]}[metric]
+            summary, keys = dev or {}, list(dev_keys)
         missing = [k for k in keys if k not in summary]
         if summary and missing:
             raise ValueError(f"run config key 'select-on' = {metric!r}: the dev scores have no {missing} (labels?)")
