@@ -16,7 +16,8 @@ A grid file (`grids/*.toml`):
                                          # reference (setting/method) each method recovers, per setting
     columns = ["test rsum", ...]         # optional: the metric columns of the tables (default: all)
     [run-config]                         # keys every cell shares (relative data-dir / cache-dir: to the project)
-    [settings.<name>]                    # title and run-config of one setting (partition x modality mix x ...)
+    [settings.<name>]                    # title and run-config of one setting (partition x modality mix x ...);
+                                         # optional note: a paragraph printed above its table
     [[methods]]                          # name; optional: sweep = {key = [values]} (chosen on dev),
                                          # sweep-seeds = [...] (screen: every swept value runs on these seeds
                                          # only, the other seeds at the value with the best mean dev score there),

@@ -289,6 +289,8 @@ def write_results(grid: Grid, appendix: list[str] | None = None) -> Path:
         spec = grid.settings[setting]
         lines += [f"## {spec.get('title', setting)}", "",
                   f"Run config of the setting: `{run_config_text(spec.get('run-config', {}))}`", ""]
+        if spec.get("note"):  # what the grid file says the table cannot (e.g. why a reference misses its target)
+            lines += [str(spec["note"]).strip(), ""]
         lines += setting_table(rows, grid.baseline, grid.columns) + [""] + sweep_table(rows)
         if grid.gap and setting != grid.gap[1]:
             reference = groups.get(grid.gap[1], {}).get((grid.gap[2], ""), [])

@@ -30,6 +30,7 @@ num-server-rounds = 2
 [settings.a]
 title = "setting A"
 run-config = {{ partitioner = "iid" }}
+note = "Why the ceiling misses its target, in the grid file's words."
 [[methods]]
 name = "fedavg"
 [[methods]]
@@ -162,6 +163,8 @@ def test_results_file_has_mean_and_sample_std_the_dev_chosen_sweep_value_and_mar
     assert "| fedprox | fedprox-mu=0.01 † 3/3 | 3/3 |" in text  # the sweep table lists the other value
     assert (grid.results.parent / "RESULTS-a.png").exists()
     assert "| a.fedavg.seed0 | finished | c1 | v1 | 3 |" in text
+    note = text.index("Why the ceiling misses its target, in the grid file's words.")
+    assert text.index("## setting A") < note < text.index("| method |")  # the setting's note, above its table
 
 
 def _table_row(text: str, prefix: str) -> dict[str, str]:
