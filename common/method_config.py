@@ -59,6 +59,7 @@ class CentralizedSection(Section):
 
     local_epochs: int = Field(1, ge=1, le=1000)
     lr: float = Field(3e-4, gt=0.0, le=10.0)
+    average: float = Field(0.0, ge=0.0, lt=1.0)  # > 0: score an exponential average of the weights over rounds
 
 
 class FedProtoSection(Section):

@@ -105,3 +105,24 @@ def test_state_round_trips_through_bytes_and_disk(tmp_path) -> None:
     np.testing.assert_array_equal(back.arrays["a.w"], state.arrays["a.w"])
     np.testing.assert_array_equal(back.buffers["protos"], state.buffers["protos"])
     assert not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("decay", [0.0, 0.5])
+def test_centralized_scores_an_average_of_its_weights_and_trains_on_the_raw_ones(decay: float) -> None:
+    """`centralized-average`: the model scored, selected and sent for evaluation is the exponential average of the
+    node's trained weights (started by round 1's), while the next train message carries the raw weights; the raw
+    weights are strategy state, so a checkpoint keeps them. Off (0): the node's update is the model."""
+    strategy = build_strategy(parse_run_config({"method": "centralized", "centralized-average": decay,
+                                                "min-nodes": 1}))
+    strategy.state.arrays = {k: v.copy() for k, v in GLOBAL.items()}
+    weights = lambda: strategy.state.arrays["img.w"][0, 0]  # noqa: E731
+    sent = lambda kind: strategy.payload("client-1", 3, kind)["arrays"]["img.w"].numpy()[0, 0]  # noqa: E731
+    strategy.aggregate_train(1, [reply(1, 2.0, 10)])
+    assert weights() == pytest.approx(2.0), "the first trained weights start the average"
+    strategy.aggregate_train(2, [reply(1, 4.0, 10)])
+    assert weights() == pytest.approx(decay * 2.0 + (1 - decay) * 4.0)
+    assert sent("train") == pytest.approx(4.0), "training continues from the raw weights"
+    assert sent("evaluate") == pytest.approx(weights())
+    restored = StrategyState.from_bytes(strategy.state.to_bytes())
+    assert {k: v[0, 0] for k, v in restored.buffers.items() if k.endswith("img.w")} == \
+        ({"trained/img.w": pytest.approx(4.0)} if decay else {})
