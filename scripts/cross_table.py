@@ -16,8 +16,10 @@ to that grid's results file, so they are read side by side in one place:
     from = ["grids/fedcafe-bits.toml:iid-16", "grids/fedcafe-bits.toml:central-16"]  # relative to the project
 
 A row's entry in a group comes from the first `grid:setting` in `from` that lists that label. A label swept in that
-setting is refused (a table shows one value per method). Marks are paired t-tests over seeds, so they are drawn only
-where the row and the baseline come from the same setting: there the seed also draws the same partition.
+setting is refused (a table shows one value per method), unless the method is screened (`sweep-seeds`): then the
+entry is the value its screen chose on dev, over all seeds (no number until the screen has finished). Marks are paired
+t-tests over seeds, so they are drawn only where the row and the baseline come from the same setting: there the seed
+also draws the same partition.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from typing import Any
 
 from scripts.grid_spec import PROJECT, Cell, Grid, GridError, cell_dir, load_grid, read_record
 from scripts.cells import COLUMNS, cell_numbers
-from scripts.results import format_mean_std, improving_mark, paired_mark
+from scripts.results import format_mean_std, improving_mark, paired_mark, screen_choices
 
 
 TABLE_KEYS = {"title", "rows", "metrics", "baseline", "note", "groups"}
@@ -108,6 +110,11 @@ def _source(spec: str, where: str, grids: dict[Path, Grid]) -> tuple[Grid, str]:
 def _entry(sources: list[tuple[str, Grid, str]], label: str, where: str) -> Entry:
     for spec, grid, setting in sources:
         cells = [c for c in grid.cells() if c.setting == setting and c.method == label]
+        if cells and cells[0].screen_seeds:  # screened: the value its screen chose on dev, over all seeds
+            chosen = screen_choices(grid).get((setting, label))
+            return Entry(spec, grid, tuple(c for c in grid.cells(screen_choices(grid))
+                                           if c.setting == setting and c.method == label and c.variant == chosen)
+                         if chosen is not None else ())
         if any(c.variant for c in cells):
             raise GridError(f"{where}: {label!r} is swept in {spec!r}; a table shows one value per method (give "
                             "the value a label of its own in that grid)")

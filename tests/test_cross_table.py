@@ -144,6 +144,31 @@ def test_an_entry_with_a_run_still_improving_is_marked(tmp_path: Path) -> None:
     assert "† n/m: the selected round" not in text  # the grid's own tables have no mark: no footnote of theirs
 
 
+def test_a_screened_row_shows_the_value_its_screen_chose_over_all_seeds(tmp_path: Path) -> None:
+    """fedcafe screened on seed 0 over two learning rates: lr 3e-4 wins on dev, so its entry is lr 3e-4 on all three
+    seeds (the losing value's seed-0 cell is left out); before the screen has finished there is no number."""
+    bits_text = BITS.replace('name = "fedcafe"\nsettings = ["b16"]', 'name = "fedcafe"\nsettings = ["b16"]\n'
+                             'sweep = {{ lr = [0.001, 0.0003] }}\nsweep-seeds = [0]')
+    bits, main = _grids(tmp_path)
+    bits.path.write_text(bits_text.format(out=tmp_path / "runs-bits"))
+    bits = load_grid(bits.path)
+    base = fake_runner()
+
+    def lr_matters(cell, run_dir: Path) -> tuple[str, str]:
+        status = base(cell, run_dir)
+        if cell.variant.get("lr") == 0.0003:  # better on dev, and 0.1 higher on test
+            final = json.loads((run_dir / "final.json").read_text())
+            final["dev"]["rsum"], final["test"]["hash_smap_i2t"] = 2.0, final["test"]["hash_smap_i2t"] + 0.1
+            (run_dir / "final.json").write_text(json.dumps(final))
+        return status
+
+    assert _row("\n".join(cross_tables(main)), "fedcafe")[1] == "–", "screen not run: no number, no error"
+    run_grid(bits, code="v1", commit="c1", runner=lr_matters, log=lambda _: None)
+    text = "\n".join(cross_tables(load_grid(main.path)))
+    chosen = [v + 0.1 for v in MAP[("fedcafe", 16)]]
+    assert _row(text, "fedcafe")[1] == f"{np.mean(chosen):.3f} ± {np.std(chosen, ddof=1):.3f} ▲"  # paired with fedavg
+
+
 def test_sources_are_relative_to_the_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(scripts.cross_table, "PROJECT", tmp_path)
     bits, main = _grids(tmp_path, MAIN.replace("{bits}", "bits.toml").replace("{main}", "main.toml"))
