@@ -111,8 +111,9 @@ def _entry(sources: list[tuple[str, Grid, str]], label: str, where: str) -> Entr
     for spec, grid, setting in sources:
         cells = [c for c in grid.cells() if c.setting == setting and c.method == label]
         if cells and cells[0].screen_seeds:  # screened: the value its screen chose on dev, over all seeds
-            chosen = screen_choices(grid).get((setting, label))
-            return Entry(spec, grid, tuple(c for c in grid.cells(screen_choices(grid))
+            choices = screen_choices(grid)
+            chosen = choices.get((setting, label))
+            return Entry(spec, grid, tuple(c for c in grid.cells(choices)
                                            if c.setting == setting and c.method == label and c.variant == chosen)
                          if chosen is not None else ())
         if any(c.variant for c in cells):

@@ -145,8 +145,9 @@ def test_an_entry_with_a_run_still_improving_is_marked(tmp_path: Path) -> None:
 
 
 def test_a_screened_row_shows_the_value_its_screen_chose_over_all_seeds(tmp_path: Path) -> None:
-    """fedcafe screened on seed 0 over two learning rates: lr 3e-4 wins on dev, so its entry is lr 3e-4 on all three
-    seeds (the losing value's seed-0 cell is left out); before the screen has finished there is no number."""
+    """fedcafe screened on seed 0 over two learning rates: lr 1e-3, the first value listed, wins on dev, so its entry
+    is lr 1e-3 on all three seeds (the losing value's seed-0 cell is left out); before the screen has finished there is
+    no number."""
     bits_text = BITS.replace('name = "fedcafe"\nsettings = ["b16"]', 'name = "fedcafe"\nsettings = ["b16"]\n'
                              'sweep = {{ lr = [0.001, 0.0003] }}\nsweep-seeds = [0]')
     bits, main = _grids(tmp_path)
@@ -156,7 +157,7 @@ def test_a_screened_row_shows_the_value_its_screen_chose_over_all_seeds(tmp_path
 
     def lr_matters(cell, run_dir: Path) -> tuple[str, str]:
         status = base(cell, run_dir)
-        if cell.variant.get("lr") == 0.0003:  # better on dev, and 0.1 higher on test
+        if cell.variant.get("lr") == 0.001:  # better on dev, and 0.1 higher on test
             final = json.loads((run_dir / "final.json").read_text())
             final["dev"]["rsum"], final["test"]["hash_smap_i2t"] = 2.0, final["test"]["hash_smap_i2t"] + 0.1
             (run_dir / "final.json").write_text(json.dumps(final))
