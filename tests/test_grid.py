@@ -5,6 +5,7 @@ twin of the tables). No simulation runs: a fake runner writes the files a run le
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 from typing import Any, Callable
@@ -17,7 +18,8 @@ import scripts.simulate
 from scripts.grid import run_grid
 from scripts.grid_spec import Cell, GridError, load_grid, run_config_text
 from scripts.cells import cell_numbers
-from scripts.results import FOOTNOTE, format_mean_std, mean_std, paired_mark, results_json, write_results
+from scripts.results import (FOOTNOTE, format_mean_std, mean_std, paired_mark, paired_stats, results_json,
+                             write_results)
 
 GRID = """
 title = "fixture grid"
@@ -161,6 +163,9 @@ def test_results_file_has_mean_and_sample_std_the_dev_chosen_sweep_value_and_mar
     assert "fedprox-mu=0.1, chosen on dev" in prox
     assert f"{np.mean([230, 241, 236]):.1f} ± {np.std([230, 241, 236], ddof=1):.1f} ▲" in prox
     assert "| fedprox | fedprox-mu=0.01 † 3/3 | 3/3 |" in text  # the sweep table lists the other value
+    diffs = np.array([230.0 - 200.0, 241.0 - 210.0, 236.0 - 205.0])  # the numbers behind fedprox's ▲
+    t = diffs.mean() / (diffs.std(ddof=1) / np.sqrt(3))
+    assert _table_row(text, "fedprox |")["test rsum"] == f"{diffs.mean():+.1f} (t {t:.1f}, 3)"
     assert (grid.results.parent / "RESULTS-a.png").exists()
     assert "| a.fedavg.seed0 | finished | c1 | v1 | 3 |" in text
     note = text.index("Why the ceiling misses its target, in the grid file's words.")
@@ -280,6 +285,13 @@ def test_mean_std_and_paired_mark() -> None:
     assert paired_mark({0: 10.0, 1: 20.0, 2: 30.0}, {0: 9.0, 1: 19.2, 2: 28.9}) == "▲"  # consistently above
     assert paired_mark({0: 10.0, 1: 20.0, 2: 30.0}, {0: 12.0, 1: 17.0, 2: 31.0}) == ""  # within the noise
     assert paired_mark({0: 1.0}, {0: 2.0}) == "?"
+    ours, base = {0: 3.0, 1: 5.0, 2: 4.0, 3: 9.0}, {0: 1.0, 1: 2.0, 2: 2.0, 4: 0.0}  # seeds 3 and 4 do not pair up
+    diff, t, p, n = paired_stats(ours, base)
+    assert (n, diff) == (3, pytest.approx(7 / 3))
+    assert t == pytest.approx((7 / 3) / (np.std([2, 3, 2], ddof=1) / np.sqrt(3)))
+    assert 0 < p < 0.05
+    assert paired_stats({0: 1.0, 1: 2.0}, {0: 1.0, 1: 2.0})[1:] == (0.0, 1.0, 2)
+    assert math.isnan(paired_stats({0: 1.0}, {0: 2.0})[0])
 
 
 def test_run_config_text_and_bad_grids(tmp_path: Path) -> None:
