@@ -97,8 +97,8 @@ class FedCafeSection(Section):
     teacher_weight: float = Field(0.1, ge=0.0)  # L_C = 1 - cos(V_E, the round's global model's V_E)
     class_weight: float = Field(1.0, ge=0.0)  # L_P = KL(labels ‖ concept prediction), mean over items × concepts
     # aggregation weights: "nll" α ∝ Sim_k (the paper's direction: the client less like the global memory weighs
-    # more), "inverse" α ∝ 1/Sim_k, "uniform"
-    weighting: Literal["nll", "inverse", "uniform"] = "nll"
+    # more), "inverse" α ∝ 1/Sim_k, "uniform", "size" (FedAvg's: α ∝ the client's items; an ablation)
+    weighting: Literal["nll", "inverse", "uniform", "size"] = "nll"
     kmeans_iters: int = Field(20, ge=0, le=1000)  # K-means fusion of the memories; 0: the count-weighted means
 
     def model_parts(self) -> tuple[str, ...]:

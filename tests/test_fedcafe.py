@@ -155,6 +155,18 @@ def test_a_bad_memory_record_is_left_out_and_a_missing_one_gets_the_mean_weight(
     assert weights[6] == pytest.approx((weights[0] + weights[1]) / 2)
 
 
+def test_size_weighting_gives_fedavgs_weights_and_still_fuses_the_memory() -> None:
+    _, memories, counts = _clients(5)
+    s = build_strategy(parse_run_config({"method": "fedcafe", "hash-bits": BITS, "fedcafe-weighting": "size"}))
+    s.state.arrays = {memory_key("img"): np.zeros((C, BITS), np.float32)}
+    replies = [reply(i, dict(s.state.arrays), {**PAIRED, "num-examples": n, "partition-id": i},
+                     records={"memory": {"memory": memories[i], "count": counts[i]}}) for i, n in enumerate((30, 20, 25, 25))]
+    s.aggregate_train(1, replies)
+    weights = [c["weight"] for c in sorted(s.last_train["clients"], key=lambda c: c["partition-id"])]
+    np.testing.assert_allclose(weights, [0.3, 0.2, 0.25, 0.25])  # no share above `max-client-share` (0.3)
+    assert "fedcafe/memory" in s.state.buffers, "the memory (AFE's input) is fused whatever the weights"
+
+
 def test_pairwise_likelihood_rewards_similar_items_with_agreeing_codes() -> None:
     codes = torch.tensor([[1.0, 1.0, -1.0, 1.0], [-1.0, 1.0, 1.0, -1.0]])
     similar = torch.tensor([[1.0, 0.0], [0.0, 1.0]])

@@ -6,7 +6,7 @@ and local memories (`fedxmr_client/methods/fedcafe.py`); the server fuses the me
 (`common.memory.fuse_memories`: rows stay aligned to concepts), scores every client's memory against it (Eq. 9)
 and aggregates the models with α = the memory weights (Eq. 10-11; `fedcafe-weighting`, see `common.memory` for
 the direction), per key over the clients that sent it, so a unimodal client never dilutes the other tower. The
-paper weighs by α alone, not by data size; so does this. A reply without memory rows (an image-only node before
+paper weighs by α alone, not by data size; so does this (`fedcafe-weighting = "size"` is FedAvg's, an ablation). A reply without memory rows (an image-only node before
 any memory exists) gets the mean Sim of the others. The memory lives in the strategy state (resumable).
 """
 
@@ -78,6 +78,8 @@ class FedCafeXmr(XmrStrategy):
         return self._fused_for[1]
 
     def client_weights(self, replies: list[Message]) -> np.ndarray:
+        if self.opts.weighting == "size":  # the ablation that isolates α: FedAvg's weights, every other part kept
+            return super().client_weights(replies)
         fused = self._fused(replies)
         if fused is None or self.opts.weighting == "uniform":
             return np.ones(len(replies))
