@@ -33,7 +33,7 @@ DIGITS = {"MAP@all i2t": 3, "MAP@all t2i": 3, "std MAP i2t": 3, "std MAP t2i": 3
           "continuous MAP i2t": 3, "continuous MAP t2i": 3, "relaxed MAP i2t": 3, "mean abs code": 2, "dev MAP": 3}
 # marked against the grid's baseline
 SIGNIFICANCE = ("test rsum", "Hamming rsum", "client mean", "image-only", "text-only", "std MAP i2t", "std MAP t2i",
-                "client MAP i2t", "own-set client MAP i2t", "worst client MAP i2t")
+                "client MAP i2t", "own-set client MAP i2t", "worst client MAP i2t", "worst own-set client MAP i2t")
 IMPROVING = "†"
 FOOTNOTE = (f"{IMPROVING} n/m: the selected round was in the last fifth of the rounds in n of m seeds: the run was "
             "still improving (selected round > 0.8 × its rounds), so its numbers may understate the method.")
@@ -63,19 +63,25 @@ def mean_std(values: list[float | None]) -> tuple[float, float, int]:
     return float(xs.mean()), float(xs.std(ddof=1)) if len(xs) > 1 else 0.0, len(xs)
 
 
+def _present(value: float | None) -> bool:
+    return value is not None and not math.isnan(value)
+
+
 def paired_stats(ours: dict[int, float | None], base: dict[int, float | None]) -> tuple[float, float, float, int]:
-    """Mean paired difference (ours − base) over the seeds both have, its t value and two-sided p value (paired
-    t-test; t = 0, p = 1 when every difference is 0) and the number of seeds; nan where fewer than 2 seeds pair up."""
+    """Mean paired difference (ours − base) over the seeds where both have a number, its t value and two-sided p
+    value (paired t-test) and the number of seeds; nan where fewer than 2 seeds pair up. Differences without spread
+    have no t-test: all zero gives t 0, p 1; all the same nonzero value gives t ±inf, p 0 (every seed agrees)."""
     from scipy.stats import ttest_rel
 
-    seeds = sorted(s for s in ours if s in base and ours[s] is not None and base[s] is not None)
+    seeds = sorted(s for s in ours if s in base and _present(ours[s]) and _present(base[s]))
     if len(seeds) < 2:
         return math.nan, math.nan, math.nan, len(seeds)
-    a, b = np.array([ours[s] for s in seeds]), np.array([base[s] for s in seeds])
-    if np.allclose(a, b):
-        return float((a - b).mean()), 0.0, 1.0, len(seeds)
-    test = ttest_rel(a, b)
-    return float((a - b).mean()), float(test.statistic), float(test.pvalue), len(seeds)
+    diffs = np.array([ours[s] for s in seeds]) - np.array([base[s] for s in seeds])
+    mean, n = float(diffs.mean()), len(seeds)
+    if np.ptp(diffs) <= 1e-12:  # no spread: the t-test is undefined
+        return (mean, 0.0, 1.0, n) if abs(mean) <= 1e-12 else (mean, math.copysign(math.inf, mean), 0.0, n)
+    test = ttest_rel(diffs, np.zeros_like(diffs))
+    return mean, float(test.statistic), float(test.pvalue), n
 
 
 def paired_mark(ours: dict[int, float | None], base: dict[int, float | None], alpha: float = 0.05) -> str:
@@ -193,7 +199,7 @@ def paired_table(rows: dict[tuple[str, str], list], baseline: str, columns: tupl
     if not base or not names or not others:
         return []
     lines = [f"Paired differences to {baseline} (method − {baseline} over the seeds both finished; t: paired t "
-             "value, |t| > 2.78 at 5 seeds, 4.30 at 3 seeds is p < 0.05):", "",
+             "value; p < 0.05 needs |t| > 2.78 at 5 seeds, 4.30 at 3):", "",
              "| method | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
     for (method, _), cells in others:
         row = [method]
@@ -323,8 +329,8 @@ def write_results(grid: Grid, appendix: list[str] | None = None) -> Path:
                   f"Run config of the setting: `{run_config_text(spec.get('run-config', {}))}`", ""]
         if spec.get("note"):  # what the grid file says the table cannot (e.g. why a reference misses its target)
             lines += [str(spec["note"]).strip(), ""]
-        lines += setting_table(rows, grid.baseline, grid.columns) + [""] + paired_table(rows, grid.baseline,
-                                                                                         grid.columns) + sweep_table(rows)
+        lines += setting_table(rows, grid.baseline, grid.columns) + [""]
+        lines += paired_table(rows, grid.baseline, grid.columns) + sweep_table(rows)
         if grid.gap and setting != grid.gap[1]:
             reference = groups.get(grid.gap[1], {}).get((grid.gap[2], ""), [])
             lines += gap_table(rows, reference, grid.gap[0], f"{grid.gap[1]}/{grid.gap[2]}")

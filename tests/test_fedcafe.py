@@ -165,6 +165,7 @@ def test_size_weighting_gives_fedavgs_weights_and_still_fuses_the_memory() -> No
     weights = [c["weight"] for c in sorted(s.last_train["clients"], key=lambda c: c["partition-id"])]
     np.testing.assert_allclose(weights, [0.3, 0.2, 0.25, 0.25])  # no share above `max-client-share` (0.3)
     assert "fedcafe/memory" in s.state.buffers, "the memory (AFE's input) is fused whatever the weights"
+    assert all("memory-weight" not in c for c in s.last_train["clients"]), "size weights are no memory weights"
 
 
 def test_pairwise_likelihood_rewards_similar_items_with_agreeing_codes() -> None:

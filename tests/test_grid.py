@@ -5,7 +5,6 @@ twin of the tables). No simulation runs: a fake runner writes the files a run le
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from pathlib import Path
 from typing import Any, Callable
@@ -18,8 +17,7 @@ import scripts.simulate
 from scripts.grid import run_grid
 from scripts.grid_spec import Cell, GridError, load_grid, run_config_text
 from scripts.cells import cell_numbers
-from scripts.results import (FOOTNOTE, format_mean_std, mean_std, paired_mark, paired_stats, results_json,
-                             write_results)
+from scripts.results import FOOTNOTE, format_mean_std, results_json, write_results
 
 GRID = """
 title = "fixture grid"
@@ -277,21 +275,6 @@ def test_results_only_rewrites_the_json(grid, monkeypatch: pytest.MonkeyPatch, c
     records = _records(grid)
     assert len({(r["setting"], r["method"]) for r in records}) == 2 and all(r["seed_ids"] == [0, 1, 2] for r in records)
     assert grid.results.exists()
-
-
-def test_mean_std_and_paired_mark() -> None:
-    assert mean_std([1.0, None, 3.0]) == (2.0, pytest.approx(np.sqrt(2)), 2)
-    assert mean_std([4.0])[1:] == (0.0, 1)
-    assert paired_mark({0: 10.0, 1: 20.0, 2: 30.0}, {0: 9.0, 1: 19.2, 2: 28.9}) == "▲"  # consistently above
-    assert paired_mark({0: 10.0, 1: 20.0, 2: 30.0}, {0: 12.0, 1: 17.0, 2: 31.0}) == ""  # within the noise
-    assert paired_mark({0: 1.0}, {0: 2.0}) == "?"
-    ours, base = {0: 3.0, 1: 5.0, 2: 4.0, 3: 9.0}, {0: 1.0, 1: 2.0, 2: 2.0, 4: 0.0}  # seeds 3 and 4 do not pair up
-    diff, t, p, n = paired_stats(ours, base)
-    assert (n, diff) == (3, pytest.approx(7 / 3))
-    assert t == pytest.approx((7 / 3) / (np.std([2, 3, 2], ddof=1) / np.sqrt(3)))
-    assert 0 < p < 0.05
-    assert paired_stats({0: 1.0, 1: 2.0}, {0: 1.0, 1: 2.0})[1:] == (0.0, 1.0, 2)
-    assert math.isnan(paired_stats({0: 1.0}, {0: 2.0})[0])
 
 
 def test_run_config_text_and_bad_grids(tmp_path: Path) -> None:

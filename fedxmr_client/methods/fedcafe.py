@@ -1,8 +1,9 @@
 """FedCAFE's client side (ACM MM 2024): the enhancement terms during training, the local memory after it.
 
 The model arrives with the global memory in its towers (`<mod>.fedcafe.memory`, read by the adaptive feature
-enhancement, FedCAFE's model part `common.parts.fedcafe`). On top of the shared objective (whose hash term is FedCAFE's pairwise likelihood when
-`hash-loss = "pairwise"`, as for every method in the comparison), per modality the node trains:
+enhancement, FedCAFE's model part `common.parts.fedcafe`). On top of the shared objective (whose hash term is
+FedCAFE's pairwise likelihood when `hash-loss = "pairwise"`, as for every method in the comparison), per modality
+the node trains:
 - L_E = 1 - cos(V_E, O): the enhanced feature stays near the raw one (`fedcafe-enhance-weight`);
 - L_C = 1 - cos(V_E, teacher V_E): the global model as it arrived (frozen) is the teacher; for a pair, the
   student's V_E is pulled toward the teacher's V_E of *both* the image and the caption of that pair

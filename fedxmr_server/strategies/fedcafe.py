@@ -6,7 +6,8 @@ and local memories (`fedxmr_client/methods/fedcafe.py`); the server fuses the me
 (`common.memory.fuse_memories`: rows stay aligned to concepts), scores every client's memory against it (Eq. 9)
 and aggregates the models with α = the memory weights (Eq. 10-11; `fedcafe-weighting`, see `common.memory` for
 the direction), per key over the clients that sent it, so a unimodal client never dilutes the other tower. The
-paper weighs by α alone, not by data size; so does this (`fedcafe-weighting = "size"` is FedAvg's, an ablation). A reply without memory rows (an image-only node before
+paper weighs by α alone, not by data size; so does this (`fedcafe-weighting = "size"`, FedAvg's weights, is an
+ablation). A reply without memory rows (an image-only node before
 any memory exists) gets the mean Sim of the others. The memory lives in the strategy state (resumable).
 """
 
@@ -91,6 +92,8 @@ class FedCafeXmr(XmrStrategy):
         fused = self._fused(replies)
         if fused is not None:
             self.state.buffers[MEMORY], self.state.buffers[COUNT] = fused
+        if self.opts.weighting == "size":  # the weights are FedAvg's, not memory weights
+            return {}
         return {self.client_of(m): {"memory-weight": float(w)} for m, w in zip(replies, weights)}
 
     def aggregate(self, server_round: int, replies: list[Message], weights: np.ndarray) -> None:
