@@ -71,7 +71,7 @@ def paired_stats(ours: dict[int, float | None], base: dict[int, float | None]) -
     """Mean paired difference (ours − base) over the seeds where both have a number, its t value and two-sided p
     value (paired t-test) and the number of seeds; nan where fewer than 2 seeds pair up. Differences without spread
     have no t-test: all zero gives t 0, p 1; all the same nonzero value gives t ±inf, p 0 (every seed agrees)."""
-    from scipy.stats import ttest_rel
+    from scipy.stats import ttest_1samp
 
     seeds = sorted(s for s in ours if s in base and _present(ours[s]) and _present(base[s]))
     if len(seeds) < 2:
@@ -80,7 +80,7 @@ def paired_stats(ours: dict[int, float | None], base: dict[int, float | None]) -
     mean, n = float(diffs.mean()), len(seeds)
     if np.ptp(diffs) <= 1e-12:  # no spread: the t-test is undefined
         return (mean, 0.0, 1.0, n) if abs(mean) <= 1e-12 else (mean, math.copysign(math.inf, mean), 0.0, n)
-    test = ttest_rel(diffs, np.zeros_like(diffs))
+    test = ttest_1samp(diffs, 0.0)  # the paired t-test is a one-sample test of the differences
     return mean, float(test.statistic), float(test.pvalue), n
 
 
@@ -170,7 +170,7 @@ def setting_table(rows: dict[tuple[str, str], list], baseline: str,
                   columns: tuple[str, ...] | None = None) -> list[str]:
     chosen = _chosen(rows)
     base = next((cells for (method, _), cells in chosen.items() if method == baseline), [])
-    base_by = {name: {c.seed: n[name] for c, _, n in base if n} for name in SIGNIFICANCE}
+    base_by = {name: _by_seed(base, name) for name in SIGNIFICANCE}
     columns = columns or tuple(COLUMNS)
     head = ["method", "seeds", *columns, "MB/round", "wall s", "best round"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

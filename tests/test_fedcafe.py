@@ -160,7 +160,8 @@ def test_size_weighting_gives_fedavgs_weights_and_still_fuses_the_memory() -> No
     s = build_strategy(parse_run_config({"method": "fedcafe", "hash-bits": BITS, "fedcafe-weighting": "size"}))
     s.state.arrays = {memory_key("img"): np.zeros((C, BITS), np.float32)}
     replies = [reply(i, dict(s.state.arrays), {**PAIRED, "num-examples": n, "partition-id": i},
-                     records={"memory": {"memory": memories[i], "count": counts[i]}}) for i, n in enumerate((30, 20, 25, 25))]
+                     records={"memory": {"memory": memories[i], "count": counts[i]}})
+               for i, n in enumerate((30, 20, 25, 25))]
     s.aggregate_train(1, replies)
     weights = [c["weight"] for c in sorted(s.last_train["clients"], key=lambda c: c["partition-id"])]
     np.testing.assert_allclose(weights, [0.3, 0.2, 0.25, 0.25])  # no share above `max-client-share` (0.3)

@@ -7,8 +7,8 @@ and local memories (`fedxmr_client/methods/fedcafe.py`); the server fuses the me
 and aggregates the models with α = the memory weights (Eq. 10-11; `fedcafe-weighting`, see `common.memory` for
 the direction), per key over the clients that sent it, so a unimodal client never dilutes the other tower. The
 paper weighs by α alone, not by data size; so does this (`fedcafe-weighting = "size"`, FedAvg's weights, is an
-ablation). A reply without memory rows (an image-only node before
-any memory exists) gets the mean Sim of the others. The memory lives in the strategy state (resumable).
+ablation). A reply without memory rows (an image-only node before any memory exists) gets the mean Sim of the
+others. The memory lives in the strategy state (resumable).
 """
 
 from __future__ import annotations
