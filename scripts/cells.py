@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -89,6 +89,22 @@ SELECTION_KEYS = {words: (where, list(keys)) for dev_keys, client_keys, (on_dev,
                   for words, where, keys in ((on_dev, "dev", dev_keys), (on_clients, "client", client_keys))}
 
 
+# final.json's "selected-on" words -> the keys of that metric on the global model's dev scores and in the per-client
+# dev summary, and the words for each: what the convergence curves plot, so that they show what chose the round
+CURVE_KEYS = {words: (dev_keys, client_keys, on_dev, on_clients) for dev_keys, client_keys, (on_dev, on_clients)
+              in P.SELECTION.values() for words in (on_dev, on_clients)}
+
+
+def _curve(rounds: list[dict], scores: Callable[[dict], dict], keys: tuple[str, ...]) -> dict[int, float]:
+    """Per round, the mean of `keys` in `scores(round)`, for the rounds that have all of them (round 0 left out)."""
+    out = {}
+    for r in rounds:
+        values = [scores(r).get(k) for k in keys]
+        if r["round"] > 0 and all(v is not None for v in values):
+            out[r["round"]] = float(np.mean(values))
+    return out
+
+
 def selection_score(final: dict, selected: dict) -> float | None:
     """The dev value the run chose its reported round on (`select-on`), at that round (`selected`: its line of
     metrics.jsonl); runs written before `selected-on` existed chose on dev rsum (or the per-client dev score)."""
@@ -108,15 +124,16 @@ def cell_numbers(run_dir: Path) -> dict[str, Any]:
     trained = [r["train"] for r in rounds if r.get("train")]
     selected = next((r for r in rounds if r["round"] == final["best-round"]), {})
     num_rounds = _num_rounds(run_dir, rounds)
+    dev_keys, client_keys, *labels = CURVE_KEYS.get(final.get("selected-on", ""), CURVE_KEYS["dev rsum"])
     return {
         **{name: get(final) for name, get in COLUMNS.items()},
         "dev": selection_score(final, selected),  # what chooses a swept value too: the metric the round was chosen on
         "best-round": final["best-round"],
         "MB/round": (np.mean([t.get("download-bytes", 0) + t.get("upload-bytes", 0) for t in trained]) / 1e6
                      if trained else None),
-        "dev-curve": {r["round"]: r["dev"]["rsum"] for r in rounds if r.get("dev") and r["round"] > 0},
-        "client-curve": {r["round"]: r["client-dev"]["summary"]["all-global-mean"] for r in rounds
-                         if r.get("client-dev", {}).get("summary", {}).get("all-global-mean") is not None},
+        "dev-curve": _curve(rounds, lambda r: r.get("dev") or {}, dev_keys),
+        "client-curve": _curve(rounds, lambda r: r.get("client-dev", {}).get("summary", {}), client_keys),
+        "curve-labels": tuple(labels),
         "rounds": num_rounds,
         "still-improving": final["best-round"] > LATE * num_rounds,
         "metrics": flat_metrics(final),

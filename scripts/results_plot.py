@@ -1,23 +1,36 @@
-"""The convergence plot of one setting of a results grid (`scripts.results` writes it beside the results file)."""
+"""The convergence plot of one setting of a results grid (`scripts.results` writes it beside the results file): the
+dev score that selected each run's round, per round."""
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
 
 def plot_setting(chosen: dict[tuple[str, str], list], title: str, path: Path) -> Path | None:
-    """Dev rsum of the global model (left) and mean per-client dev score (right) per round: mean over seeds with
-    a ± std band, for each method (`chosen`: one variant per method, its cells over seeds)."""
+    """Per round, the dev score each run selected its round on (`select-on`): on the global model (left) and the mean
+    per-client one (right); mean over seeds with a ± std band, for each method (`chosen`: one variant per method, its
+    cells over seeds). Methods selected on another metric than most (e.g. `linear` on Hamming MAP in a setting
+    selected on rsum) are named under the plot instead of drawn on an axis of another metric."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    labels = {method: Counter(n["curve-labels"] for _, _, n in cells if n).most_common(1)
+              for (method, _), cells in chosen.items()}
+    labels = {method: common[0][0] for method, common in labels.items() if common}
+    if not labels:
+        return None
+    axis_labels = Counter(labels.values()).most_common(1)[0][0]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    drawn = False
+    drawn, elsewhere = False, []
     for (method, _), cells in chosen.items():
+        if labels.get(method, axis_labels) != axis_labels:
+            elsewhere.append(f"{method} (selected on {labels[method][0]})")
+            continue
         for ax, curve in zip(axes, ("dev-curve", "client-curve")):
             curves = [n[curve] for _, _, n in cells if n and n[curve]]
             rounds = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
@@ -31,13 +44,15 @@ def plot_setting(chosen: dict[tuple[str, str], list], title: str, path: Path) ->
     if not drawn:
         plt.close(fig)
         return None
-    axes[0].set(xlabel="round", ylabel="dev rsum (global model)", title="Server dev, global model")
-    axes[1].set(xlabel="round", ylabel="mean per-client dev score", title="Per-client dev (own model for local/fedproto)")
+    axes[0].set(xlabel="round", ylabel=axis_labels[0], title="Server dev, global model")
+    axes[1].set(xlabel="round", ylabel=axis_labels[1], title="Per-client dev (own model for local/fedproto)")
+    if elsewhere:
+        fig.text(0.5, 0.01, "not drawn: " + ", ".join(elsewhere), ha="center", fontsize=8)
     for ax in axes:
         if ax.lines:
             ax.legend(fontsize=7)
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.04 if elsewhere else 0, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
     plt.close(fig)
