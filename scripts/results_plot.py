@@ -19,9 +19,8 @@ def plot_setting(chosen: dict[tuple[str, str], list], title: str, path: Path) ->
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = {method: Counter(n["curve-labels"] for _, _, n in cells if n).most_common(1)
-              for (method, _), cells in chosen.items()}
-    labels = {method: common[0][0] for method, common in labels.items() if common}
+    labels = {method: label for (method, _), cells in chosen.items()  # one select-on per method and setting
+              if (label := next((n["curve-labels"] for _, _, n in cells if n), None))}
     if not labels:
         return None
     axis_labels = Counter(labels.values()).most_common(1)[0][0]
