@@ -92,7 +92,8 @@ def class_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | Non
     has = labels.sum(dim=1) > 0
     if not bool(has.any()):
         return None
-    return F.kl_div(F.log_softmax(logits[has], dim=-1), labels[has], reduction="mean")
+    # the elementwise mean, spelled out: reduction="mean" gives the same value but warns on every batch
+    return F.kl_div(F.log_softmax(logits[has], dim=-1), labels[has], reduction="none").mean()
 
 
 def fused_items(shard: NodeShard, model: XmrModel) -> tuple[np.ndarray, np.ndarray | None]:
