@@ -9,16 +9,21 @@ text side is learned, while fedxmr's default text side is a frozen sentence enco
 `txt`, so a run on each (`data-dir` = the file, `backbone = "identity"`) is a controlled experiment on the text
 encoder: frozen MiniLM vs a tower trained from words, as the papers' is.
 - `img`: the backbone's image features, read from the feature cache (encoded once if missing, as any run does);
-- `txt`: `bow`, the binary bag of the image's captions' words (lower case, the `--vocab` most frequent words of the
-  train captions that occur in at least `--min-df` train images; the concept words stay in, as tags do in MIRFlickr),
-  or `backbone`, the mean of the backbone's caption features (L2-normalised);
-- `labels`: the dataset's labels (Flickr8k: the DERIVED concepts); `train` / `dev` / `test`: the dataset's splits.
+- `txt`: `bow`, the binary bag of the image's captions' words (lower case; the `--vocab` words found in the most
+  train images, each in at least `--min-df` of them), or `backbone`, the mean of the backbone's caption features
+  (L2-normalised);
+- `labels`: the dataset's labels (Flickr8k: the DERIVED concepts); `train` / `dev` / `test`: the dataset's splits;
+- `provenance` (the arguments) and, for `bow`, `vocab` (the words, in column order): which file a run read.
+Flickr8k's DERIVED concepts are read off the same caption words (a concept needs one of its words in two of the five
+captions), so the concept words are in the bag (with the defaults, words of 31 of the 32 concepts): a bag of words
+states the labels more directly than MIRFlickr's tags, annotated apart from its labels, do.
 """
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Literal, get_args
 
 import numpy as np
 from sklearn.feature_extraction.text import CountVectorizer
@@ -28,7 +33,8 @@ from common.data.datasets import open_dataset
 from common.data.split import RetrievalSplit
 from common.features import resolve_cache_dir, split_features
 
-TEXTS = ("bow", "backbone")
+Text = Literal["bow", "backbone"]
+TEXTS: tuple[Text, ...] = get_args(Text)
 
 
 def image_documents(split: RetrievalSplit) -> list[str]:
@@ -49,8 +55,10 @@ def caption_mean(features: np.ndarray, split: RetrievalSplit) -> np.ndarray:
     return (sums / norms).astype(np.float32)
 
 
-def bag_of_words(splits: dict[str, RetrievalSplit], vocab: int, min_df: int) -> dict[str, np.ndarray]:
-    """Binary bags of words per image; the vocabulary comes from train only (dev and test never shape it)."""
+def bag_of_words(splits: dict[str, RetrievalSplit], vocab: int,
+                 min_df: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Binary bags of words per image, and the words of their columns; the vocabulary comes from train only (dev
+    and test never shape it)."""
     vectorizer = CountVectorizer(lowercase=True, binary=True, max_features=vocab, min_df=min_df,
                                  token_pattern=r"(?u)\b[a-z][a-z]+\b", dtype=np.float32)
     vectorizer.fit(image_documents(splits["train"]))
@@ -58,20 +66,22 @@ def bag_of_words(splits: dict[str, RetrievalSplit], vocab: int, min_df: int) -> 
     empty = {name: int((b.sum(1) == 0).sum()) for name, b in bags.items()}
     if any(empty.values()):
         raise ValueError(f"images with an empty bag of words per split: {empty}; lower --min-df or raise --vocab")
-    return bags
+    return bags, vectorizer.get_feature_names_out().astype(str)
 
 
-def build(data_dir: str | Path, text: str, model: Backbone, cache_dir: Path, vocab: int = 2000,
+def build(data_dir: str | Path, text: Text, model: Backbone, cache_dir: Path, vocab: int = 2000,
           min_df: int = 5) -> dict[str, np.ndarray]:
-    """The arrays of the feature file: img, txt, labels over train + dev + test, and the three index arrays."""
+    """The arrays of the feature file: img, txt, labels over train + dev + test, the three index arrays and where
+    they came from."""
     if text not in TEXTS:
         raise ValueError(f"--text {text!r}: expected one of {TEXTS}")
     dataset = open_dataset(data_dir)
     splits = {name: dataset.load(name) for name in ("train", "dev", "test")}
     modalities = ("img",) if text == "bow" else ("img", "txt")
     feats = {name: split_features(s, model, cache_dir, modalities) for name, s in splits.items()}
+    extra = {"provenance": np.array(f"text={text} backbone={model.name} vocab={vocab} min-df={min_df}")}
     if text == "bow":
-        txt = bag_of_words(splits, vocab, min_df)
+        txt, extra["vocab"] = bag_of_words(splits, vocab, min_df)
     else:
         txt = {name: caption_mean(feats[name]["txt"], s) for name, s in splits.items()}
     order = ("train", "dev", "test")
@@ -82,7 +92,7 @@ def build(data_dir: str | Path, text: str, model: Backbone, cache_dir: Path, voc
         "labels": np.concatenate([splits[n].labels for n in order]).astype(np.uint8),
     }
     out.update({n: np.arange(sizes[i], sizes[i + 1]) for i, n in enumerate(order)})
-    return out
+    return out | extra
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -11,6 +11,7 @@ import pytest
 from common.backbones import Backbone
 from common.data.datasets import open_dataset
 from common.data.split import RetrievalSplit
+from common.data.concepts import CONCEPTS
 from scripts.feature_file import bag_of_words, build, caption_mean
 
 DIM = 3
@@ -28,6 +29,10 @@ def _backbone() -> Backbone:
                     _image=_Encoder, _text=_Encoder)
 
 
+def _concept_column(name: str) -> int:
+    return list(CONCEPTS).index(name)
+
+
 def _split(name: str, captions: list[list[str]]) -> RetrievalSplit:
     images = tuple(f"{name}{i}.jpg" for i in range(len(captions)))
     flat = [(i, c) for i, caps in enumerate(captions) for c in caps]
@@ -41,7 +46,8 @@ def test_bag_of_words_is_binary_and_its_vocabulary_comes_from_train_only() -> No
     splits = {"train": _split("train", [["a dog runs", "a dog"], ["a cat sits"]]),
               "dev": _split("dev", [["the dog and a zebra"]]),
               "test": _split("test", [["a cat", "a cat cat"]])}
-    bags = bag_of_words(splits, vocab=100, min_df=1)
+    bags, words = bag_of_words(splits, vocab=100, min_df=1)
+    assert list(words) == ["cat", "dog", "runs", "sits"]
     # vocabulary (sorted): cat, dog, runs, sits; the one-letter "a" is no token
     np.testing.assert_array_equal(bags["train"], [[0, 1, 1, 0], [1, 0, 0, 1]])
     np.testing.assert_array_equal(bags["dev"], [[0, 1, 0, 0]])  # "the", "and", "zebra" never seen in train
@@ -65,23 +71,27 @@ def test_caption_mean_is_the_normalised_mean_of_each_images_captions() -> None:
 def test_written_file_reads_back_through_the_feature_file_reader(
         tmp_path: Path, make_fake_flickr8k: Callable[..., Path], text: str) -> None:
     """Guards the round trip: the written .npz is a valid feature file with the folder's splits, labels and
-    features, one text per image."""
-    caps = {f"im{i}.jpg": ["a dog runs" if i % 2 else "a cat sits", f"on the grass {i}"] for i in range(6)}
+    features, one text per image, in item order."""
+    # odd images: two captions name a dog (DERIVED concept "dog"); even images: a cat, which is no concept
+    animal = {i: "dog" if i % 2 else "cat" for i in range(6)}
+    caps = {f"im{i}.jpg": [f"a {animal[i]} runs", f"a {animal[i]} sits on the grass {i}"] for i in range(6)}
     root = make_fake_flickr8k(tmp_path / "f8k", caps, {"train": ["im0.jpg", "im1.jpg", "im2.jpg"],
                                                        "dev": ["im3.jpg"], "test": ["im4.jpg", "im5.jpg"]})
     arrays = build(root, text, _backbone(), tmp_path / "cache", vocab=50, min_df=1)
     out = tmp_path / f"f8k-{text}.npz"
     np.savez(out, **arrays)
     folder, file = open_dataset(root), open_dataset(out, cache_dir=tmp_path / "cache")
-    for split in ("train", "dev", "test"):
+    assert str(arrays["provenance"]).startswith(f"text={text} backbone=fake")
+    for split, names in (("train", [0, 1, 2]), ("dev", [3]), ("test", [4, 5])):
         want, got = folder.load(split), file.load(split)
-        assert len(got.images) == len(want.images)
         np.testing.assert_array_equal(got.labels, want.labels)
+        dog = got.labels[:, _concept_column("dog")]
+        np.testing.assert_array_equal(dog, [i % 2 for i in names])  # the labels are real, and in item order
         np.testing.assert_array_equal(got.features["img"], _Encoder().encode(want.image_paths()))
-        assert got.features["txt"].shape[0] == len(want.images)
-    if text == "backbone":
-        want = folder.load("test")
-        np.testing.assert_allclose(open_dataset(out).load("test").features["txt"],
-                                   caption_mean(_Encoder().encode(want.captions), want), rtol=1e-6)
-    else:
-        assert set(np.unique(arrays["txt"])) == {0.0, 1.0}
+        if text == "backbone":
+            np.testing.assert_allclose(got.features["txt"], caption_mean(_Encoder().encode(want.captions), want),
+                                       rtol=1e-6)
+        else:
+            words = list(arrays["vocab"])
+            np.testing.assert_array_equal(got.features["txt"][:, words.index("dog")], [i % 2 for i in names])
+            np.testing.assert_array_equal(got.features["txt"][:, words.index("cat")], [1 - i % 2 for i in names])
