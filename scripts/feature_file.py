@@ -29,6 +29,7 @@ import numpy as np
 from sklearn.feature_extraction.text import CountVectorizer
 
 from common.backbones import Backbone, build_backbone
+from common.config import RunConfig
 from common.data.datasets import open_dataset
 from common.data.split import RetrievalSplit
 from common.features import resolve_cache_dir, split_features
@@ -100,9 +101,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data-dir", required=True)
     parser.add_argument("--text", choices=TEXTS, required=True)
     parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--backbone", default="effnet-lite0+minilm")
+    default_backbone = RunConfig.model_fields["backbone"].default
+    parser.add_argument("--backbone", default=default_backbone, help=f"default: {default_backbone}, the runs' own")
     parser.add_argument("--cache-dir", default=None, help="feature cache (default: the runs' cache)")
-    parser.add_argument("--vocab", type=int, default=2000, help="bag-of-words size (most frequent train words)")
+    parser.add_argument("--vocab", type=int, default=2000, help="bag-of-words size (the words in the most train images)")
     parser.add_argument("--min-df", type=int, default=5, help="a word must occur in this many train images")
     args = parser.parse_args(argv)
     arrays = build(args.data_dir, args.text, build_backbone(args.backbone), resolve_cache_dir(args.cache_dir),
