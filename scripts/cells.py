@@ -83,16 +83,12 @@ def _num_rounds(run_dir: Path, rounds: list[dict]) -> int:
     return max((r["round"] for r in rounds), default=0)
 
 
-# final.json's "selected-on" words -> where the score that chose the round is (the global model's dev scores, or the
-# per-client dev summary) and its keys (their mean): common/protocol.py's SELECTION, read backwards
-SELECTION_KEYS = {words: (where, list(keys)) for dev_keys, client_keys, (on_dev, on_clients) in P.SELECTION.values()
-                  for words, where, keys in ((on_dev, "dev", dev_keys), (on_clients, "client", client_keys))}
-
-
-# final.json's "selected-on" words -> the keys of that metric on the global model's dev scores and in the per-client
-# dev summary, and the words for each: what the convergence curves plot, so that they show what chose the round
-CURVE_KEYS = {words: (dev_keys, client_keys, on_dev, on_clients) for dev_keys, client_keys, (on_dev, on_clients)
-              in P.SELECTION.values() for words in (on_dev, on_clients)}
+# final.json's "selected-on" words -> where the score that chose the round is ("dev": the global model's dev scores,
+# "client": the per-client dev summary), the metric's keys in both places and the words for each (what the
+# convergence curves plot, so that they show what chose the round): common/protocol.py's SELECTION, read backwards
+SELECTED_BY = {words: (where, dev_keys, client_keys, on_dev, on_clients)
+               for dev_keys, client_keys, (on_dev, on_clients) in P.SELECTION.values()
+               for words, where in ((on_dev, "dev"), (on_clients, "client"))}
 
 
 def _curve(rounds: list[dict], scores: Callable[[dict], dict], keys: tuple[str, ...]) -> dict[int, float]:
@@ -109,9 +105,10 @@ def selection_score(final: dict, selected: dict) -> float | None:
     """The dev value the run chose its reported round on (`select-on`), at that round (`selected`: its line of
     metrics.jsonl); runs written before `selected-on` existed chose on dev rsum (or the per-client dev score)."""
     client = selected.get("client-dev", {}).get("summary", {})
-    where, keys = SELECTION_KEYS.get(final.get("selected-on", ""),
-                                     ("dev", ["rsum"]) if final.get("dev") else ("client", ["all-global-mean"]))
-    scores = (final.get("dev") or {}) if where == "dev" else client
+    where, dev_keys, client_keys, *_ = SELECTED_BY.get(final.get("selected-on", ""),
+                                                       SELECTED_BY["dev rsum" if final.get("dev") else
+                                                                   "mean per-client dev score"])
+    scores, keys = ((final.get("dev") or {}), dev_keys) if where == "dev" else (client, client_keys)
     values = [scores.get(k) for k in keys]
     return float(np.mean(values)) if values and all(v is not None for v in values) else None
 
@@ -124,7 +121,7 @@ def cell_numbers(run_dir: Path) -> dict[str, Any]:
     trained = [r["train"] for r in rounds if r.get("train")]
     selected = next((r for r in rounds if r["round"] == final["best-round"]), {})
     num_rounds = _num_rounds(run_dir, rounds)
-    dev_keys, client_keys, *labels = CURVE_KEYS.get(final.get("selected-on", ""), CURVE_KEYS["dev rsum"])
+    _, dev_keys, client_keys, *labels = SELECTED_BY.get(final.get("selected-on", ""), SELECTED_BY["dev rsum"])
     return {
         **{name: get(final) for name, get in COLUMNS.items()},
         "dev": selection_score(final, selected),  # what chooses a swept value too: the metric the round was chosen on

@@ -335,10 +335,10 @@ def test_a_value_reported_by_fewer_seeds_than_finished_says_so() -> None:
 @pytest.mark.parametrize("global_model", [True, False])
 def test_a_swept_value_is_chosen_on_the_metric_the_run_selected_its_round_on(metric: str, global_model: bool) -> None:
     from fedxmr_server.app import _selected_on
-    from scripts.cells import SELECTION_KEYS, selection_score
+    from scripts.cells import SELECTED_BY, selection_score
 
     words = _selected_on(metric, global_model)
-    assert words in SELECTION_KEYS, "every way the server words its selection must be readable here"
+    assert words in SELECTED_BY, "every way the server words its selection must be readable here"
     dev = {"rsum": 150.0, "emb_smap_i2t": 0.66, "emb_smap_t2i": 0.64, "hash_smap_i2t": 0.62, "hash_smap_t2i": 0.60}
     summary = {"all-global-mean": 15.0, "all-global-smap_i2t-mean": 0.58, "all-global-smap_t2i-mean": 0.56}
     final = {"selected-on": words, "dev": dev if global_model else {}}
