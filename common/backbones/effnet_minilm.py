@@ -119,13 +119,13 @@ def _text(device: str) -> MiniLM:
 
 def effnet_minilm_backbone(device: str, mid: bool = False) -> Backbone:
     """The default pair, or (`mid`) the same with the image side cut after stage 5."""
-    image = EffNetLite0Mid if mid else EffNetLite0
+    image, load = (EffNetLite0Mid, _image_mid) if mid else (EffNetLite0, _image)
     return Backbone(
         name=MID_BACKBONE if mid else DEFAULT_BACKBONE,
         img_dim=image.dim,
         txt_dim=MiniLM.dim,
         img_key=image.key,
         txt_key=TEXT_KEY,
-        _image=(lambda: _image_mid(device)) if mid else (lambda: _image(device)),
+        _image=lambda: load(device),
         _text=lambda: _text(device),
     )
