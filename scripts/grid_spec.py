@@ -15,7 +15,8 @@ A grid file (`grids/*.toml`):
     gap = ["paired-only", "all-paired/fedavg"]  # optional: report how much of the gap from a method to a
                                          # reference (setting/method) each method recovers, per setting
     columns = ["test rsum", ...]         # optional: the metric columns of the tables (default: all)
-    [run-config]                         # keys every cell shares (relative data-dir / cache-dir: to the project)
+    [run-config]                         # keys every cell shares (a relative data-dir / cache-dir, here or in
+                                         # any run-config or sweep below: to the project)
     [settings.<name>]                    # title and run-config of one setting (partition x modality mix x ...);
                                          # optional note: a paragraph printed above its table
     [[methods]]                          # name; optional: sweep = {key = [values]} (chosen on dev),
@@ -107,8 +108,9 @@ class Grid:
                     for seed in method.get("seeds", self.seeds):
                         if screen and seed not in screen and variant != chosen:
                             continue
-                        config = {**self.run_config, **self.settings[setting].get("run-config", {}),
-                                  **method.get("run-config", {}), "method": method["name"], **variant, "seed": seed}
+                        config = _resolve_paths({**self.run_config, **self.settings[setting].get("run-config", {}),
+                                                 **method.get("run-config", {}), "method": method["name"], **variant,
+                                                 "seed": seed})
                         out.append(Cell(setting, label, variant, seed, method.get("clients", self.clients), config,
                                         screen))
         return out
@@ -133,6 +135,12 @@ def _resolve(value: Any) -> Any:
     return str((PROJECT / value).resolve()) if isinstance(value, str) and value and not value.startswith("/") else value
 
 
+def _resolve_paths(config: dict[str, Any]) -> dict[str, Any]:
+    """A cell's run config with relative `data-dir` / `cache-dir` taken from the project root, wherever the grid set
+    them (top-level run-config, a setting, a method or a sweep): the runs start in other working directories."""
+    return {k: _resolve(v) if k in ("data-dir", "cache-dir") else v for k, v in config.items()}
+
+
 def load_grid(path: str | Path) -> Grid:
     """Parse and check a grid file; relative paths are taken from the project root."""
     path = Path(path)
@@ -144,9 +152,6 @@ def load_grid(path: str | Path) -> Grid:
         if key not in raw:
             raise GridError(f"grid file {path}: key {key!r} is missing")
     run_config = dict(raw.get("run-config", {}))
-    for key in ("data-dir", "cache-dir"):
-        if key in run_config:
-            run_config[key] = _resolve(run_config[key])
     for key in ("run-name", "out-dir", "seed", "method"):
         if key in run_config:
             raise GridError(f"grid file {path}: run-config key {key!r} is set by the grid itself")

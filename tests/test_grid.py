@@ -87,6 +87,18 @@ def test_cells_cover_methods_sweeps_and_seeds(grid) -> None:
     assert len({c.name for c in cells}) == len(cells)
 
 
+def test_relative_data_and_cache_dirs_are_taken_from_the_project_wherever_the_grid_sets_them(tmp_path: Path) -> None:
+    path = tmp_path / "paths.toml"
+    text = GRID.format(out=tmp_path / "runs", results=tmp_path / "docs" / "RESULTS.md")
+    text = text.replace('num-server-rounds = 2', 'num-server-rounds = 2\ncache-dir = ".cache/features"')
+    text = text.replace('partitioner = "iid"', 'partitioner = "iid", data-dir = "../shared/data/flickr8k"')
+    path.write_text(text)
+    project = Path(scripts.grid.__file__).resolve().parents[1]
+    for cell in load_grid(path).cells():
+        assert cell.run_config["cache-dir"] == str(project / ".cache" / "features")
+        assert cell.run_config["data-dir"] == str((project / "../shared/data/flickr8k").resolve())
+
+
 def test_a_rerun_skips_finished_cells_and_resumes_an_interrupted_grid(grid) -> None:
     calls: list[str] = []
     runner = fake_runner(calls)
